@@ -1,0 +1,62 @@
+#pragma once
+// One kernel source, two compilers. nvcc builds the real kernels into
+// ssl_ops._C; the host C++ compiler builds the same files with SSL_OPS_CUDA_EMU
+// against csrc/emu into the test-only ssl_ops._cuda_emu, where "CUDA" tensors
+// are CPU tensors and kernels run on the emulator. Kernel files use only what
+// this header provides for the host side: the launch wrapper, the stream and
+// device guard, the launch check and the registration macro.
+#include <c10/core/Device.h>
+
+#include <utility>
+
+#if defined(SSL_OPS_CUDA_EMU)
+#include "emu/cuda_emu.h"
+#include "emu/wmma.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#endif
+
+namespace ssl_ops::cuda {
+
+#if defined(SSL_OPS_CUDA_EMU)
+inline constexpr c10::DeviceType kKernelDevice = c10::kCPU;
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+inline cudaStream_t current_stream(c10::Device) { return nullptr; }
+inline void check_launch() { ::ssl_emu::check_launch(); }
+// Kernels register under the emulator's library, for CPU tensors.
+#define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops_emu, CPU, m)
+#define SSL_DYNAMIC_SMEM(type, name) SSL_EMU_DYNAMIC_SMEM(type, name)
+#else
+inline constexpr c10::DeviceType kKernelDevice = c10::kCUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream(c10::Device device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+inline void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+#define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m)
+#define SSL_DYNAMIC_SMEM(type, name)                             \
+  extern __shared__ __align__(128) unsigned char name##_bytes[]; \
+  type* name = reinterpret_cast<type*>(name##_bytes)
+#endif
+
+// The one place kernels are launched: <<<...>>> under nvcc, the emulator on the
+// host. Launch errors are checked here, so no call site can forget.
+template <typename... Params, typename... Args>
+void launch_kernel(
+    void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream,
+    Args&&... args) {
+#if defined(SSL_OPS_CUDA_EMU)
+  ::ssl_emu::launch(kernel, grid, block, dynamic_smem, stream, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, dynamic_smem, stream>>>(std::forward<Args>(args)...);
+#endif
+  check_launch();
+}
+
+}  // namespace ssl_ops::cuda

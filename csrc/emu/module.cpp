@@ -1,0 +1,23 @@
+// The test-only Python module ssl_ops._cuda_emu (or _cuda_emu_asan): the
+// csrc/cuda kernels compiled for the host, registered as the ssl_ops_emu
+// operator library for CPU tensors, plus controls of the emulator.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "../schemas.h"
+#include "cuda_emu.h"
+
+TORCH_LIBRARY(ssl_ops_emu, m) {
+  SSL_OPS_DEFINE_SCHEMAS(m)
+  // Test-only kernels with planted bugs (planted_bugs.cpp).
+  m.def("_planted_block_sum(Tensor x, bool with_barriers) -> Tensor");
+  m.def("_planted_out_of_bounds_write(Tensor(a!) out) -> ()");
+}
+
+PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
+  m.doc() = "ssl_ops CUDA kernels running on the host emulator (tests only)";
+  m.def("set_schedule_seed", &ssl_emu::set_schedule_seed, pybind11::arg("seed"),
+        "Order in which the threads of a block run between synchronisation points, and the "
+        "order of blocks: 0 runs them in index order, any other seed in a random order.");
+  m.def("launch_count", &ssl_emu::launch_count, "Kernel launches made so far in this process.");
+}

@@ -1,0 +1,354 @@
+// The emulator's scheduler: runs each block's CUDA threads as ucontext fibers,
+// switching only at synchronisation points, in an order drawn from the seed.
+#include <c10/util/Exception.h>
+#include <ucontext.h>
+
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda_emu.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define SSL_EMU_ASAN 1
+#endif
+
+namespace ssl_emu {
+
+ThreadContext* g_current = nullptr;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kMaxDynamicSmem = 227 * 1024;  // an H100 block's opt-in maximum
+constexpr size_t kMaxParamBytes = 4096;         // portable kernel-parameter limit
+constexpr size_t kSmemAlignment = 128;
+
+struct Fiber {
+  ThreadContext ctx{};
+  ucontext_t uc{};
+  std::unique_ptr<char[]> stack;
+  bool done = false;
+  const char* waiting_at = nullptr;  // for deadlock reports
+#if defined(SSL_EMU_ASAN)
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct WarpState {
+  unsigned existing = 0;  // lanes of this warp that exist in the block
+  unsigned mask = 0;      // lanes taking part in the collective in progress
+  unsigned arrived = 0;
+  unsigned read = 0;
+  bool reading = false;  // all arrived; lanes are reading the slots
+  const char* op = nullptr;
+  uint64_t slots[32] = {};
+};
+
+struct Emulator {
+  std::mutex mutex;  // launches from several host threads run one at a time
+  std::mt19937_64 rng{0};
+  uint64_t seed = 0;
+  uint64_t launches = 0;
+  std::string pending_error;
+
+  // The block being run.
+  std::vector<Fiber> fibers;
+  unsigned thread_count = 0;
+  std::vector<WarpState> warps;
+  unsigned barrier_arrived = 0;
+  uint64_t barrier_generation = 0;
+  uint64_t events = 0;  // arrivals and exits: a scheduling pass without one is a deadlock
+  std::string error;
+  Fiber* running = nullptr;
+  ucontext_t scheduler{};
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
+  std::vector<unsigned char> smem_storage;
+  unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
+#if defined(SSL_EMU_ASAN)
+  const void* scheduler_stack_bottom = nullptr;
+  size_t scheduler_stack_size = 0;
+#endif
+};
+
+Emulator& emu() {
+  static Emulator instance;
+  return instance;
+}
+
+void enter_fiber(Emulator& e, Fiber& f) {
+  e.running = &f;
+  g_current = &f.ctx;
+#if defined(SSL_EMU_ASAN)
+  void* scheduler_fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&scheduler_fake_stack, f.stack.get(), kStackBytes);
+#endif
+  swapcontext(&e.scheduler, &f.uc);
+#if defined(SSL_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
+#endif
+  e.running = nullptr;
+  g_current = nullptr;
+}
+
+// Back to the scheduler; `final` when this fiber will never be resumed.
+void leave_fiber(Emulator& e, Fiber& f, bool final) {
+#if defined(SSL_EMU_ASAN)
+  __sanitizer_start_switch_fiber(
+      final ? nullptr : &f.fake_stack, e.scheduler_stack_bottom, e.scheduler_stack_size);
+#endif
+  swapcontext(&f.uc, &e.scheduler);
+#if defined(SSL_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(f.fake_stack, &e.scheduler_stack_bottom, &e.scheduler_stack_size);
+#endif
+  (void)final;
+}
+
+void fiber_main() {
+  Emulator& e = emu();
+  Fiber& f = *e.running;
+#if defined(SSL_EMU_ASAN)
+  __sanitizer_finish_switch_fiber(nullptr, &e.scheduler_stack_bottom, &e.scheduler_stack_size);
+#endif
+  e.body(e.body_arg);
+  f.done = true;
+  ++e.events;
+  leave_fiber(e, f, /*final=*/true);
+}
+
+template <typename Pred>
+void wait_until(Pred ready, const char* where) {
+  Emulator& e = emu();
+  Fiber& f = *e.running;
+  while (!ready()) {
+    f.waiting_at = where;
+    leave_fiber(e, f, false);
+  }
+  f.waiting_at = nullptr;
+}
+
+std::string describe(const uint3& v) {
+  std::ostringstream s;
+  s << "(" << v.x << "," << v.y << "," << v.z << ")";
+  return s.str();
+}
+
+std::string deadlock_report(const Emulator& e) {
+  std::ostringstream s;
+  s << "deadlock in block " << describe(e.fibers[0].ctx.block_idx) << ":";
+  int shown = 0;
+  for (unsigned i = 0; i < e.thread_count && shown < 6; ++i) {
+    const Fiber& f = e.fibers[i];
+    s << " thread " << describe(f.ctx.thread_idx)
+      << (f.done ? " has exited;" : std::string(" waits at ") + f.waiting_at + ";");
+    ++shown;
+  }
+  s << " (a barrier or warp collective that not every thread reaches)";
+  return s.str();
+}
+
+void run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block) {
+  for (unsigned i = 0; i < e.thread_count; ++i) {
+    Fiber& f = e.fibers[i];
+    f.ctx.thread_idx = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
+    f.ctx.block_idx = block_idx;
+    f.ctx.block_dim = block;
+    f.ctx.grid_dim = grid;
+    f.ctx.lane = i % 32;
+    f.ctx.warp = i / 32;
+    f.done = false;
+    f.waiting_at = nullptr;
+    getcontext(&f.uc);
+    f.uc.uc_stack.ss_sp = f.stack.get();
+    f.uc.uc_stack.ss_size = kStackBytes;
+    f.uc.uc_link = nullptr;
+    makecontext(&f.uc, &fiber_main, 0);
+  }
+  for (unsigned w = 0; w < e.warps.size(); ++w) {
+    const unsigned lanes = std::min(32u, e.thread_count - 32 * w);
+    e.warps[w] = WarpState{};
+    e.warps[w].existing = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  }
+  e.barrier_arrived = 0;
+  // Uninitialised on the GPU: poison it so a read before a write shows.
+  std::fill(e.smem, e.smem + e.smem_bytes, 0xff);
+
+  std::vector<unsigned> order(e.thread_count);
+  std::iota(order.begin(), order.end(), 0u);
+  unsigned remaining = e.thread_count;
+  while (remaining > 0) {
+    if (e.seed != 0) std::shuffle(order.begin(), order.end(), e.rng);
+    const uint64_t events_before = e.events;
+    for (unsigned i : order) {
+      Fiber& f = e.fibers[i];
+      if (f.done) continue;
+      enter_fiber(e, f);
+      if (!e.error.empty()) return;
+      if (f.done) --remaining;
+    }
+    if (remaining > 0 && e.events == events_before) {
+      e.error = deadlock_report(e);
+      return;
+    }
+  }
+}
+
+std::string check_config(dim3 grid, dim3 block, size_t smem, size_t param_bytes) {
+  std::ostringstream s;
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64) {
+    s << "invalid block (" << block.x << "," << block.y << "," << block.z << ")";
+  } else if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu ||
+             grid.y > 65535 || grid.z > 65535) {
+    s << "invalid grid (" << grid.x << "," << grid.y << "," << grid.z << ")";
+  } else if (smem > kMaxDynamicSmem) {
+    s << "dynamic shared memory of " << smem << " bytes exceeds " << kMaxDynamicSmem;
+  } else if (param_bytes > kMaxParamBytes) {
+    s << "kernel parameters take " << param_bytes << " bytes, over the " << kMaxParamBytes
+      << "-byte limit";
+  }
+  return s.str();
+}
+
+}  // namespace
+
+void syncthreads() {
+  Emulator& e = emu();
+  const uint64_t generation = e.barrier_generation;
+  ++e.events;
+  if (++e.barrier_arrived == e.thread_count) {
+    e.barrier_arrived = 0;
+    ++e.barrier_generation;
+  }
+  // Always yield, so the threads leave the barrier in a freshly drawn order.
+  Fiber& f = *e.running;
+  f.waiting_at = "__syncthreads()";
+  do {
+    leave_fiber(e, f, false);
+  } while (e.barrier_generation == generation);
+  f.waiting_at = nullptr;
+}
+
+const uint64_t* warp_gather(unsigned mask, uint64_t value, const char* op) {
+  Emulator& e = emu();
+  const ThreadContext& ctx = current();
+  WarpState& w = e.warps[ctx.warp];
+  const unsigned lane_bit = 1u << ctx.lane;
+  mask &= w.existing;  // lanes past the end of a partial warp do not exist
+  if (!(mask & lane_bit)) fail("a lane called a warp collective with a mask that excludes it");
+  // Wait for the previous collective to be read; disjoint lane groups take turns.
+  wait_until([&] { return !w.reading && (w.arrived == 0 || (w.mask & mask) != 0); }, op);
+  if (w.arrived == 0) {
+    w.mask = mask;
+    w.op = op;
+  } else if (w.mask != mask || std::strcmp(w.op, op) != 0) {
+    fail("lanes of one warp reached different warp collectives or masks");
+  }
+  w.slots[ctx.lane] = value;
+  w.arrived |= lane_bit;
+  ++e.events;
+  if (w.arrived == w.mask) w.reading = true;
+  wait_until([&] { return w.reading; }, op);
+  return w.slots;
+}
+
+void warp_release() {
+  Emulator& e = emu();
+  const ThreadContext& ctx = current();
+  WarpState& w = e.warps[ctx.warp];
+  w.read |= 1u << ctx.lane;
+  ++e.events;
+  if (w.read == w.mask) {
+    w.reading = false;
+    w.arrived = 0;
+    w.read = 0;
+  }
+}
+
+unsigned warp_existing_lanes() { return emu().warps[current().warp].existing; }
+
+void fail(const char* what) {
+  Emulator& e = emu();
+  const ThreadContext& ctx = current();
+  if (e.error.empty()) {
+    e.error = std::string(what) + " (block " + describe(ctx.block_idx) + ", thread " +
+        describe(ctx.thread_idx) + ")";
+  }
+  leave_fiber(e, *e.running, /*final=*/true);
+  std::abort();  // never resumed
+}
+
+void* dynamic_smem() { return emu().smem; }
+size_t dynamic_smem_bytes() { return emu().smem_bytes; }
+
+void run_grid(
+    dim3 grid, dim3 block, size_t smem, size_t param_bytes, void (*body)(void*), void* arg) {
+  Emulator& e = emu();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  TORCH_CHECK(
+      e.pending_error.empty(),
+      "ssl_emu: a kernel launch was made while the error of the previous one was never checked: ",
+      e.pending_error);
+  ++e.launches;
+  std::string config_error = check_config(grid, block, smem, param_bytes);
+  if (!config_error.empty()) {
+    e.pending_error = "invalid launch configuration: " + config_error;
+    return;
+  }
+  e.thread_count = block.x * block.y * block.z;
+  if (e.fibers.size() < e.thread_count) {
+    const size_t old = e.fibers.size();
+    e.fibers.resize(e.thread_count);
+    for (size_t i = old; i < e.fibers.size(); ++i) {
+      e.fibers[i].stack = std::make_unique<char[]>(kStackBytes);
+    }
+  }
+  e.warps.assign((e.thread_count + 31) / 32, WarpState{});
+  e.smem_storage.assign(smem + kSmemAlignment, 0);
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(e.smem_storage.data());
+  e.smem = reinterpret_cast<unsigned char*>((raw + kSmemAlignment - 1) & ~(kSmemAlignment - 1));
+  e.smem_bytes = smem;
+  e.body = body;
+  e.body_arg = arg;
+  e.error.clear();
+
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  std::vector<uint64_t> block_order(blocks);
+  std::iota(block_order.begin(), block_order.end(), uint64_t{0});
+  if (e.seed != 0) std::shuffle(block_order.begin(), block_order.end(), e.rng);
+  for (uint64_t b : block_order) {
+    const uint3 idx{
+        unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
+    run_block(e, idx, grid, block);
+    if (!e.error.empty()) {
+      e.pending_error = e.error;
+      return;
+    }
+  }
+}
+
+void check_launch() {
+  Emulator& e = emu();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  std::string error;
+  std::swap(error, e.pending_error);
+  TORCH_CHECK(error.empty(), "CUDA kernel failed (host emulation): ", error);
+}
+
+void set_schedule_seed(uint64_t seed) {
+  Emulator& e = emu();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  e.seed = seed;
+  e.rng.seed(seed);
+}
+
+uint64_t launch_count() { return emu().launches; }
+
+}  // namespace ssl_emu

@@ -1,0 +1,153 @@
+"""Builds ssl_ops._C (C++ CPU kernels, plus CUDA kernels when possible) and the
+test-only host-emulation modules. Options are environment variables; the
+README's build-options table lists them."""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name, default="0"):
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+
+
+def locate_cuda_home():
+    """Finds a real CUDA toolkit (bin/nvcc next to include/cuda_runtime.h).
+
+    torch guesses CUDA_HOME from the nvcc on PATH, which is wrong when that
+    nvcc is a wrapper script (as in /usr/local/bin here), so resolve it first."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc_on_path = shutil.which("nvcc")
+    if nvcc_on_path:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc_on_path))))
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return os.path.realpath(home)
+    return None
+
+
+CPU_ONLY = env_flag("SSL_OPS_CPU_ONLY")
+FORCE_CUDA = env_flag("SSL_OPS_FORCE_CUDA")
+DEBUG = env_flag("SSL_OPS_DEBUG")
+BUILD_EMU = env_flag("SSL_OPS_BUILD_EMU", "1")
+BUILD_EMU_ASAN = env_flag("SSL_OPS_BUILD_EMU_ASAN")
+if CPU_ONLY and FORCE_CUDA:
+    sys.exit("ssl_ops: SSL_OPS_CPU_ONLY=1 and SSL_OPS_FORCE_CUDA=1 contradict each other")
+
+CUDA_HOME = None if CPU_ONLY else locate_cuda_home()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+TORCH_HAS_CUDA = torch.version.cuda is not None
+WITH_CUDA = (not CPU_ONLY) and TORCH_HAS_CUDA and CUDA_HOME is not None
+if FORCE_CUDA and not WITH_CUDA:
+    sys.exit(
+        "ssl_ops: SSL_OPS_FORCE_CUDA=1 but CUDA kernels cannot be built: "
+        f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit found at {CUDA_HOME!r} "
+        "(set CUDA_HOME to a directory holding bin/nvcc and include/cuda_runtime.h)"
+    )
+
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        arch_list = ";".join(f"{major}.{minor}" for major, minor in caps)
+    else:
+        # torch crashes on an empty list when no GPU is visible: pick Ampere and
+        # Hopper, with PTX so newer GPUs can JIT-compile.
+        arch_list = DEFAULT_ARCH_LIST
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+ARCH_LIST = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
+
+opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+define_macros = [
+    ("SSL_OPS_TORCH_VERSION", f'"{torch.__version__}"'),
+    ("SSL_OPS_ARCH_LIST", f'"{ARCH_LIST}"'),
+]
+if WITH_CUDA:
+    define_macros.append(("SSL_OPS_WITH_CUDA", "1"))
+if DEBUG:
+    define_macros.append(("SSL_OPS_DEBUG_BUILD", "1"))
+cxx_flags = opt + ["-fopenmp"] if sys.platform.startswith("linux") else opt
+nvcc_flags = (["-O0", "-g", "-lineinfo"] if DEBUG else ["-O3", "-lineinfo"]) + [
+    "--expt-relaxed-constexpr",
+    "-Xptxas=-v" if env_flag("SSL_OPS_PTXAS_VERBOSE") else "-Xptxas=-O3",
+]
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+core_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+ext_modules = []
+if WITH_CUDA:
+    ext_modules.append(
+        CUDAExtension(
+            "ssl_ops._C",
+            core_sources + sources("csrc/cuda/*.cu"),
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    )
+else:
+    ext_modules.append(
+        CppExtension(
+            "ssl_ops._C",
+            core_sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    )
+
+
+def emu_extension(module_name, extra_flags, extra_link):
+    # The csrc/cuda sources compiled as host C++ against csrc/emu (see README,
+    # "How CUDA code is tested"). Validation helpers come along from csrc/.
+    return CppExtension(
+        f"ssl_ops.{module_name}",
+        sources("csrc/emu/*.cpp") + sources("csrc/*_check.cpp"),
+        define_macros=[("SSL_OPS_CUDA_EMU", "1"), ("SSL_EMU_MODULE_NAME", module_name)],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": opt + ["-fvisibility=hidden"] + extra_flags},
+        extra_link_args=extra_link,
+    )
+
+
+if BUILD_EMU:
+    ext_modules.append(emu_extension("_cuda_emu", [], []))
+if BUILD_EMU_ASAN:
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    ext_modules.append(emu_extension("_cuda_emu_asan", asan + ["-g"], asan))
+
+print(
+    "ssl_ops build configuration:\n"
+    f"  torch {torch.__version__} (CUDA {torch.version.cuda})\n"
+    f"  CUDA kernels: {'yes' if WITH_CUDA else 'no'}"
+    f"  (CUDA_HOME={CUDA_HOME}, SSL_OPS_CPU_ONLY={int(CPU_ONLY)}, SSL_OPS_FORCE_CUDA={int(FORCE_CUDA)})\n"
+    f"  TORCH_CUDA_ARCH_LIST: {ARCH_LIST or '-'}\n"
+    f"  debug: {int(DEBUG)}, MAX_JOBS: {os.environ.get('MAX_JOBS', 'auto')}, "
+    f"NVCC_APPEND_FLAGS: {os.environ.get('NVCC_APPEND_FLAGS', '-')}\n"
+    f"  emulation modules: {'_cuda_emu' if BUILD_EMU else '-'}"
+    f"{' _cuda_emu_asan' if BUILD_EMU_ASAN else ''}",
+    flush=True,
+)
+
+setup(
+    packages=find_packages(include=["ssl_ops", "ssl_ops.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,20 @@
+"""ssl_ops: fused CPU/CUDA kernels for self-supervised learning.
+
+Each operation is a torch custom operator (``torch.ops.ssl_ops.*``) with fake
+(meta) kernels, so it works under ``torch.compile``; ``ssl_ops.reference``
+holds the pure-PyTorch versions used as the baseline in tests and benchmarks.
+"""
+
+from ._extension import build_info, cuda_kernels_available
+from .ema import ema_update_
+from .schedule import cosine_schedule
+from . import reference
+
+__all__ = [
+    "build_info",
+    "cuda_kernels_available",
+    "cosine_schedule",
+    "ema_update_",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""Momentum schedules."""
+
+import math
+import warnings
+
+
+def cosine_schedule(step, max_steps, start_value, end_value, period=None):
+    """Cosine decay from ``start_value`` to ``end_value``, with the semantics,
+    errors and warning of ``lightly.utils.scheduler.cosine_schedule``.
+
+    * ``period`` given: ``end - (end - start) * (cos(2 * pi * step / period) + 1) / 2``.
+    * else ``end_value`` when ``max_steps <= 1`` or ``step >= max_steps - 1``;
+    * else ``end - (end - start) * (cos(pi * step / (max_steps - 1)) + 1) / 2``.
+
+    Raises ValueError for ``step < 0``, ``max_steps < 0`` or ``period <= 0``;
+    warns (RuntimeWarning) when ``step > max_steps`` without a period.
+    """
+    if step < 0:
+        raise ValueError(f"Current step number {step} can't be negative.")
+    if max_steps < 0:
+        raise ValueError(f"Total step number {max_steps} can't be negative.")
+    if period is None and step > max_steps:
+        warnings.warn(
+            f"Current step number {step} exceeds max_steps {max_steps}.",
+            category=RuntimeWarning,
+        )
+    if period is not None and period <= 0:
+        raise ValueError(f"Period {period} must be >= 1")
+
+    if period is not None:
+        cosine = math.cos(2 * math.pi * step / period)
+    elif max_steps <= 1 or step >= max_steps - 1:
+        return float(end_value)
+    else:
+        cosine = math.cos(math.pi * step / (max_steps - 1))
+    return float(end_value - (end_value - start_value) * (cosine + 1) / 2)
