@@ -122,7 +122,7 @@ def emu_extension(module_name, extra_flags, extra_link):
         sources("csrc/emu/*.cpp") + sources("csrc/*_check.cpp"),
         define_macros=[("SSL_OPS_CUDA_EMU", "1"), ("SSL_EMU_MODULE_NAME", module_name)],
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": opt + ["-fvisibility=hidden"] + extra_flags},
+        extra_compile_args={"cxx": opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"] + extra_flags},
         extra_link_args=extra_link,
     )
 
