@@ -73,6 +73,11 @@ def ema_update_(ema, online, momentum, *, buffers="copy"):
                 copies.append((e, o))
     else:
         ema_tensors, online_tensors = list(ema), list(online)
+    if not ema_tensors and not online_tensors:
+        # Nothing to dispatch on (the op needs a tensor); validate as it would.
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"ssl_ops.ema_update_: momentum must be in [0, 1], got {momentum}")
+        return
     with torch.no_grad():
         torch.ops.ssl_ops.ema_update_(ema_tensors, online_tensors, momentum)
         for e, o in copies:

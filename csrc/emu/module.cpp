@@ -12,6 +12,12 @@ TORCH_LIBRARY(ssl_ops_emu, m) {
   // Test-only kernels with planted bugs (planted_bugs.cpp).
   m.def("_planted_block_sum(Tensor x, bool with_barriers) -> Tensor");
   m.def("_planted_out_of_bounds_write(Tensor(a!) out) -> ()");
+  m.def("_planted_divergent_barrier(Tensor(a!) out) -> ()");
+  // Test-only kernels that exercise the emulation layer (layer_tests.cpp).
+  m.def("_test_warp_ops(Tensor x) -> Tensor");
+  m.def("_test_partial_warp(Tensor x) -> Tensor");
+  m.def("_test_launch_config(Tensor anchor, int threads, int blocks) -> ()");
+  m.def("_test_wmma(Tensor a, Tensor b) -> Tensor");
 }
 
 PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {

@@ -1,7 +1,8 @@
 // Test-only kernels with planted bugs, to prove the emulator reports them:
 // a block reduction whose barriers can be left out (a race on shared memory
 // that gives wrong sums under shuffled thread orders) and a write one element
-// past the end of a tensor (caught by the AddressSanitizer build).
+// past the end of a tensor (caught by the AddressSanitizer build), and a
+// barrier that not every thread reaches (reported as a deadlock).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -46,9 +47,24 @@ void planted_out_of_bounds_write(at::Tensor& out) {
                 current_stream(out.device()), out.data_ptr<float>(), n);
 }
 
+// Planted bug: threads past `active` leave before a barrier the others wait at.
+__global__ void divergent_barrier_kernel(float* out, int active) {
+  if (int(threadIdx.x) >= active) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+void planted_divergent_barrier(at::Tensor& out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 32,
+              "out must be a contiguous float tensor of at least 32 elements");
+  launch_kernel(divergent_barrier_kernel, dim3(1), dim3(32), 0, current_stream(out.device()),
+                out.data_ptr<float>(), 16);
+}
+
 }  // namespace
 
 SSL_OPS_CUDA_LIBRARY_IMPL(m) {
+  m.impl("_planted_divergent_barrier", &planted_divergent_barrier);
   m.impl("_planted_block_sum", &planted_block_sum);
   m.impl("_planted_out_of_bounds_write", &planted_out_of_bounds_write);
 }

@@ -45,11 +45,15 @@ struct tile {
 
 template <typename T, int M, int N, int K>
 constexpr bool valid_shape() {
+  const bool k8 = M == 16 && N == 16 && K == 8;  // tf32 operands, float accumulators
+  const bool k16 = (M == 16 && N == 16 && K == 16) || (M == 32 && N == 8 && K == 16) ||
+      (M == 8 && N == 32 && K == 16);
   if constexpr (std::is_same_v<T, precision::tf32>) {
-    return M == 16 && N == 16 && K == 8;
+    return k8;
+  } else if constexpr (std::is_same_v<T, float>) {
+    return k8 || k16;
   } else {
-    return (M == 16 && N == 16 && K == 16) || (M == 32 && N == 8 && K == 16) ||
-        (M == 8 && N == 32 && K == 16);
+    return k16;
   }
 }
 

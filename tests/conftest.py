@@ -1,0 +1,66 @@
+"""Shared fixtures: the kernel backends every EMA case runs on.
+
+* ``cpu``: the C++ CPU kernels (torch.ops.ssl_ops on CPU tensors);
+* ``emu-s<seed>``: the csrc/cuda kernels on the host emulator (torch.ops.ssl_ops_emu
+  on CPU tensors), with threads and blocks in the order drawn from <seed>
+  (0: index order);
+* ``cuda``: the real CUDA kernels, when a GPU is present.
+"""
+
+import pytest
+import torch
+
+import ssl_ops
+from ssl_ops import emulation
+
+EMU_SEEDS = (0, 1, 2)
+
+
+class Backend:
+    def __init__(self, name, device, namespace, seed=None):
+        self.name = name
+        self.device = torch.device(device)
+        self.ops = getattr(torch.ops, namespace)
+        self.seed = seed
+
+    def activate(self):
+        if self.seed is not None:
+            emulation.load().set_schedule_seed(self.seed)
+        return self
+
+
+def _backend_params():
+    params = [pytest.param(("cpu",), id="cpu")]
+    for seed in EMU_SEEDS:
+        params.append(pytest.param(("emu", seed), id=f"emu-s{seed}", marks=pytest.mark.emu))
+    params.append(pytest.param(("cuda",), id="cuda", marks=pytest.mark.cuda))
+    return params
+
+
+def make_backend(spec):
+    kind = spec[0]
+    if kind == "cpu":
+        return Backend("cpu", "cpu", "ssl_ops")
+    if kind == "emu":
+        if not emulation.available():
+            pytest.skip("emulation module not built (SSL_OPS_BUILD_EMU=0)")
+        return Backend(f"emu-s{spec[1]}", "cpu", "ssl_ops_emu", seed=spec[1]).activate()
+    if not ssl_ops.cuda_kernels_available():
+        pytest.skip("needs CUDA kernels and a GPU")
+    return Backend("cuda", "cuda", "ssl_ops")
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    return make_backend(request.param)
+
+
+# Backends that run the csrc/cuda source: the emulator and the GPU.
+@pytest.fixture(params=[p for p in _backend_params() if p.values[0][0] != "cpu"])
+def cuda_source_backend(request):
+    return make_backend(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed_rng():
+    torch.manual_seed(0)

@@ -1,0 +1,203 @@
+"""EMA kernel cases, run on every backend: the CPU kernel, the CUDA kernel on the
+host emulator under several thread orders, and the CUDA kernel on a GPU."""
+
+import math
+
+import pytest
+import torch
+
+import ssl_ops
+from ssl_ops import emulation
+
+MOMENTUM = 0.996
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+]
+
+
+def pair_id(pair):
+    return "-".join(str(t).replace("torch.", "") for t in pair)
+
+
+def randn(shape, dtype, device):
+    return torch.randn(shape, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def make_lists(sizes, dtypes, device):
+    ema = [randn(s, dtypes[0], device) for s in sizes]
+    online = [randn(s, dtypes[1], device) for s in sizes]
+    return ema, online
+
+
+def assert_matches_float64(result, ema_before, online, momentum):
+    """Against the float64 reference, within the rounding of the result's dtype:
+    one rounding of w * online, one of the fma and one to the EMA dtype."""
+    for r, e, o in zip(result, ema_before, online):
+        e64, o64 = e.double().cpu(), o.double().cpu()
+        ref = momentum * e64 + (1 - momentum) * o64
+        compute_eps = torch.finfo(torch.float64 if r.dtype == torch.float64 else torch.float32).eps
+        bound = torch.finfo(r.dtype).eps * ref.abs() + 2 * compute_eps * (e64.abs() + o64.abs())
+        err = (r.double().cpu() - ref).abs()
+        assert bool((err <= bound).all()), f"max error {err.max().item()} for {r.dtype}"
+
+
+def run(backend, ema, online, momentum, chunk_size=None):
+    if chunk_size is None:
+        backend.ops.ema_update_(ema, online, momentum)
+    else:
+        backend.ops._ema_update_chunked_(ema, online, momentum, chunk_size)
+
+
+def cpu_result(ema, online, momentum):
+    out = [e.detach().cpu().clone() for e in ema]
+    torch.ops.ssl_ops.ema_update_(out, [o.cpu() for o in online], momentum)
+    return out
+
+
+def check_case(backend, ema, online, momentum=MOMENTUM, chunk_size=None):
+    before = [e.clone() for e in ema]
+    expected_bits = cpu_result(before, online, momentum)
+    run(backend, ema, online, momentum, chunk_size)
+    assert_matches_float64(ema, before, online, momentum)
+    # The backends compute the same expression, so they agree bit for bit.
+    for got, want in zip(ema, expected_bits):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("numel", [0, 1, 7, 1023, 4097, 65536 + 3])
+def test_sizes_and_dtypes(backend, dtypes, numel):
+    ema, online = make_lists([numel, (3, 5)], dtypes, backend.device)
+    check_case(backend, ema, online)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.5, 0.9999])
+def test_momentum_values(backend, momentum):
+    ema, online = make_lists([100, 33], (torch.float32, torch.float32), backend.device)
+    before = [e.clone() for e in ema]
+    check_case(backend, ema, online, momentum)
+    if momentum == 1.0:
+        assert all(torch.equal(a, b) for a, b in zip(ema, before))
+    if momentum == 0.0:
+        assert all(torch.equal(a, b) for a, b in zip(ema, online))
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS[:4], ids=pair_id)
+def test_unaligned_storage_offsets(backend, dtypes):
+    # Views starting 1..3 elements into their storage: the vector path must not
+    # be taken for them, and ema and online may be misaligned differently.
+    ema, online = [], []
+    for ema_offset, online_offset, n in [(1, 0, 301), (2, 3, 64), (3, 1, 1), (0, 2, 4099)]:
+        ema.append(randn(n + 4, dtypes[0], backend.device)[ema_offset : ema_offset + n])
+        online.append(randn(n + 4, dtypes[1], backend.device)[online_offset : online_offset + n])
+    check_case(backend, ema, online)
+
+
+def test_many_tensors_mixed_dtypes(backend):
+    # More tensors than one launch's table holds, with every dtype pair interleaved.
+    gen = torch.Generator().manual_seed(1)
+    sizes = torch.randint(1, 300, (300,), generator=gen).tolist()
+    ema, online = [], []
+    for i, n in enumerate(sizes):
+        dtypes = DTYPE_PAIRS[i % len(DTYPE_PAIRS)]
+        ema.append(randn(n, dtypes[0], backend.device))
+        online.append(randn(n, dtypes[1], backend.device))
+    check_case(backend, ema, online)
+
+
+def test_non_dense_and_strided_layouts(backend):
+    device = backend.device
+    base = randn((20, 30), torch.float32, device)
+    ema_strided = base[:, ::3]  # not dense: updated through a dense stand-in
+    ema_channels_last = randn((2, 3, 4, 5), torch.float32, device).to(memory_format=torch.channels_last)
+    ema_transposed = randn((7, 9), torch.float32, device).t()
+    online = [
+        randn(ema_strided.shape, torch.float32, device),
+        randn((2, 3, 4, 5), torch.float32, device),  # contiguous against channels_last
+        randn((9, 7), torch.float32, device),
+    ]
+    base_before = base.clone()
+    check_case(backend, [ema_strided, ema_channels_last, ema_transposed], online)
+    untouched = torch.ones_like(base, dtype=torch.bool)
+    untouched[:, ::3] = False
+    assert torch.equal(base[untouched], base_before[untouched])
+
+
+def test_chunks_overflow_one_launch(cuda_source_backend):
+    # With 64-element chunks, 330 chunks of one tensor overflow the 320-block
+    # table, and 200 small tensors overflow the tensor table.
+    backend = cuda_source_backend
+    sizes = [64 * 330 + 5] + [17] * 200 + [64 * 5]
+    ema, online = make_lists(sizes, (torch.float32, torch.bfloat16), backend.device)
+    launches_before = emulation.load().launch_count() if backend.seed is not None else None
+    check_case(backend, ema, online, chunk_size=64)
+    if launches_before is not None:
+        # 336 chunks of the first tensor, then 96 tensors per table: at least 4 launches.
+        assert emulation.load().launch_count() - launches_before >= 4
+
+
+def test_chunk_size_is_validated(cuda_source_backend):
+    ema, online = make_lists([10], (torch.float32, torch.float32), cuda_source_backend.device)
+    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 8, got 12"):
+        run(cuda_source_backend, ema, online, 0.5, chunk_size=12)
+
+
+# ---- Bad input: a clear error and every tensor left bit-identical ----------------------
+
+
+def bad_cases(device):
+    def f32(*shape):
+        return randn(shape, torch.float32, device)
+
+    base = f32(10)
+    shared = f32(8)
+    return {
+        "momentum-negative": ([f32(4)], [f32(4)], -0.1, ValueError, r"momentum must be in \[0, 1\], got -0.1"),
+        "momentum-above-one": ([f32(4)], [f32(4)], 1.5, ValueError, r"got 1.5"),
+        "momentum-nan": ([f32(4)], [f32(4)], math.nan, ValueError, r"got nan"),
+        "lengths": ([f32(4), f32(3)], [f32(4)], 0.9, ValueError, r"same length, got 2 and 1"),
+        "shape": ([f32(4), f32(2, 3)], [f32(4), f32(3, 2)], 0.9, ValueError,
+                  r"online\[1\] has shape \[3, 2\] but ema\[1\] has shape \[2, 3\]"),
+        "integer-ema": ([f32(4), torch.arange(4, device=device)], [f32(4), torch.arange(4, device=device)],
+                        0.9, TypeError, r"ema\[1\] must be a floating-point tensor, got dtype Long"),
+        "dtype": ([f32(4), f32(3).half()], [f32(4), f32(3)], 0.9, TypeError,
+                  r"online\[1\] has dtype Float but ema\[1\] has dtype Half"),
+        "dtype-wider-online": ([f32(4), f32(3)], [f32(4), f32(3).double()], 0.9, TypeError,
+                               r"online\[1\] has dtype Double but ema\[1\] has dtype Float"),
+        "alias": ([f32(4), base], [f32(4), base], 0.9, RuntimeError,
+                  r"online\[1\] shares memory with ema\[1\]"),
+        "partial-overlap": ([f32(4), shared[:6]], [f32(4), shared[2:]], 0.9, RuntimeError,
+                            r"online\[1\] shares memory with ema\[1\]"),
+        "duplicate-ema": ([base, f32(3), base], [f32(10), f32(3), f32(10)], 0.9, RuntimeError,
+                          r"ema\[0\] and ema\[2\] share memory"),
+        "expanded-ema": ([f32(4), f32(1).expand(5)], [f32(4), f32(5)], 0.9, RuntimeError,
+                         r"ema\[1\] has internally overlapping memory"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_cases("cpu")))
+def test_bad_input_changes_nothing(backend, case):
+    ema, online, momentum, error, message = bad_cases(backend.device)[case]
+    ema_before = [e.clone() for e in ema]
+    online_before = [o.clone() for o in online]
+    with pytest.raises(error, match=message):
+        run(backend, ema, online, momentum)
+    assert all(torch.equal(a, b) for a, b in zip(ema, ema_before))
+    assert all(torch.equal(a, b) for a, b in zip(online, online_before))
+
+
+@pytest.mark.cuda
+def test_mixed_devices_change_nothing():
+    if not ssl_ops.cuda_kernels_available():
+        pytest.skip("needs CUDA kernels and a GPU")
+    ema = [torch.randn(4, device="cuda"), torch.randn(4, device="cuda")]
+    online = [torch.randn(4, device="cuda"), torch.randn(4)]
+    before = [e.clone() for e in ema]
+    with pytest.raises(RuntimeError, match=r"online\[1\] is on cpu but ema\[0\] is on cuda:0"):
+        torch.ops.ssl_ops.ema_update_(ema, online, 0.9)
+    assert all(torch.equal(a, b) for a, b in zip(ema, before))
