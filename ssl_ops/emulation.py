@@ -30,7 +30,8 @@ def available():
 def asan_environment(base=None):
     """Environment for a Python process that loads ``_cuda_emu_asan``: the
     AddressSanitizer runtime it links is preloaded (it must come first), leak
-    checks are off (the interpreter itself leaks by design)."""
+    checks are off (the interpreter itself leaks by design), and the emulated
+    tests pick the ASan module."""
     import re
     import subprocess
 
@@ -41,11 +42,32 @@ def asan_environment(base=None):
     candidates = [f for f in os.listdir(package_dir) if f.startswith("_cuda_emu_asan") and f.endswith(".so")]
     if not candidates:
         raise ImportError("ssl_ops._cuda_emu_asan is not built (SSL_OPS_BUILD_EMU_ASAN=1)")
-    ldd = subprocess.run(["ldd", os.path.join(package_dir, candidates[0])], capture_output=True, text=True)
-    match = re.search(r"(\S*libasan\.so\S*) => (\S+)", ldd.stdout)
-    if not match:
+    plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # ldd lists preloads apart
+    ldd = subprocess.run(
+        ["ldd", os.path.join(package_dir, candidates[0])], capture_output=True, text=True, env=plain
+    )
+    libraries = dict(re.findall(r"(lib(?:asan|stdc\+\+)\.so\S*) => (\S+)", ldd.stdout))
+    asan = [path for name, path in libraries.items() if name.startswith("libasan")]
+    if not asan:
         raise RuntimeError(f"cannot find the libasan that _cuda_emu_asan links:\n{ldd.stdout}")
-    env["LD_PRELOAD"] = match.group(2)
+    # libstdc++ must be loaded when ASan starts, or its __cxa_throw interceptor
+    # finds no real function and C++ exceptions abort the process.
+    stdcxx = [path for name, path in libraries.items() if name.startswith("libstdc++")]
+    env["LD_PRELOAD"] = " ".join(asan + stdcxx)
     env["ASAN_OPTIONS"] = "detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0"
     env["SSL_OPS_EMU_MODULE"] = "_cuda_emu_asan"
     return env
+
+
+def _main(argv):
+    usage = "usage: python -m ssl_ops.emulation asan COMMAND [ARGS...]"
+    if len(argv) < 2 or argv[0] != "asan":
+        raise SystemExit(usage + "\n  runs COMMAND with the emulated kernels under AddressSanitizer")
+    env = asan_environment()
+    os.execvpe(argv[1], argv[1:], env)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

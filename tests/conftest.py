@@ -61,6 +61,16 @@ def cuda_source_backend(request):
     return make_backend(request.param)
 
 
+def pytest_report_header(config):
+    info = ssl_ops.build_info()
+    emu = emulation.module_name() if emulation.available() else "not built"
+    return [
+        f"ssl_ops: CUDA kernels compiled={info['cuda']} (arch {info['cuda_arch_list'] or '-'}), "
+        f"GPU visible={torch.cuda.is_available()}, CPU ISA={info['cpu_isa']}",
+        f"ssl_ops: CUDA kernels emulated on the host by ssl_ops.{emu}",
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _seed_rng():
     torch.manual_seed(0)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs everything, builds ssl_ops (with the emulation modules, ASan included)
+# and runs the whole test suite, then the emulated CUDA kernel tests again under
+# AddressSanitizer.
+set -euo pipefail
+export SSL_OPS_BUILD_EMU=1 SSL_OPS_BUILD_EMU_ASAN=${SSL_OPS_BUILD_EMU_ASAN:-1}
+# shellcheck disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$SSL_OPS_ROOT"
+echo "== test suite"
+python -m pytest -ra tests "$@"
+if [ "$SSL_OPS_BUILD_EMU_ASAN" = "1" ]; then
+  echo "== emulated CUDA kernel tests under AddressSanitizer"
+  python -m ssl_ops.emulation asan python -m pytest -ra -m emu tests "$@"
+fi
