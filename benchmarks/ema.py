@@ -1,0 +1,174 @@
+"""EMA update of a momentum encoder: ssl_ops.ema_update_ against the ways SSL
+code does it today, on the parameter sets of real timm models.
+
+* ssl_ops    - ssl_ops.ema_update_ (one fused multi-tensor kernel)
+* loop       - the per-parameter Python loop of solo-learn's MomentumUpdater
+               (``e.data = m * e.data + (1 - m) * o.data``)
+* foreach    - lightly's update_momentum (``_foreach_mul_`` + ``_foreach_add_``)
+* lerp       - timm's ModelEmaV3 (``torch._foreach_lerp_``)
+* copy       - ``torch._foreach_copy_`` of the same tensors: the memory-bandwidth
+               yardstick the EMA is measured against
+
+Times are medians of torch.utils.benchmark's blocked_autorange; each ratio is
+baseline time / ssl_ops time from the same run. GB/s counts the bytes an
+update must move (read ema and online, write ema; copy: read and write).
+
+    python benchmarks/ema.py            # resnet50 and vit_base_patch16_224, CPU (+ CUDA)
+    python benchmarks/ema.py --quick    # resnet50 only
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+
+import torch
+import torch.utils.benchmark as benchmark
+
+import ssl_ops
+
+MOMENTUM = 0.996
+
+
+def parameter_set(model_name, device, ema_dtype, online_dtype):
+    import timm
+
+    model = timm.create_model(model_name, pretrained=False)
+    online = [p.detach().to(device=device, dtype=online_dtype).clone() for p in model.parameters()]
+    ema = [p.detach().to(device=device, dtype=ema_dtype).clone() for p in model.parameters()]
+    return ema, online
+
+
+def solo_learn_loop(ema, online, m):
+    for e, o in zip(ema, online):
+        e.data = m * e.data + (1 - m) * o.data
+
+
+def lightly_foreach(ema, online, m):
+    torch._foreach_mul_(ema, m)
+    torch._foreach_add_(ema, online, alpha=1 - m)
+
+
+def timm_lerp(ema, online, m):
+    torch._foreach_lerp_(ema, online, 1 - m)
+
+
+def fused(ema, online, m):
+    ssl_ops.ema_update_(ema, online, m)
+
+
+IMPLEMENTATIONS = {"ssl_ops": fused, "loop": solo_learn_loop, "foreach": lightly_foreach, "lerp": timm_lerp}
+
+
+def median_seconds(fn, min_run_time):
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def run_case(model_name, device, ema_dtype, online_dtype, min_run_time):
+    ema, online = parameter_set(model_name, device, ema_dtype, online_dtype)
+    numel = sum(t.numel() for t in ema)
+    ema_bytes = numel * (2 * ema[0].element_size() + online[0].element_size())
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        # Only ssl_ops takes a reduced-precision online model as it is; the
+        # baselines need the cast their callers would write.
+        cast = name != "ssl_ops" and online_dtype != ema_dtype
+
+        def step(impl=impl, cast=cast):
+            impl(ema, [t.to(ema_dtype) for t in online] if cast else online, MOMENTUM)
+            sync()
+
+        results[name] = median_seconds(step, min_run_time)
+    copy_dst = [torch.empty_like(t) for t in ema]
+
+    def copy_step():
+        torch._foreach_copy_(copy_dst, ema)
+        sync()
+
+    copy_time = median_seconds(copy_step, min_run_time)
+    row = {
+        "model": model_name,
+        "device": device,
+        "ema_dtype": str(ema_dtype).replace("torch.", ""),
+        "online_dtype": str(online_dtype).replace("torch.", ""),
+        "tensors": len(ema),
+        "numel": numel,
+        "median_s": results,
+        "speedup_vs": {name: results[name] / results["ssl_ops"] for name in results if name != "ssl_ops"},
+        "ssl_ops_GBps": ema_bytes / results["ssl_ops"] / 1e9,
+        "copy_GBps": 2 * numel * ema[0].element_size() / copy_time / 1e9,
+        "copy_median_s": copy_time,
+    }
+    del ema, online, copy_dst
+    return row
+
+
+def machine():
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "ssl_ops_build": ssl_ops.build_info(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def markdown(rows):
+    lines = [
+        "| model | device | ema/online | tensors | ssl_ops ms | loop ms | foreach ms | lerp ms "
+        "| vs loop | vs foreach | vs lerp | ssl_ops GB/s | copy GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, s = r["median_s"], r["speedup_vs"]
+        lines.append(
+            f"| {r['model']} | {r['device']} | {r['ema_dtype']}/{r['online_dtype']} | {r['tensors']} "
+            f"| {t['ssl_ops'] * 1e3:.2f} | {t['loop'] * 1e3:.2f} | {t['foreach'] * 1e3:.2f} "
+            f"| {t['lerp'] * 1e3:.2f} | {s['loop']:.2f}x | {s['foreach']:.2f}x | {s['lerp']:.2f}x "
+            f"| {r['ssl_ops_GBps']:.1f} | {r['copy_GBps']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="resnet50 only, shorter timing")
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda")
+    parser.add_argument("--out", default="results", help="folder for ema.json")
+    args = parser.parse_args()
+    models = args.models or (["resnet50"] if args.quick else ["resnet50", "vit_base_patch16_224"])
+    devices = args.devices or (["cpu", "cuda"] if ssl_ops.cuda_kernels_available() else ["cpu"])
+    min_run_time = 0.5 if args.quick else 2.0
+    cases = []
+    for device in devices:
+        for model in models:
+            cases.append((model, device, torch.float32, torch.float32))
+            if device == "cuda":
+                cases.append((model, device, torch.float32, torch.bfloat16))
+                cases.append((model, device, torch.bfloat16, torch.bfloat16))
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    rows = []
+    iterator = tqdm(cases, desc="ema benchmark", unit="case") if tqdm else cases
+    for model, device, ema_dtype, online_dtype in iterator:
+        rows.append(run_case(model, device, ema_dtype, online_dtype, min_run_time))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "ema.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "momentum": MOMENTUM, "rows": rows}, f, indent=2)
+    print(markdown(rows))
+    print(f"\nmedian of blocked_autorange; 'vs X' = X time / ssl_ops time; JSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
