@@ -35,10 +35,11 @@ if [ -n "$torch_cuda" ] && [ -n "$have_nvcc" ] && [ "${SSL_OPS_CPU_ONLY:-0}" != 
 fi
 
 echo "== building ssl_ops (torch CUDA: ${torch_cuda:-none}, nvcc: ${have_nvcc:-no})"
-(cd "$SSL_OPS_ROOT" && pip install --quiet --no-build-isolation --no-deps -e . > "$SSL_OPS_ROOT/build.log" 2>&1) || {
+(cd "$SSL_OPS_ROOT" && pip install --verbose --no-build-isolation --no-deps -e . > "$SSL_OPS_ROOT/build.log" 2>&1) || {
   tail -n 60 "$SSL_OPS_ROOT/build.log"
   echo "ssl_ops build failed; full log in build.log" >&2
   exit 1
 }
-grep -A6 "ssl_ops build configuration" "$SSL_OPS_ROOT/build.log" | head -n 7 | sed 's/^ *//'
+# setup.py runs twice under pip (metadata, then build): show its report once.
+awk '/ssl_ops build configuration/ {n = 6; if (shown++) exit} n-- > 0 {sub(/^ +/, ""); print}' "$SSL_OPS_ROOT/build.log"
 python -c "import ssl_ops; print('== build_info:', ssl_ops.build_info())"
