@@ -49,14 +49,36 @@ if CUDA_HOME:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-TORCH_HAS_CUDA = torch.version.cuda is not None
-WITH_CUDA = (not CPU_ONLY) and TORCH_HAS_CUDA and CUDA_HOME is not None
+
+
+def toolkit_version(home):
+    """The CUDA version of the toolkit in `home`, as 'major.minor', from nvcc."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+TORCH_CUDA = torch.version.cuda
+NVCC_VERSION = toolkit_version(CUDA_HOME) if CUDA_HOME else None
+why_no_cuda = None
+if CPU_ONLY:
+    why_no_cuda = "SSL_OPS_CPU_ONLY=1"
+elif TORCH_CUDA is None:
+    why_no_cuda = "torch is a CPU-only build"
+elif CUDA_HOME is None:
+    why_no_cuda = "no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc and include/cuda_runtime.h)"
+elif NVCC_VERSION and NVCC_VERSION.split(".")[0] != TORCH_CUDA.split(".")[0]:
+    # torch refuses to build extensions across CUDA major versions.
+    why_no_cuda = f"nvcc {NVCC_VERSION} in {CUDA_HOME} does not match torch's CUDA {TORCH_CUDA}"
+WITH_CUDA = why_no_cuda is None
 if FORCE_CUDA and not WITH_CUDA:
-    sys.exit(
-        "ssl_ops: SSL_OPS_FORCE_CUDA=1 but CUDA kernels cannot be built: "
-        f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit found at {CUDA_HOME!r} "
-        "(set CUDA_HOME to a directory holding bin/nvcc and include/cuda_runtime.h)"
-    )
+    sys.exit(f"ssl_ops: SSL_OPS_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why_no_cuda}")
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
@@ -136,8 +158,8 @@ if BUILD_EMU_ASAN:
 print(
     "ssl_ops build configuration:\n"
     f"  torch {torch.__version__} (CUDA {torch.version.cuda})\n"
-    f"  CUDA kernels: {'yes' if WITH_CUDA else 'no'}"
-    f"  (CUDA_HOME={CUDA_HOME}, SSL_OPS_CPU_ONLY={int(CPU_ONLY)}, SSL_OPS_FORCE_CUDA={int(FORCE_CUDA)})\n"
+    f"  CUDA kernels: {'yes' if WITH_CUDA else 'no (' + why_no_cuda + ')'}"
+    f"  (CUDA_HOME={CUDA_HOME}, nvcc {NVCC_VERSION}, SSL_OPS_FORCE_CUDA={int(FORCE_CUDA)})\n"
     f"  TORCH_CUDA_ARCH_LIST: {ARCH_LIST or '-'}\n"
     f"  debug: {int(DEBUG)}, MAX_JOBS: {os.environ.get('MAX_JOBS', 'auto')}, "
     f"NVCC_APPEND_FLAGS: {os.environ.get('NVCC_APPEND_FLAGS', '-')}\n"

@@ -18,6 +18,9 @@
 // vectors; the rest of it and misaligned chunks (views at odd storage offsets)
 // take the scalar path. chunk_size is a multiple of every vector width, so
 // chunks of an aligned tensor stay aligned.
+//
+// Resources (ptxas -v, sm_90, nvcc 13.0): 25-28 registers for every dtype pair,
+// no stack frame, no spills, no barriers; no shared memory.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
