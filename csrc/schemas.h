@@ -7,8 +7,22 @@
 // ema_update_: ema[i] <- momentum * ema[i] + (1 - momentum) * online[i].
 // _ema_update_chunked_: the same with an explicit elements-per-block chunk, so
 // tests reach the multi-launch paths of the CUDA kernel with small tensors.
+//
+// contrastive_sym_loss: NT-Xent / SupCon over the rows of z, positives by equal
+// labels (csrc/cpu/contrastive_sym.cpp has the math). reduction: 0 none,
+// 1 mean, 2 sum. With compute_grad (and a reduction) grad_z is the gradient of
+// the loss, computed in the same call; otherwise it is empty.
+// contrastive_sym_backward: the gradient for any grad_loss, from the saved lse.
 #define SSL_OPS_DEFINE_SCHEMAS(m)                                                      \
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");      \
   m.def(                                                                               \
       "_ema_update_chunked_(Tensor(a!)[] ema, Tensor[] online, float momentum, "     \
-      "int chunk_size) -> ()");
+      "int chunk_size) -> ()");                                                        \
+  m.def(                                                                               \
+      "contrastive_sym_loss(Tensor z, Tensor labels, float scale, float eps, "         \
+      "bool normalize, int reduction, bool compute_grad) -> "                          \
+      "(Tensor loss, Tensor lse, Tensor positive_count, Tensor grad_z)");             \
+  m.def(                                                                               \
+      "contrastive_sym_backward(Tensor grad_loss, Tensor z, Tensor labels, Tensor lse, " \
+      "Tensor positive_count, float scale, float eps, bool normalize, int reduction) " \
+      "-> Tensor");

@@ -10,3 +10,40 @@ def ema_update_(ema, online, momentum):
     with torch.no_grad():
         for e, o in zip(ema, online):
             e.mul_(momentum).add_(o.to(e.dtype), alpha=1 - momentum)
+
+
+def nt_xent_loss(z0, z1, temperature=0.5, reduction="mean"):
+    """Eager NT-Xent as lightly computes it: the full (2N x 2N) logits matrix and
+    cross-entropy with the other view as the label."""
+    import torch.nn.functional as F
+
+    z = F.normalize(torch.cat([z0, z1]), dim=1)
+    n = z0.shape[0]
+    logits = z @ z.t() / temperature
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    targets = torch.arange(2 * n, device=z.device).roll(n)
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def supcon_loss(z, labels, temperature=0.5, reduction="mean", normalize=True):
+    """Eager multi-positive contrastive loss: row i's positives are the other
+    rows with its label; loss_i = logsumexp_{k != i} s_ik - mean_{p} s_ip, 0 for
+    rows without positives, which the mean leaves out."""
+    import torch.nn.functional as F
+
+    if normalize:
+        z = F.normalize(z, dim=1)
+    logits = z @ z.t() / temperature
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    lse = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
+    count = positives.sum(1)
+    has_positive = count > 0
+    positive_mean = (logits * positives).sum(1) / count.clamp_min(1)
+    per_row = torch.where(has_positive, lse - positive_mean, torch.zeros_like(lse))
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.sum() / has_positive.sum().clamp_min(1)

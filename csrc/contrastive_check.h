@@ -1,0 +1,30 @@
+#pragma once
+// Argument validation shared by the CPU and CUDA contrastive-loss kernels.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace ssl_ops {
+
+// reduction argument of the contrastive ops.
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+// Throws unless z is a non-empty floating (M, D) matrix, labels an int64 vector
+// of length M on z's device, and the scalars valid.
+void check_sym_contrastive_args(
+    const at::Tensor& z, const at::Tensor& labels, double scale, double eps, int64_t reduction);
+
+// Throws unless query (M, D), key (L, D) and positive_key (M, D), when given,
+// are non-empty floating matrices of one dtype and device, with M == L when
+// there is no positive_key (the positive of query i is key i).
+void check_asym_contrastive_args(
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key,
+    double scale, double eps, int64_t reduction);
+
+// The type losses and log-sum-exps are returned in: float64 for float64
+// inputs (so gradcheck runs in double), float32 otherwise.
+inline at::ScalarType loss_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace ssl_ops

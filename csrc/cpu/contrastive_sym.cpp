@@ -1,0 +1,300 @@
+// Symmetric contrastive loss (NT-Xent / SimCLR, multi-view, SupCon), CPU kernel.
+//
+// Rows z (M x D) are normalised to zh (contrastive_tiles.h); logits
+// S = scale * zh zh^T are formed tile by tile and never stored whole. The
+// positives of row i are P(i) = {k != i : labels[k] == labels[i]}; self is
+// excluded from the softmax.
+//   loss_i = log sum_{k != i} exp(S_ik) - (1 / |P(i)|) sum_{p in P(i)} S_ip
+// (0 for a row without positives); reduction: none, mean over rows with
+// positives, or sum. For row weights w_i = d(total) / d(loss_i):
+//   G_ik = w_i (softmax_ik - 1[k in P(i)] / |P(i)|),   d zh = scale (G + G^T) zh,
+// then through the normalisation.
+//
+// S is symmetric, so tiles are visited as unordered pairs (I, K), I <= K, once
+// each: pass 1 updates the running log-sum-exp of rows I from the tile and of
+// rows K from its transpose; pass 2 forms H = G_IK + (G_KI)^T and adds
+// scale H zh_K to d zh_I and scale H^T zh_I to d zh_K. Pairs run in rounds in
+// which no block appears twice (symmetric_tile_rounds), in parallel within a
+// round, so no two tasks write the same rows. The forward computes the gradient
+// of the reduced loss when asked (compute_grad), so backward only scales it.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <array>
+#include <functional>
+
+#include "../contrastive_check.h"
+#include "contrastive_tiles.h"
+
+namespace ssl_ops::cpu {
+namespace {
+
+template <typename C>
+constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+
+template <typename C>
+struct RowStats {
+  std::vector<RunningLse<C>> lse;
+  std::vector<C> positive_sum;
+  std::vector<int64_t> positive_count;
+  explicit RowStats(int64_t m) : lse(m), positive_sum(m, 0), positive_count(m, 0) {}
+};
+
+// The raw dot products of rows [i0, i0 + bi) and [k0, k0 + bk).
+at::Tensor tile_dots(const at::Tensor& rows, int64_t i0, int64_t bi, int64_t k0, int64_t bk) {
+  return at::mm(rows.narrow(0, i0, bi), rows.narrow(0, k0, bk).t());
+}
+
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
+                C scale, bool diagonal, RowStats<C>& stats) {
+  std::array<C, kTileRows> col_max, col_sum, col_pos_sum;
+  std::array<int64_t, kTileRows> col_pos_count;
+  col_max.fill(kNegInf<C>);
+  col_sum.fill(0);
+  col_pos_sum.fill(0);
+  col_pos_count.fill(0);
+  const int64_t* col_labels = labels + k0;
+  for (int64_t i = 0; i < bi; ++i) {
+    C* row = s + i * bk;
+    for (int64_t k = 0; k < bk; ++k) row[k] *= scale;
+    if (diagonal) row[i] = kNegInf<C>;  // self is not a candidate
+    C row_max = kNegInf<C>;
+    C pos_sum = 0;
+    int64_t pos_count = 0;
+    const int64_t label = labels[i0 + i];
+    for (int64_t k = 0; k < bk; ++k) {
+      row_max = std::max(row_max, row[k]);
+      col_max[k] = std::max(col_max[k], row[k]);
+      const bool positive = col_labels[k] == label && !(diagonal && k == i);
+      pos_sum += positive ? row[k] : C(0);
+      pos_count += positive;
+      col_pos_sum[k] += positive ? row[k] : C(0);
+      col_pos_count[k] += positive;
+    }
+    RunningLse<C>& lse = stats.lse[i0 + i];
+    const C row_shift = lse.next_max(row_max);
+    C row_sum = 0;
+    for (int64_t k = 0; k < bk; ++k) row_sum += tile_exp(row[k] - row_shift);
+    lse.merge(row_shift, row_sum);
+    stats.positive_sum[i0 + i] += pos_sum;
+    stats.positive_count[i0 + i] += pos_count;
+  }
+  if (diagonal) return;  // its transpose is itself: rows I are done
+  std::array<C, kTileRows> shift;
+  for (int64_t k = 0; k < bk; ++k) shift[k] = stats.lse[k0 + k].next_max(col_max[k]);
+  for (int64_t i = 0; i < bi; ++i) {
+    const C* row = s + i * bk;
+    for (int64_t k = 0; k < bk; ++k) col_sum[k] += tile_exp(row[k] - shift[k]);
+  }
+  for (int64_t k = 0; k < bk; ++k) {
+    stats.lse[k0 + k].merge(shift[k], col_sum[k]);
+    stats.positive_sum[k0 + k] += col_pos_sum[k];
+    stats.positive_count[k0 + k] += col_pos_count[k];
+  }
+}
+
+// Overwrites the tile of dot products with H = G_IK + (G_KI)^T.
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
+                const C* lse, const C* inv_positives, const C* weight, C scale, bool diagonal) {
+  const int64_t* col_labels = labels + k0;
+  const C* col_lse = lse + k0;
+  const C* col_inv = inv_positives + k0;
+  const C* col_weight = weight + k0;
+  for (int64_t i = 0; i < bi; ++i) {
+    C* row = s + i * bk;
+    const int64_t label = labels[i0 + i];
+    const C row_lse = lse[i0 + i], row_inv = inv_positives[i0 + i], row_weight = weight[i0 + i];
+    for (int64_t k = 0; k < bk; ++k) {
+      const C logit = row[k] * scale;
+      const bool positive = col_labels[k] == label;
+      const C from_row = row_weight * (tile_exp(logit - row_lse) - (positive ? row_inv : C(0)));
+      const C from_col = col_weight[k] * (tile_exp(logit - col_lse[k]) - (positive ? col_inv[k] : C(0)));
+      row[k] = (row_weight != 0 ? from_row : C(0)) + (col_weight[k] != 0 ? from_col : C(0));
+    }
+    if (diagonal) row[i] = 0;
+  }
+}
+
+// The tile loops again, compiled for AVX2+FMA; chosen at run time.
+template <typename C>
+SSL_OPS_TARGET_AVX2 void pass1_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
+                                         const int64_t* labels, C scale, bool diagonal, RowStats<C>& stats) {
+  pass1_tile(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+}
+template <typename C>
+SSL_OPS_TARGET_AVX2 void pass2_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
+                                         const int64_t* labels, const C* lse, const C* inv_positives,
+                                         const C* weight, C scale, bool diagonal) {
+  pass2_tile(s, bi, bk, i0, k0, labels, lse, inv_positives, weight, scale, diagonal);
+}
+
+void for_each_tile_pair(int64_t rows, const std::function<void(int64_t, int64_t, int64_t, int64_t, bool)>& fn) {
+  const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
+  for (const auto& round : symmetric_tile_rounds(blocks)) {
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const auto [I, K] = round[p];
+        const int64_t i0 = I * kTileRows, k0 = K * kTileRows;
+        fn(i0, std::min(kTileRows, rows - i0), k0, std::min(kTileRows, rows - k0), I == K);
+      }
+    });
+  }
+}
+
+template <typename C>
+at::Tensor gradient_pass(const at::Tensor& rows, const int64_t* labels, const C* lse,
+                         const C* inv_positives, const C* weight, C scale) {
+  const int64_t m = rows.size(0);
+  at::Tensor grad = at::zeros_like(rows);
+  for_each_tile_pair(m, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
+    at::Tensor tile = tile_dots(rows, i0, bi, k0, bk);
+    auto* pass2 = cpu_has_avx2_fma() ? &pass2_tile_avx2<C> : &pass2_tile<C>;
+    pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, lse, inv_positives, weight, scale, diagonal);
+    at::Tensor grad_i = grad.narrow(0, i0, bi);
+    grad_i.addmm_(tile, rows.narrow(0, k0, bk), 1, scale);
+    if (!diagonal) {
+      at::Tensor grad_k = grad.narrow(0, k0, bk);
+      grad_k.addmm_(tile.t(), rows.narrow(0, i0, bi), 1, scale);
+    }
+  });
+  return grad;
+}
+
+// Row weights of the reduced loss: w_i = g_i (none), g / n (mean), g (sum);
+// zero for rows without positives.
+template <typename C>
+std::vector<C> row_weights(const int64_t* positive_count, int64_t m, Reduction reduction,
+                           const at::Tensor& grad_loss) {
+  int64_t valid = 0;
+  for (int64_t i = 0; i < m; ++i) valid += positive_count[i] > 0;
+  std::vector<C> weight(m, 0);
+  const at::Tensor g = grad_loss.to(at::CppTypeToScalarType<C>::value).contiguous();
+  const C* gp = g.data_ptr<C>();
+  for (int64_t i = 0; i < m; ++i) {
+    if (positive_count[i] == 0) continue;
+    if (reduction == Reduction::None) {
+      weight[i] = gp[i];
+    } else {
+      weight[i] = reduction == Reduction::Mean ? gp[0] / C(valid) : gp[0];
+    }
+  }
+  return weight;
+}
+
+template <typename C>
+std::vector<C> inverse_counts(const int64_t* positive_count, int64_t m) {
+  std::vector<C> inv(m, 0);
+  for (int64_t i = 0; i < m; ++i) inv[i] = positive_count[i] > 0 ? C(1) / C(positive_count[i]) : C(0);
+  return inv;
+}
+
+template <typename C>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
+    const at::Tensor& z, const at::Tensor& labels_in, double scale_d, double eps, bool normalize,
+    Reduction reduction, bool compute_grad) {
+  const int64_t m = z.size(0);
+  const C scale = static_cast<C>(scale_d);
+  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
+  const NormalizedRows n = normalize_rows(z, eps, normalize, compute);
+  const at::Tensor labels = labels_in.contiguous();
+  const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
+
+  RowStats<C> stats(m);
+  for_each_tile_pair(m, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
+    at::Tensor tile = tile_dots(n.rows, i0, bi, k0, bk);
+    auto* pass1 = cpu_has_avx2_fma() ? &pass1_tile_avx2<C> : &pass1_tile<C>;
+    pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, diagonal, stats);
+  });
+
+  const auto opts = z.options().dtype(compute);
+  at::Tensor lse = at::empty({m}, opts);
+  at::Tensor positive_count = at::empty({m}, z.options().dtype(at::kLong));
+  at::Tensor row_loss = at::empty({m}, opts);
+  C* lse_p = lse.data_ptr<C>();
+  int64_t* count_p = positive_count.data_ptr<int64_t>();
+  C* loss_p = row_loss.data_ptr<C>();
+  C total = 0;
+  int64_t valid = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    lse_p[i] = stats.lse[i].value();
+    count_p[i] = stats.positive_count[i];
+    loss_p[i] = count_p[i] > 0 ? lse_p[i] - stats.positive_sum[i] / C(count_p[i]) : C(0);
+    total += loss_p[i];
+    valid += count_p[i] > 0;
+  }
+  at::Tensor loss = row_loss;
+  if (reduction != Reduction::None) {
+    const C value = reduction == Reduction::Sum ? total : (valid > 0 ? total / C(valid) : C(0));
+    loss = at::full({}, value, opts);
+  }
+  at::Tensor grad = at::empty({0}, z.options());
+  if (compute_grad && reduction != Reduction::None) {
+    const std::vector<C> weight = row_weights<C>(count_p, m, reduction, at::ones({}, opts));
+    const std::vector<C> inv = inverse_counts<C>(count_p, m);
+    grad = normalize_rows_backward(
+        n, gradient_pass<C>(n.rows, label_ptr, lse_p, inv.data(), weight.data(), scale), z.scalar_type());
+  }
+  return {loss, lse, positive_count, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
+    const at::Tensor& z, const at::Tensor& labels, double scale, double eps, bool normalize,
+    int64_t reduction, bool compute_grad) {
+  check_sym_contrastive_args(z, labels, scale, eps, reduction);
+  const auto r = static_cast<Reduction>(reduction);
+  if (z.scalar_type() == at::kDouble) {
+    return sym_loss_impl<double>(z, labels, scale, eps, normalize, r, compute_grad);
+  }
+  return sym_loss_impl<float>(z, labels, scale, eps, normalize, r, compute_grad);
+}
+
+template <typename C>
+at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels_in,
+                             const at::Tensor& lse_in, const at::Tensor& positive_count_in, double scale,
+                             double eps, bool normalize, Reduction reduction) {
+  const int64_t m = z.size(0);
+  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
+  const NormalizedRows n = normalize_rows(z, eps, normalize, compute);
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor lse = lse_in.to(compute).contiguous();
+  const at::Tensor counts = positive_count_in.contiguous();
+  const int64_t* count_p = counts.const_data_ptr<int64_t>();
+  const std::vector<C> weight = row_weights<C>(count_p, m, reduction, grad_loss);
+  const std::vector<C> inv = inverse_counts<C>(count_p, m);
+  const at::Tensor grad_rows = gradient_pass<C>(
+      n.rows, labels.const_data_ptr<int64_t>(), lse.const_data_ptr<C>(), inv.data(), weight.data(),
+      static_cast<C>(scale));
+  return normalize_rows_backward(n, grad_rows, z.scalar_type());
+}
+
+at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels,
+                                    const at::Tensor& lse, const at::Tensor& positive_count, double scale,
+                                    double eps, bool normalize, int64_t reduction) {
+  check_sym_contrastive_args(z, labels, scale, eps, reduction);
+  const auto r = static_cast<Reduction>(reduction);
+  if (z.scalar_type() == at::kDouble) {
+    return sym_backward_impl<double>(grad_loss, z, labels, lse, positive_count, scale, eps, normalize, r);
+  }
+  return sym_backward_impl<float>(grad_loss, z, labels, lse, positive_count, scale, eps, normalize, r);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) {
+  m.impl("contrastive_sym_loss", &contrastive_sym_loss);
+  m.impl("contrastive_sym_backward", &contrastive_sym_backward);
+}
+
+}  // namespace ssl_ops::cpu

@@ -1,0 +1,151 @@
+"""Contrastive losses computed by fused kernels that never store the logits
+matrix: NT-Xent (SimCLR), its multi-view and supervised (SupCon) forms, and
+InfoNCE (MoCo, MoCo v3, CLIP)."""
+
+import math
+
+import torch
+
+from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_EPS = 1e-12  # F.normalize's default, as lightly uses it
+
+
+def _loss_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- contrastive_sym_loss: fake kernel and autograd ---------------------------------
+
+
+@torch.library.register_fake("ssl_ops::contrastive_sym_loss")
+def _sym_loss_fake(z, labels, scale, eps, normalize, reduction, compute_grad):
+    rows = z.shape[0]
+    loss_dtype = _loss_dtype(z.dtype)
+    loss = z.new_empty((rows,) if reduction == 0 else (), dtype=loss_dtype)
+    lse = z.new_empty((rows,), dtype=loss_dtype)
+    positive_count = z.new_empty((rows,), dtype=torch.int64)
+    grad = z.new_empty(z.shape if compute_grad and reduction != 0 else (0,))
+    return loss, lse, positive_count, grad
+
+
+@torch.library.register_fake("ssl_ops::contrastive_sym_backward")
+def _sym_backward_fake(grad_loss, z, labels, lse, positive_count, scale, eps, normalize, reduction):
+    return torch.empty_like(z)
+
+
+def _sym_setup_context(ctx, inputs, output):
+    z, labels, scale, eps, normalize, reduction, _ = inputs
+    _, lse, positive_count, grad = output
+    ctx.save_for_backward(z, labels, lse, positive_count, grad)
+    ctx.options = (scale, eps, normalize, reduction)
+
+
+def _sym_backward(ctx, grad_loss, *_unused):
+    z, labels, lse, positive_count, grad = ctx.saved_tensors
+    scale, eps, normalize, reduction = ctx.options
+    if reduction != 0 and grad.shape == z.shape:
+        grad_z = grad * grad_loss  # computed in the forward; only scaled here
+    else:
+        grad_z = torch.ops.ssl_ops.contrastive_sym_backward(
+            grad_loss, z, labels, lse, positive_count, scale, eps, normalize, reduction
+        )
+    return grad_z, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "ssl_ops::contrastive_sym_loss", _sym_backward, setup_context=_sym_setup_context
+)
+
+
+# ---- Public API --------------------------------------------------------------------
+
+
+def _check_temperature(temperature):
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or abs(temperature) < 1e-8:
+        raise ValueError(f"temperature must be a finite number with abs(temperature) >= 1e-8, got {temperature!r}")
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {tuple(_REDUCTIONS)}, got {reduction!r}")
+    return _REDUCTIONS[reduction]
+
+
+def _check_view(name, t, like=None, like_name=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (batch, features) tensor, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)})")
+    if like is not None and t.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} has shape {tuple(like.shape)}")
+
+
+def _sym_loss(z, labels, temperature, reduction, normalize):
+    compute_grad = torch.is_grad_enabled() and z.requires_grad
+    loss, _, _, _ = torch.ops.ssl_ops.contrastive_sym_loss(
+        z, labels, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction), compute_grad
+    )
+    return loss
+
+
+def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean", normalize=True):
+    """NT-Xent, the SimCLR loss, without storing the (2N x 2N) logits matrix.
+
+    * ``nt_xent_loss(z0, z1)``: two views (N, D) each. Over the 2N rows of
+      ``[z0; z1]``, the positive of a row is the other view of its sample, every
+      other row is a negative, self is excluded; cross-entropy of the cosine
+      similarities / temperature, averaged over the 2N rows. Same value and
+      gradients as lightly's ``NTXentLoss(temperature)`` without a memory bank.
+    * ``nt_xent_loss([v0, v1, ..., vV])``: V >= 2 views; each row's positives are
+      the other V - 1 views of its sample.
+    * ``nt_xent_loss(z, labels=y)``: supervised contrastive loss over the rows
+      of ``z`` (B, D); every other row with the same label is a positive.
+
+    With several positives the loss of row i is
+    ``logsumexp_{k != i}(s_ik) - mean_{p in P(i)}(s_ip)`` (SupCon's L_out form);
+    rows without positives add 0 and are left out of the mean.
+
+    ``reduction``: "mean" (default), "sum" or "none" (one loss per row).
+    ``normalize=False`` skips the L2 normalisation of rows (for inputs that are
+    already normalised). A negative temperature is accepted, as lightly does.
+    The loss is float32 for float16/bfloat16 inputs (float64 for float64);
+    gradients come in the input dtype.
+    """
+    _check_temperature(temperature)
+    if isinstance(z0, (list, tuple)):
+        if z1 is not None or labels is not None:
+            raise ValueError("pass either a list of views, or z0 and z1, or z0 with labels")
+        views = list(z0)
+        if len(views) < 2:
+            raise ValueError(f"a list of views needs at least 2 views, got {len(views)}")
+        for i, v in enumerate(views):
+            _check_view(f"views[{i}]", v, views[0], "views[0]")
+        z = torch.cat(views)
+        batch = views[0].shape[0]
+        group = torch.arange(batch, device=z.device).repeat(len(views))
+    elif labels is not None:
+        if z1 is not None:
+            raise ValueError("with labels, pass one tensor z0 (B, D) and no z1")
+        _check_view("z0", z0)
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+                or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+        if labels.shape != (z0.shape[0],):
+            raise ValueError(f"labels must have shape ({z0.shape[0]},), one per row of z0, got {tuple(labels.shape)}")
+        z, group = z0, labels.to(torch.int64)
+    else:
+        if z1 is None:
+            raise ValueError("nt_xent_loss needs z1 (the second view), a list of views, or labels")
+        _check_view("z0", z0)
+        _check_view("z1", z1, z0, "z0")
+        if z1.dtype != z0.dtype or z1.device != z0.device:
+            raise ValueError(
+                f"z0 and z1 must share dtype and device, got {z0.dtype} on {z0.device} and {z1.dtype} on {z1.device}"
+            )
+        z = torch.cat([z0, z1])
+        group = torch.arange(z0.shape[0], device=z.device).repeat(2)
+    return _sym_loss(z, group, temperature, reduction, normalize)
