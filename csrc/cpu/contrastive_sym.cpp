@@ -73,10 +73,11 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
     C pos_sum = 0;
     int64_t pos_count = 0;
     const int64_t label = labels[i0 + i];
+#pragma omp simd reduction(max : row_max) reduction(+ : pos_sum, pos_count)
     for (int64_t k = 0; k < bk; ++k) {
       row_max = std::max(row_max, row[k]);
       col_max[k] = std::max(col_max[k], row[k]);
-      const bool positive = col_labels[k] == label && !(diagonal && k == i);
+      const bool positive = (col_labels[k] == label) & !(diagonal & (k == i));
       pos_sum += positive ? row[k] : C(0);
       pos_count += positive;
       col_pos_sum[k] += positive ? row[k] : C(0);
@@ -85,6 +86,7 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
     RunningLse<C>& lse = stats.lse[i0 + i];
     const C row_shift = lse.next_max(row_max);
     C row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
     for (int64_t k = 0; k < bk; ++k) row_sum += tile_exp(row[k] - row_shift);
     lse.merge(row_shift, row_sum);
     stats.positive_sum[i0 + i] += pos_sum;
@@ -108,12 +110,12 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
 template <typename C>
 SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
                 const C* lse, const C* inv_positives, const C* weight, C scale, bool diagonal) {
-  const int64_t* col_labels = labels + k0;
-  const C* col_lse = lse + k0;
-  const C* col_inv = inv_positives + k0;
-  const C* col_weight = weight + k0;
+  const int64_t* __restrict__ col_labels = labels + k0;
+  const C* __restrict__ col_lse = lse + k0;
+  const C* __restrict__ col_inv = inv_positives + k0;
+  const C* __restrict__ col_weight = weight + k0;
   for (int64_t i = 0; i < bi; ++i) {
-    C* row = s + i * bk;
+    C* __restrict__ row = s + i * bk;
     const int64_t label = labels[i0 + i];
     const C row_lse = lse[i0 + i], row_inv = inv_positives[i0 + i], row_weight = weight[i0 + i];
     for (int64_t k = 0; k < bk; ++k) {

@@ -37,7 +37,9 @@ at::Tensor normalize_rows_backward(
 // polynomial, within 2 ulp of std::exp on [-87, 88] and 0 below; branch-free,
 // so loops over it vectorise. Double uses std::exp (gradcheck path).
 SSL_OPS_ALWAYS_INLINE inline float tile_exp(float x) {
-  const float clamped = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  // Plain comparisons, not fmin/fmax (whose NaN rules keep loops scalar).
+  float clamped = x < -87.0f ? -87.0f : x;
+  clamped = clamped > 88.0f ? 88.0f : clamped;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (clamped * 1.44269504088896341f + shifter) - shifter;
   float r = std::fma(n, -0.693145751953125f, clamped);
