@@ -59,6 +59,19 @@ torch.library.register_autograd(
 )
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("ssl_ops: double backward through the contrastive losses is not supported")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "ssl_ops::contrastive_sym_backward", _no_double_backward, setup_context=_no_context
+)
+
+
 # ---- Public API --------------------------------------------------------------------
 
 

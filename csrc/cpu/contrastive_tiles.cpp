@@ -1,6 +1,7 @@
 #include "contrastive_tiles.h"
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/clamp.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/sum.h>
@@ -29,7 +30,13 @@ at::Tensor normalize_rows_backward(
   if (!n.normalized) return grad_rows.to(out_dtype);
   const at::Tensor radial = at::sum(n.rows * grad_rows, {1}, /*keepdim=*/true);
   const at::Tensor tangential = (grad_rows - n.rows * radial) / n.denom;
-  return at::where(n.clamped, grad_rows / n.denom, tangential).to(out_dtype);
+  at::Tensor grad = at::where(n.clamped, grad_rows / n.denom, tangential);
+  if (out_dtype == at::kHalf) {
+    // A row near zero gets (d zh) / eps, far past float16's range: saturate so
+    // it stays finite.
+    grad = grad.clamp(-65504.0, 65504.0);
+  }
+  return grad.to(out_dtype);
 }
 
 std::vector<std::vector<std::pair<int64_t, int64_t>>> symmetric_tile_rounds(int64_t blocks) {

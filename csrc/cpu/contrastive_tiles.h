@@ -29,7 +29,8 @@ struct NormalizedRows {
 NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, at::ScalarType compute);
 
 // Gradient through the normalisation, as autograd of F.normalize gives it:
-// dx = (g - x_hat (x_hat . g)) / ||x|| where ||x|| > eps, g / eps where clamped.
+// dx = (g - x_hat (x_hat . g)) / ||x|| where ||x|| > eps, g / eps where clamped;
+// saturated to float16's range for float16 outputs.
 at::Tensor normalize_rows_backward(
     const NormalizedRows& n, const at::Tensor& grad_rows, at::ScalarType out_dtype);
 

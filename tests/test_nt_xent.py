@@ -1,0 +1,266 @@
+"""NT-Xent (SimCLR), multi-view and supervised contrastive loss on the CPU
+kernels: float64 reference parity, gradients, gradcheck, opcheck, compile,
+numerics at the edges, determinism and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import ssl_ops
+from ssl_ops import reference
+
+# Per-dtype tolerances on the loss and on gradients (relative to their scale).
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-4),
+    torch.bfloat16: (2e-5, 2e-2),
+    torch.float16: (2e-5, 4e-3),
+}
+
+
+def views(n, d, dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z0 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    z1 = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    return z0, z1
+
+
+def reference_loss_and_grads(z0, z1, temperature, reduction="mean", weight=None):
+    r0 = z0.detach().double().requires_grad_()
+    r1 = z1.detach().double().requires_grad_()
+    loss = reference.nt_xent_loss(r0, r1, temperature, reduction)
+    total = (loss * weight.double()).sum() if weight is not None else loss
+    g0, g1 = torch.autograd.grad(total, [r0, r1])
+    return loss.detach(), g0, g1
+
+
+def assert_close_scaled(actual, expected, rtol, what):
+    scale = expected.abs().max().item() or 1.0
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d", [(1, 1), (1, 3), (5, 64), (65, 128), (129, 256), (200, 3)])
+def test_matches_float64_reference(dtype, n, d):
+    z0, z1 = views(n, d, dtype)
+    loss = ssl_ops.nt_xent_loss(z0, z1, 0.5)
+    g0, g1 = torch.autograd.grad(loss, [z0, z1])
+    ref, r0, r1 = reference_loss_and_grads(z0, z1, 0.5)
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert g0.dtype == dtype and g1.dtype == dtype
+    assert_close_scaled(loss, ref, loss_tol, "loss")
+    assert_close_scaled(g0, r0, grad_tol, "grad z0")
+    assert_close_scaled(g1, r1, grad_tol, "grad z1")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reductions_and_row_weights(reduction):
+    z0, z1 = views(70, 32, torch.float32)
+    loss = ssl_ops.nt_xent_loss(z0, z1, 0.2, reduction=reduction)
+    weight = torch.randn(140) if reduction == "none" else None
+    total = (loss * weight).sum() if weight is not None else loss * 1.7
+    g0, g1 = torch.autograd.grad(total, [z0, z1])
+    ref, r0, r1 = reference_loss_and_grads(z0, z1, 0.2, reduction, weight)
+    if weight is None:
+        r0, r1 = r0 * 1.7, r1 * 1.7
+    assert loss.shape == ref.shape
+    assert_close_scaled(loss, ref, 2e-5, "loss")
+    assert_close_scaled(g0, r0, 2e-4, "grad z0")
+    assert_close_scaled(g1, r1, 2e-4, "grad z1")
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.07, 0.5, 10.0, -0.5])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_temperatures_and_input_scales(temperature, scale):
+    z0, z1 = views(40, 16, torch.float32, scale=scale)
+    loss = ssl_ops.nt_xent_loss(z0, z1, temperature)
+    g0, g1 = torch.autograd.grad(loss, [z0, z1])
+    ref, r0, r1 = reference_loss_and_grads(z0, z1, temperature)
+    assert torch.isfinite(loss) and torch.isfinite(g0).all() and torch.isfinite(g1).all()
+    # Logits reach 1/temperature = 100: float32 rounding of them is what remains.
+    assert_close_scaled(loss, ref, 2e-5 * max(1.0, 1 / abs(temperature)), "loss")
+    assert_close_scaled(g0, r0, 5e-4, "grad z0")
+    assert_close_scaled(g1, r1, 5e-4, "grad z1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_zero_rows_stay_finite(dtype):
+    z0, z1 = views(6, 8, dtype)
+    with torch.no_grad():
+        z0[2] = 0
+        z1[4] = 0
+    loss = ssl_ops.nt_xent_loss(z0, z1, 0.1)
+    g0, g1 = torch.autograd.grad(loss, [z0, z1])
+    assert torch.isfinite(loss) and torch.isfinite(g0).all() and torch.isfinite(g1).all()
+    ref, r0, r1 = reference_loss_and_grads(z0, z1, 0.1)
+    assert_close_scaled(loss, ref, 2e-5, "loss")
+    # The gradient of a zero row is (d zh) / eps, as F.normalize's autograd gives
+    # it; float16 saturates it at its largest finite value.
+    rows = [0, 1, 3, 4, 5] if dtype == torch.float16 else list(range(6))
+    assert_close_scaled(g0[rows].double(), r0[rows], TOL[dtype][1], "grad z0")
+    if dtype == torch.float16:
+        assert g0[2].abs().max().item() == 65504.0
+
+
+def test_matches_lightly():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    z0, z1 = views(33, 20, torch.float32)
+    for temperature in (0.5, 0.1, -0.3):
+        ours = ssl_ops.nt_xent_loss(z0, z1, temperature)
+        g_ours = torch.autograd.grad(ours, [z0, z1])
+        theirs = lightly_loss.NTXentLoss(temperature=temperature)(z0, z1)
+        g_theirs = torch.autograd.grad(theirs, [z0, z1])
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_views", [2, 3, 4])
+def test_multi_view_is_supcon_over_sample_ids(num_views):
+    g = torch.Generator().manual_seed(3)
+    vs = [torch.randn(17, 12, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(num_views)]
+    loss = ssl_ops.nt_xent_loss(vs, temperature=0.3)
+    grads = torch.autograd.grad(loss, vs)
+    ref = reference.supcon_loss(torch.cat(vs), torch.arange(17).repeat(num_views), 0.3)
+    ref_grads = torch.autograd.grad(ref, vs)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if num_views == 2:  # two views: exactly the SimCLR loss
+        torch.testing.assert_close(loss, ssl_ops.nt_xent_loss(vs[0], vs[1], 0.3))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_supervised_labels_with_singletons(reduction):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(300, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (300,), generator=g)
+    labels[0] = 1000  # a row without positives: adds 0, left out of the mean
+    loss = ssl_ops.nt_xent_loss(z, labels=labels, temperature=0.2, reduction=reduction)
+    ref = reference.supcon_loss(z, labels, 0.2, reduction)
+    weight = torch.randn(300, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((loss * weight).sum(), [z])
+    (ref_grad,) = torch.autograd.grad((ref * weight).sum(), [z])
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-10)
+    if reduction == "none":
+        assert loss[0].item() == 0.0
+
+
+def test_supervised_matches_solo_learn_with_one_positive_each():
+    # With exactly one positive per row, SupCon's L_out and solo-learn's form agree.
+    z = torch.randn(64, 16, dtype=torch.float64)
+    indexes = torch.arange(32).repeat(2)
+    zn = torch.nn.functional.normalize(z, dim=1)
+    sim = torch.exp(zn @ zn.t() / 0.1)
+    pos = (indexes[:, None] == indexes[None, :]).fill_diagonal_(False)
+    neg = indexes[:, None] != indexes[None, :]
+    solo = -(torch.log((sim * pos).sum(1) / ((sim * pos).sum(1) + (sim * neg).sum(1)))).mean()
+    torch.testing.assert_close(ssl_ops.nt_xent_loss(z, labels=indexes, temperature=0.1), solo)
+
+
+def test_gradcheck_float64():
+    z0, z1 = views(5, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.3), (z0, z1))
+    assert torch.autograd.gradcheck(lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.3, reduction="none"), (z0, z1))
+    z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3, 2, 2])
+    assert torch.autograd.gradcheck(lambda t: ssl_ops.nt_xent_loss(t, labels=labels, temperature=0.7), (z,))
+    assert torch.autograd.gradcheck(lambda t: ssl_ops.nt_xent_loss(t, labels=labels, normalize=False), (z,))
+
+
+def test_opcheck():
+    z = torch.randn(10, 6, requires_grad=True)
+    labels = torch.arange(5).repeat(2)
+    for reduction in (0, 1, 2):
+        for compute_grad in (False, True):
+            torch.library.opcheck(
+                torch.ops.ssl_ops.contrastive_sym_loss.default,
+                (z, labels, 2.0, 1e-12, True, reduction, compute_grad),
+            )
+    _, lse, count, _ = torch.ops.ssl_ops.contrastive_sym_loss(z, labels, 2.0, 1e-12, True, 0, False)
+    torch.library.opcheck(
+        torch.ops.ssl_ops.contrastive_sym_backward.default,
+        (torch.randn(10), z.detach(), labels, lse, count, 2.0, 1e-12, True, 0),
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(reduction):
+    torch._dynamo.reset()
+    z0, z1 = views(12, 8, torch.float32)
+
+    def loss_fn(a, b):
+        return ssl_ops.nt_xent_loss(a, b, 0.5, reduction=reduction).sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(z0, z1)
+    grads = torch.autograd.grad(loss, [z0, z1])
+    eager = loss_fn(z0, z1)
+    eager_grads = torch.autograd.grad(eager, [z0, z1])
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_grad_does_no_gradient_work_and_runs_are_deterministic():
+    z0, z1 = views(300, 64, torch.float32)
+    with torch.no_grad():
+        a = ssl_ops.nt_xent_loss(z0, z1, 0.5)
+    _, _, _, grad = torch.ops.ssl_ops.contrastive_sym_loss(
+        torch.cat([z0, z1]).detach(), torch.arange(300).repeat(2), 2.0, 1e-12, True, 1, False
+    )
+    assert grad.numel() == 0
+    b = ssl_ops.nt_xent_loss(z0, z1, 0.5)
+    g = torch.autograd.grad(b, [z0, z1])
+    c = ssl_ops.nt_xent_loss(z0, z1, 0.5)
+    g2 = torch.autograd.grad(c, [z0, z1])
+    assert torch.equal(a, b.detach()) and torch.equal(b, c)
+    assert all(torch.equal(x, y) for x, y in zip(g, g2))
+
+
+# ---- Bad input ----------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    z = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"z1 has shape \(5, 8\) but z0 has shape \(4, 8\)"):
+        ssl_ops.nt_xent_loss(z, torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"z0 must be a 2-D \(batch, features\) tensor, got shape \(8,\)"):
+        ssl_ops.nt_xent_loss(torch.randn(8), torch.randn(8))
+    with pytest.raises(ValueError, match=r"got shape \(2, 4, 8\)"):
+        ssl_ops.nt_xent_loss(torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    with pytest.raises(ValueError, match="z0 is an empty batch"):
+        ssl_ops.nt_xent_loss(torch.randn(0, 8), torch.randn(0, 8))
+    for bad in (0.0, 1e-9, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            ssl_ops.nt_xent_loss(z, z, bad)
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        ssl_ops.nt_xent_loss(z, labels=torch.arange(3))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        ssl_ops.nt_xent_loss(z, labels=torch.zeros(4))
+    with pytest.raises(ValueError, match="z0 and z1 must share dtype and device"):
+        ssl_ops.nt_xent_loss(z, z.double())
+    with pytest.raises(ValueError, match="at least 2 views, got 1"):
+        ssl_ops.nt_xent_loss([z])
+    with pytest.raises(ValueError, match=r"views\[1\] has shape \(3, 8\)"):
+        ssl_ops.nt_xent_loss([z, torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ssl_ops.nt_xent_loss(z, z, reduction="avg")
+
+
+def test_raw_op_validates_its_arguments():
+    z = torch.randn(4, 8)
+    labels = torch.arange(2).repeat(2)
+    op = torch.ops.ssl_ops.contrastive_sym_loss
+    with pytest.raises(TypeError, match="labels must be int64, got dtype Int"):
+        op(z, labels.int(), 2.0, 1e-12, True, 1, False)
+    with pytest.raises(ValueError, match=r"1 / temperature must be finite and non-zero, got inf"):
+        op(z, labels, math.inf, 1e-12, True, 1, False)
+    with pytest.raises(ValueError, match="reduction must be 0 \\(none\\), 1 \\(mean\\) or 2 \\(sum\\), got 3"):
+        op(z, labels, 2.0, 1e-12, True, 3, False)
+    with pytest.raises(TypeError, match="z must be a floating-point tensor, got dtype Long"):
+        op(z.long(), labels, 2.0, 1e-12, True, 1, False)
