@@ -35,6 +35,10 @@ def _sym_backward_fake(grad_loss, z, labels, lse, positive_count, scale, eps, no
     return torch.empty_like(z)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("ssl_ops: double backward through the contrastive losses is not supported")
+
+
 def _sym_setup_context(ctx, inputs, output):
     z, labels, scale, eps, normalize, reduction, _ = inputs
     _, lse, positive_count, grad = output
@@ -43,6 +47,8 @@ def _sym_setup_context(ctx, inputs, output):
 
 
 def _sym_backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():  # backward(create_graph=True): second derivatives
+        _no_double_backward(ctx)
     z, labels, lse, positive_count, grad = ctx.saved_tensors
     scale, eps, normalize, reduction = ctx.options
     if reduction != 0 and grad.shape == z.shape:
@@ -57,10 +63,6 @@ def _sym_backward(ctx, grad_loss, *_unused):
 torch.library.register_autograd(
     "ssl_ops::contrastive_sym_loss", _sym_backward, setup_context=_sym_setup_context
 )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("ssl_ops: double backward through the contrastive losses is not supported")
 
 
 def _no_context(ctx, inputs, output):

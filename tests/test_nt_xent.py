@@ -182,10 +182,17 @@ def test_opcheck():
                 (z, labels, 2.0, 1e-12, True, reduction, compute_grad),
             )
     _, lse, count, _ = torch.ops.ssl_ops.contrastive_sym_loss(z, labels, 2.0, 1e-12, True, 0, False)
+    # The backward op is not differentiable (double backward raises), so its
+    # autograd checks are left out.
     torch.library.opcheck(
         torch.ops.ssl_ops.contrastive_sym_backward.default,
         (torch.randn(10), z.detach(), labels, lse, count, 2.0, 1e-12, True, 0),
+        test_utils=("test_schema", "test_faketensor"),
     )
+    with pytest.raises(RuntimeError, match="double backward"):
+        loss = ssl_ops.nt_xent_loss(z[:5], z[5:], 0.5)
+        (g,) = torch.autograd.grad(loss, [z], create_graph=True)
+        g.sum().backward()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
