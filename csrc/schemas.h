@@ -13,6 +13,10 @@
 // 1 mean, 2 sum. With compute_grad (and a reduction) grad_z is the gradient of
 // the loss, computed in the same call; otherwise it is empty.
 // contrastive_sym_backward: the gradient for any grad_loss, from the saved lse.
+// contrastive_asym_loss / _backward: InfoNCE of query rows against key rows,
+// the positive being positive_key[i] when given (MoCo, key = queue), else
+// key[i] (MoCo v3, CLIP); csrc/cpu/contrastive_asym.cpp has the math.
+// grad_mask: which of (query, key, positive_key) get gradients.
 #define SSL_OPS_DEFINE_SCHEMAS(m)                                                      \
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");      \
   m.def(                                                                               \
@@ -25,4 +29,13 @@
   m.def(                                                                               \
       "contrastive_sym_backward(Tensor grad_loss, Tensor z, Tensor labels, Tensor lse, " \
       "Tensor positive_count, float scale, float eps, bool normalize, int reduction) " \
-      "-> Tensor");
+      "-> Tensor");                                                                    \
+  m.def(                                                                               \
+      "contrastive_asym_loss(Tensor query, Tensor key, Tensor? positive_key, "        \
+      "float scale, float eps, bool normalize, int reduction, bool[3] grad_mask) -> " \
+      "(Tensor loss, Tensor lse, Tensor grad_query, Tensor grad_key, "                \
+      "Tensor grad_positive_key)");                                                    \
+  m.def(                                                                               \
+      "contrastive_asym_backward(Tensor grad_loss, Tensor query, Tensor key, "        \
+      "Tensor? positive_key, Tensor lse, float scale, float eps, bool normalize, "    \
+      "int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");

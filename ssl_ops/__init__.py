@@ -6,7 +6,7 @@ holds the pure-PyTorch versions used as the baseline in tests and benchmarks.
 """
 
 from ._extension import build_info, cuda_kernels_available
-from .contrastive import nt_xent_loss
+from .contrastive import info_nce_loss, nt_xent_loss
 from .ema import ema_update_
 from .schedule import cosine_schedule
 from . import reference
@@ -16,6 +16,7 @@ __all__ = [
     "cuda_kernels_available",
     "cosine_schedule",
     "ema_update_",
+    "info_nce_loss",
     "nt_xent_loss",
     "reference",
 ]

@@ -74,6 +74,68 @@ torch.library.register_autograd(
 )
 
 
+# ---- contrastive_asym_loss: fake kernel and autograd --------------------------------
+
+
+def _grad_shapes(query, key, positive_key, grad_mask, computed=True):
+    return (
+        query.shape if computed and grad_mask[0] else (0,),
+        key.shape if computed and grad_mask[1] else (0,),
+        positive_key.shape if computed and grad_mask[2] and positive_key is not None else (0,),
+    )
+
+
+@torch.library.register_fake("ssl_ops::contrastive_asym_loss")
+def _asym_loss_fake(query, key, positive_key, scale, eps, normalize, reduction, grad_mask):
+    rows = query.shape[0]
+    loss_dtype = _loss_dtype(query.dtype)
+    loss = query.new_empty((rows,) if reduction == 0 else (), dtype=loss_dtype)
+    lse = query.new_empty((rows,), dtype=loss_dtype)
+    gq, gk, gp = _grad_shapes(query, key, positive_key, grad_mask, computed=reduction != 0)
+    return loss, lse, query.new_empty(gq), key.new_empty(gk), query.new_empty(gp)
+
+
+@torch.library.register_fake("ssl_ops::contrastive_asym_backward")
+def _asym_backward_fake(grad_loss, query, key, positive_key, lse, scale, eps, normalize, reduction, grad_mask):
+    gq, gk, gp = _grad_shapes(query, key, positive_key, grad_mask)
+    return query.new_empty(gq), key.new_empty(gk), query.new_empty(gp)
+
+
+def _asym_setup_context(ctx, inputs, output):
+    query, key, positive_key, scale, eps, normalize, reduction, _ = inputs
+    _, lse, gq, gk, gp = output
+    ctx.save_for_backward(query, key, positive_key, lse, gq, gk, gp)
+    ctx.options = (scale, eps, normalize, reduction)
+
+
+def _asym_backward(ctx, grad_loss, *_unused):
+    if torch.is_grad_enabled():
+        _no_double_backward(ctx)
+    query, key, positive_key, lse, gq, gk, gp = ctx.saved_tensors
+    scale, eps, normalize, reduction = ctx.options
+    needs = list(ctx.needs_input_grad[:3])
+    if positive_key is None:
+        needs[2] = False
+    stored = (gq, gk, gp)
+    inputs = (query, key, positive_key)
+    if reduction != 0 and all(not n or g.shape == x.shape for n, g, x in zip(needs, stored, inputs)):
+        grads = [g * grad_loss if n else None for n, g in zip(needs, stored)]
+    else:
+        grads = torch.ops.ssl_ops.contrastive_asym_backward(
+            grad_loss, query, key, positive_key, lse, scale, eps, normalize, reduction, needs
+        )
+        grads = [g if n else None for n, g in zip(needs, grads)]
+    return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "ssl_ops::contrastive_asym_loss", _asym_backward, setup_context=_asym_setup_context
+)
+torch.library.register_autograd(
+    "ssl_ops::contrastive_asym_backward", _no_double_backward, setup_context=_no_context
+)
+
+
 # ---- Public API --------------------------------------------------------------------
 
 
@@ -164,3 +226,54 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
         z = torch.cat([z0, z1])
         group = torch.arange(z0.shape[0], device=z.device).repeat(2)
     return _sym_loss(z, group, temperature, reduction, normalize)
+
+
+def _asym_loss(query, key, positive_key, temperature, reduction, normalize):
+    grad_enabled = torch.is_grad_enabled()
+    grad_mask = [
+        grad_enabled and query.requires_grad,
+        grad_enabled and key.requires_grad,
+        grad_enabled and positive_key is not None and positive_key.requires_grad,
+    ]
+    loss, _, _, _, _ = torch.ops.ssl_ops.contrastive_asym_loss(
+        query, key, positive_key, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction), grad_mask
+    )
+    return loss
+
+
+def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean", symmetric=False, normalize=True):
+    """InfoNCE without storing the logits matrix.
+
+    * With ``queue`` (K, D), rows of negatives: MoCo (v2). Row i scores
+      ``[q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / temperature`` and the
+      positive is the first; the queue is never concatenated into a logits matrix.
+    * Without a queue: the in-batch cross-view loss of MoCo v3 and CLIP, logits
+      ``q . k^T / temperature`` with the positive of row i in column i;
+      ``symmetric=True`` averages it with the loss of ``key`` against ``query``.
+
+    query and key are (B, D). Rows are L2-normalised first unless
+    ``normalize=False`` (solo-learn's MoCo functions expect normalised inputs).
+    Gradients flow to whichever inputs require grad (in MoCo, only the query).
+    ``reduction``: "mean" (default), "sum" or "none".
+    """
+    _check_temperature(temperature)
+    _check_view("query", query)
+    _check_view("key", key, query, "query")
+    for name, t in (("key", key), ("queue", queue)):
+        if t is not None and (t.dtype != query.dtype or t.device != query.device):
+            raise ValueError(
+                f"{name} must share query's dtype and device, got {t.dtype} on {t.device} "
+                f"and {query.dtype} on {query.device}"
+            )
+    if queue is not None:
+        if symmetric:
+            raise ValueError("symmetric=True is the in-batch (MoCo v3 / CLIP) loss; it takes no queue")
+        if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[0] == 0:
+            raise ValueError(f"queue must be a non-empty 2-D (size, features) tensor, got {getattr(queue, 'shape', queue)}")
+        if queue.shape[1] != query.shape[1]:
+            raise ValueError(f"queue has {queue.shape[1]} features but query has {query.shape[1]}")
+        return _asym_loss(query, queue, key, temperature, reduction, normalize)
+    loss = _asym_loss(query, key, None, temperature, reduction, normalize)
+    if symmetric:
+        loss = (loss + _asym_loss(key, query, None, temperature, reduction, normalize)) / 2
+    return loss

@@ -47,3 +47,23 @@ def supcon_loss(z, labels, temperature=0.5, reduction="mean", normalize=True):
     if reduction == "sum":
         return per_row.sum()
     return per_row.sum() / has_positive.sum().clamp_min(1)
+
+
+def info_nce_loss(query, key, queue=None, temperature=0.07, reduction="mean", symmetric=False, normalize=True):
+    """Eager InfoNCE: MoCo's ``[q.k+, q.queue]`` logits with label 0 when a queue
+    (K, D) is given, else in-batch ``q . k^T`` logits with labels arange (MoCo v3,
+    CLIP); ``symmetric`` averages both directions."""
+    import torch.nn.functional as F
+
+    if normalize:
+        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+        queue = F.normalize(queue, dim=1) if queue is not None else None
+    if queue is not None:
+        logits = torch.cat([(query * key).sum(1, keepdim=True), query @ queue.t()], dim=1) / temperature
+        targets = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+        return F.cross_entropy(logits, targets, reduction=reduction)
+    targets = torch.arange(query.shape[0], device=query.device)
+    loss = F.cross_entropy(query @ key.t() / temperature, targets, reduction=reduction)
+    if symmetric:
+        loss = (loss + F.cross_entropy(key @ query.t() / temperature, targets, reduction=reduction)) / 2
+    return loss

@@ -1,0 +1,287 @@
+// Asymmetric contrastive loss (InfoNCE: MoCo with a queue, MoCo v3, CLIP), CPU kernel.
+//
+// Anchors q (M x D) against candidates k (L x D), rows normalised (qh, kh), and
+// optionally a positive_key p (M x D). Logits S = scale * qh kh^T, formed tile
+// by tile and never stored whole.
+//   with p:    row i scores [scale qh_i . ph_i, S_i1 .. S_iL]; the positive is the
+//              first (MoCo: k is the queue, p the momentum keys);
+//   without p: row i scores S_i1 .. S_iL; the positive is S_ii (M == L; MoCo v3, CLIP).
+//   loss_i = logsumexp(row i) - positive_i; reduction none, mean or sum.
+// For row weights w_i = d(total) / d(loss_i), with P the softmax of row i:
+//   G_ij = w_i (P_ij - 1[no p and j == i]),  g_i = w_i (P_i,positive - 1) (with p)
+//   d qh = scale (G kh + g ph),  d kh = scale G^T qh,  d ph = scale g qh
+// then through the normalisation.
+//
+// Pass 1 runs over row blocks (running log-sum-exp per row); the gradient pass
+// runs over row blocks for d qh and, only when k needs a gradient, over column
+// blocks for d kh, so every task writes its own rows. The forward computes the
+// gradients of the reduced loss that are asked for (grad_mask), so backward
+// only scales them.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/TensorOperators.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+#include "../contrastive_check.h"
+#include "contrastive_tiles.h"
+
+namespace ssl_ops::cpu {
+namespace {
+
+// Running log-sum-exp of rows I over one tile; records S_ii where the tile
+// holds the diagonal (the positive, without positive_key).
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void asym_pass1_tile(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0,
+                                                  C scale, RunningLse<C>* lse, C* diagonal_logit) {
+  for (int64_t i = 0; i < bi; ++i) {
+    C* __restrict__ row = s + i * bj;
+    C row_max = -std::numeric_limits<C>::infinity();
+#pragma omp simd reduction(max : row_max)
+    for (int64_t j = 0; j < bj; ++j) {
+      row[j] *= scale;
+      row_max = std::max(row_max, row[j]);
+    }
+    RunningLse<C>& state = lse[i0 + i];
+    const C shift = state.next_max(row_max);
+    C sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < bj; ++j) sum += tile_exp(row[j] - shift);
+    state.merge(shift, sum);
+    const int64_t diagonal = i0 + i - j0;
+    if (diagonal_logit != nullptr && diagonal >= 0 && diagonal < bj) diagonal_logit[i0 + i] = row[diagonal];
+  }
+}
+
+// Overwrites the tile of dot products with G (rows I, columns J).
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void asym_pass2_tile(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
+                                                  const C* lse, const C* weight, bool diagonal_positive) {
+  for (int64_t i = 0; i < bi; ++i) {
+    C* __restrict__ row = s + i * bj;
+    const C row_lse = lse[i0 + i], row_weight = weight[i0 + i];
+#pragma omp simd
+    for (int64_t j = 0; j < bj; ++j) row[j] = row_weight * tile_exp(row[j] * scale - row_lse);
+    const int64_t diagonal = i0 + i - j0;
+    if (diagonal_positive && diagonal >= 0 && diagonal < bj) row[diagonal] -= row_weight;
+  }
+}
+
+template <typename C>
+SSL_OPS_TARGET_AVX2 void asym_pass1_tile_avx2(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
+                                              RunningLse<C>* lse, C* diagonal_logit) {
+  asym_pass1_tile(s, bi, bj, i0, j0, scale, lse, diagonal_logit);
+}
+template <typename C>
+SSL_OPS_TARGET_AVX2 void asym_pass2_tile_avx2(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
+                                              const C* lse, const C* weight, bool diagonal_positive) {
+  asym_pass2_tile(s, bi, bj, i0, j0, scale, lse, weight, diagonal_positive);
+}
+
+int64_t blocks_of(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+
+struct Inputs {
+  NormalizedRows q, k;
+  std::optional<NormalizedRows> p;
+};
+
+Inputs normalize_inputs(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive,
+                        double eps, bool normalize, at::ScalarType compute) {
+  Inputs in{normalize_rows(query, eps, normalize, compute), normalize_rows(key, eps, normalize, compute), std::nullopt};
+  if (positive.has_value()) in.p = normalize_rows(*positive, eps, normalize, compute);
+  return in;
+}
+
+template <typename C>
+at::Tensor tile_G(const Inputs& in, int64_t i0, int64_t bi, int64_t j0, int64_t bj, C scale, const C* lse,
+                  const C* weight) {
+  at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
+  auto* pass2 = cpu_has_avx2_fma() ? &asym_pass2_tile_avx2<C> : &asym_pass2_tile<C>;
+  pass2(tile.data_ptr<C>(), bi, bj, i0, j0, scale, lse, weight, !in.p.has_value());
+  return tile;
+}
+
+// Gradients for row weights w; empty tensors where grad_mask is false.
+template <typename C>
+std::array<at::Tensor, 3> gradient_pass(const Inputs& in, C scale, const C* lse, const C* positive_logit,
+                                        const C* weight, std::array<bool, 3> grad_mask,
+                                        const std::array<at::ScalarType, 3>& out_dtypes) {
+  const at::Tensor& qh = in.q.rows;
+  const at::Tensor& kh = in.k.rows;
+  const int64_t m = qh.size(0), l = kh.size(0);
+  const bool with_p = in.p.has_value();
+  std::array<at::Tensor, 3> out;
+  at::Tensor gq, gp;
+  if (grad_mask[0] || (with_p && grad_mask[2])) {
+    // g_i = w_i (softmax of the positive - 1), the weight of ph_i in d qh_i.
+    at::Tensor g_col = at::zeros({m, 1}, qh.options());
+    if (with_p) {
+      C* g = g_col.data_ptr<C>();
+      for (int64_t i = 0; i < m; ++i) g[i] = weight[i] * (tile_exp(positive_logit[i] - lse[i]) - C(1));
+    }
+    if (grad_mask[0]) {
+      gq = at::zeros_like(qh);
+      at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t i0 = b * kTileRows, bi = std::min(kTileRows, m - i0);
+          at::Tensor gq_i = gq.narrow(0, i0, bi);
+          for (int64_t j0 = 0; j0 < l; j0 += kTileRows) {
+            const int64_t bj = std::min(kTileRows, l - j0);
+            gq_i.addmm_(tile_G<C>(in, i0, bi, j0, bj, scale, lse, weight), kh.narrow(0, j0, bj), 1, scale);
+          }
+        }
+      });
+      if (with_p) gq.add_(g_col * in.p->rows, scale);
+      out[0] = normalize_rows_backward(in.q, gq, out_dtypes[0]);
+    }
+    if (with_p && grad_mask[2]) {
+      gp = g_col * qh * scale;
+      out[2] = normalize_rows_backward(*in.p, gp, out_dtypes[2]);
+    }
+  }
+  if (grad_mask[1]) {
+    at::Tensor gk = at::zeros_like(kh);
+    at::parallel_for(0, blocks_of(l), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t j0 = b * kTileRows, bj = std::min(kTileRows, l - j0);
+        at::Tensor gk_j = gk.narrow(0, j0, bj);
+        for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
+          const int64_t bi = std::min(kTileRows, m - i0);
+          gk_j.addmm_(tile_G<C>(in, i0, bi, j0, bj, scale, lse, weight).t(), qh.narrow(0, i0, bi), 1, scale);
+        }
+      }
+    });
+    out[1] = normalize_rows_backward(in.k, gk, out_dtypes[1]);
+  }
+  return out;
+}
+
+template <typename C>
+std::vector<C> row_weights(int64_t m, Reduction reduction, const at::Tensor& grad_loss) {
+  const at::Tensor g = grad_loss.to(at::CppTypeToScalarType<C>::value).contiguous();
+  const C* gp = g.const_data_ptr<C>();
+  std::vector<C> weight(m);
+  for (int64_t i = 0; i < m; ++i) {
+    weight[i] = reduction == Reduction::None ? gp[i] : (reduction == Reduction::Mean ? gp[0] / C(m) : gp[0]);
+  }
+  return weight;
+}
+
+std::array<at::ScalarType, 3> input_dtypes(const at::Tensor& query, const at::Tensor& key,
+                                           const std::optional<at::Tensor>& positive) {
+  return {query.scalar_type(), key.scalar_type(), positive ? positive->scalar_type() : query.scalar_type()};
+}
+
+at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+template <typename C>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss_impl(
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive, double scale_d,
+    double eps, bool normalize, Reduction reduction, std::array<bool, 3> grad_mask) {
+  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
+  const C scale = static_cast<C>(scale_d);
+  const Inputs in = normalize_inputs(query, key, positive, eps, normalize, compute);
+  const int64_t m = query.size(0), l = key.size(0);
+  const auto opts = query.options().dtype(compute);
+
+  std::vector<RunningLse<C>> running(m);
+  at::Tensor positive_logit = at::empty({m}, opts);
+  C* pos_p = positive_logit.data_ptr<C>();
+  if (in.p.has_value()) {
+    positive_logit.copy_(at::sum(in.q.rows * in.p->rows, {1}) * scale_d);
+    for (int64_t i = 0; i < m; ++i) running[i].merge(pos_p[i], C(1));  // exp(0) at its own max
+  }
+  auto* pass1 = cpu_has_avx2_fma() ? &asym_pass1_tile_avx2<C> : &asym_pass1_tile<C>;
+  at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t i0 = b * kTileRows, bi = std::min(kTileRows, m - i0);
+      for (int64_t j0 = 0; j0 < l; j0 += kTileRows) {
+        const int64_t bj = std::min(kTileRows, l - j0);
+        at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
+        pass1(tile.data_ptr<C>(), bi, bj, i0, j0, scale, running.data(), in.p ? nullptr : pos_p);
+      }
+    }
+  });
+
+  at::Tensor lse = at::empty({m}, opts);
+  at::Tensor row_loss = at::empty({m}, opts);
+  C* lse_p = lse.data_ptr<C>();
+  C* loss_p = row_loss.data_ptr<C>();
+  C total = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    lse_p[i] = running[i].value();
+    loss_p[i] = lse_p[i] - pos_p[i];
+    total += loss_p[i];
+  }
+  at::Tensor loss = row_loss;
+  if (reduction != Reduction::None) {
+    loss = at::full({}, reduction == Reduction::Sum ? total : total / C(m), opts);
+  }
+  std::array<at::Tensor, 3> grads;
+  if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
+    const std::vector<C> weight = row_weights<C>(m, reduction, at::ones({}, opts));
+    grads = gradient_pass<C>(in, scale, lse_p, pos_p, weight.data(), grad_mask, input_dtypes(query, key, positive));
+  }
+  return {loss, lse, or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_asym_loss(
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key, double scale,
+    double eps, bool normalize, int64_t reduction, std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction);
+  const auto r = static_cast<Reduction>(reduction);
+  if (query.scalar_type() == at::kDouble) {
+    return asym_loss_impl<double>(query, key, positive_key, scale, eps, normalize, r, grad_mask);
+  }
+  return asym_loss_impl<float>(query, key, positive_key, scale, eps, normalize, r, grad_mask);
+}
+
+template <typename C>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> asym_backward_impl(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
+    const std::optional<at::Tensor>& positive, const at::Tensor& lse_in, double scale_d, double eps, bool normalize,
+    Reduction reduction, std::array<bool, 3> grad_mask) {
+  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
+  const Inputs in = normalize_inputs(query, key, positive, eps, normalize, compute);
+  const int64_t m = query.size(0);
+  const at::Tensor lse = lse_in.to(compute).contiguous();
+  at::Tensor positive_logit = at::zeros({m}, query.options().dtype(compute));
+  if (in.p.has_value()) positive_logit.copy_(at::sum(in.q.rows * in.p->rows, {1}) * scale_d);
+  const std::vector<C> weight = row_weights<C>(m, reduction, grad_loss);
+  const auto grads = gradient_pass<C>(in, static_cast<C>(scale_d), lse.const_data_ptr<C>(),
+                                      positive_logit.const_data_ptr<C>(), weight.data(), grad_mask,
+                                      input_dtypes(query, key, positive));
+  return {or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
+    const std::optional<at::Tensor>& positive_key, const at::Tensor& lse, double scale, double eps, bool normalize,
+    int64_t reduction, std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction);
+  const auto r = static_cast<Reduction>(reduction);
+  if (query.scalar_type() == at::kDouble) {
+    return asym_backward_impl<double>(grad_loss, query, key, positive_key, lse, scale, eps, normalize, r, grad_mask);
+  }
+  return asym_backward_impl<float>(grad_loss, query, key, positive_key, lse, scale, eps, normalize, r, grad_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) {
+  m.impl("contrastive_asym_loss", &contrastive_asym_loss);
+  m.impl("contrastive_asym_backward", &contrastive_asym_backward);
+}
+
+}  // namespace ssl_ops::cpu
