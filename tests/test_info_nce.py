@@ -1,0 +1,163 @@
+"""InfoNCE (MoCo with a queue, MoCo v3 / CLIP cross-view, symmetric) on the CPU
+kernels: float64 reference parity, solo-learn's formulas, gradcheck, opcheck,
+compile and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssl_ops
+from ssl_ops import reference
+
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-4),
+    torch.bfloat16: (2e-5, 2e-2),
+    torch.float16: (2e-5, 4e-3),
+}
+
+
+def rand(shape, dtype, seed, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(requires_grad)
+
+
+def check_against_reference(inputs, dtype, weight=None, **kwargs):
+    loss = ssl_ops.info_nce_loss(*inputs, **kwargs)
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    ref = reference.info_nce_loss(*ref_inputs, **kwargs)
+    differentiable = [t for t in inputs if t is not None and t.requires_grad]
+    ref_differentiable = [t for t in ref_inputs if t is not None and t.requires_grad]
+    total = (loss * weight).sum() if weight is not None else loss
+    ref_total = (ref * weight.double()).sum() if weight is not None else ref
+    grads = torch.autograd.grad(total, differentiable)
+    ref_grads = torch.autograd.grad(ref_total, ref_differentiable)
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (loss.double() - ref).abs().max().item() <= loss_tol * max(1.0, ref.abs().max().item())
+    for g, r, t in zip(grads, ref_grads, differentiable):
+        assert g.dtype == t.dtype
+        scale = r.abs().max().item() or 1.0
+        assert (g.double() - r).abs().max().item() <= grad_tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("batch,queue_size,d", [(1, 1, 1), (3, 129, 3), (65, 300, 64), (130, 2500, 128), (7, 40, 256)])
+def test_moco_queue_matches_reference(dtype, batch, queue_size, d):
+    query = rand((batch, d), dtype, 1)
+    key = rand((batch, d), dtype, 2, requires_grad=False)
+    queue = rand((queue_size, d), dtype, 3, requires_grad=False)
+    check_against_reference((query, key, queue), dtype, temperature=0.07)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,d", [(1, 3), (129, 64), (200, 17)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cross_view_matches_reference(dtype, batch, d, symmetric):
+    query, key = rand((batch, d), dtype, 4), rand((batch, d), dtype, 5)
+    check_against_reference((query, key), dtype, temperature=0.2, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_reductions_and_gradients_to_every_input(reduction, with_queue):
+    query, key = rand((40, 16), torch.float64, 6), rand((40, 16), torch.float64, 7)
+    queue = rand((90, 16), torch.float64, 8) if with_queue else None
+    weight = rand((40,), torch.float64, 9, requires_grad=False) if reduction == "none" else None
+    check_against_reference((query, key, queue), torch.float64, weight=weight, temperature=0.5, reduction=reduction)
+
+
+def test_only_query_needs_grad_in_moco():
+    query = rand((10, 8), torch.float32, 1)
+    key, queue = rand((10, 8), torch.float32, 2, False), rand((50, 8), torch.float32, 3, False)
+    loss = ssl_ops.info_nce_loss(query, key, queue)
+    (gq,) = torch.autograd.grad(loss, [query])
+    assert gq.shape == query.shape and key.grad is None and queue.grad is None
+
+
+def test_solo_learn_moco_formulas():
+    # mocov2plus_loss_func: normalised inputs, queue as (D, K), positive at index 0.
+    query = F.normalize(torch.randn(16, 32, dtype=torch.float64), dim=1)
+    key = F.normalize(torch.randn(16, 32, dtype=torch.float64), dim=1)
+    queue_dk = F.normalize(torch.randn(32, 100, dtype=torch.float64), dim=0)
+    pos = torch.einsum("nc,nc->n", [query, key]).unsqueeze(-1)
+    neg = torch.einsum("nc,ck->nk", [query, queue_dk])
+    logits = torch.cat([pos, neg], dim=1) / 0.1
+    solo_v2 = F.cross_entropy(logits, torch.zeros(16, dtype=torch.long))
+    ours = ssl_ops.info_nce_loss(query, key, queue_dk.t(), temperature=0.1, normalize=False)
+    torch.testing.assert_close(ours, solo_v2)
+    # mocov3_loss_func (one process): normalises, labels arange, times 2 * temperature.
+    q, k = torch.randn(16, 32, dtype=torch.float64), torch.randn(16, 32, dtype=torch.float64)
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / 0.2
+    solo_v3 = F.cross_entropy(logits, torch.arange(16)) * 2 * 0.2
+    torch.testing.assert_close(ssl_ops.info_nce_loss(q, k, temperature=0.2) * 2 * 0.2, solo_v3)
+
+
+def test_gradcheck_float64():
+    query, key, queue = rand((4, 3), torch.float64, 1), rand((4, 3), torch.float64, 2), rand((6, 3), torch.float64, 3)
+    assert torch.autograd.gradcheck(lambda a, b, c: ssl_ops.info_nce_loss(a, b, c, 0.5), (query, key, queue))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ssl_ops.info_nce_loss(a, b, c, 0.5, reduction="none"), (query, key, queue)
+    )
+    assert torch.autograd.gradcheck(lambda a, b: ssl_ops.info_nce_loss(a, b, None, 0.3, symmetric=True), (query, key))
+
+
+def test_opcheck():
+    query, key, queue = torch.randn(6, 5), torch.randn(6, 5), torch.randn(9, 5)
+    op = torch.ops.ssl_ops.contrastive_asym_loss.default
+    for positive, candidates in ((key, queue), (None, key)):
+        for reduction in (0, 1, 2):
+            for mask in ([True, False, False], [True, True, True]):
+                q = query.clone().requires_grad_(mask[0])
+                torch.library.opcheck(op, (q, candidates, positive, 2.0, 1e-12, True, reduction, mask))
+    _, lse, _, _, _ = op(query, queue, key, 2.0, 1e-12, True, 0, [False, False, False])
+    torch.library.opcheck(
+        torch.ops.ssl_ops.contrastive_asym_backward.default,
+        (torch.randn(6), query, queue, key, lse, 2.0, 1e-12, True, 0, [True, True, True]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_compile_fullgraph(with_queue):
+    torch._dynamo.reset()
+    query, key = rand((12, 8), torch.float32, 1), rand((12, 8), torch.float32, 2, False)
+    queue = rand((30, 8), torch.float32, 3, False) if with_queue else None
+
+    def loss_fn(q, k, qu):
+        return ssl_ops.info_nce_loss(q, k, qu, 0.1)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(query, key, queue)
+    (grad,) = torch.autograd.grad(loss, [query])
+    eager = loss_fn(query, key, queue)
+    (eager_grad,) = torch.autograd.grad(eager, [query])
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_bad_input_errors():
+    q = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"key has shape \(4, 6\) but query has shape \(4, 8\)"):
+        ssl_ops.info_nce_loss(q, torch.randn(4, 6))
+    with pytest.raises(ValueError, match="queue has 6 features but query has 8"):
+        ssl_ops.info_nce_loss(q, q, torch.randn(10, 6))
+    with pytest.raises(ValueError, match="query is an empty batch"):
+        ssl_ops.info_nce_loss(torch.randn(0, 8), torch.randn(0, 8))
+    with pytest.raises(ValueError, match=r"query must be a 2-D"):
+        ssl_ops.info_nce_loss(torch.randn(8), torch.randn(8))
+    with pytest.raises(ValueError, match="symmetric=True .* takes no queue"):
+        ssl_ops.info_nce_loss(q, q, torch.randn(3, 8), symmetric=True)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        ssl_ops.info_nce_loss(q, q, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        ssl_ops.info_nce_loss(q, q, temperature=math.nan)
+    with pytest.raises(ValueError, match="queue must share query's dtype and device"):
+        ssl_ops.info_nce_loss(q, q, torch.randn(3, 8, dtype=torch.float64))
+    op = torch.ops.ssl_ops.contrastive_asym_loss
+    with pytest.raises(ValueError, match="without positive_key, key row i is the positive of query row i"):
+        op(q, torch.randn(5, 8), None, 2.0, 1e-12, True, 1, [False, False, False])
+    with pytest.raises(TypeError, match="key has dtype Double but query has dtype Float"):
+        op(q, q.double(), None, 2.0, 1e-12, True, 1, [False, False, False])
