@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: timing, peak memory of a case run in a
+fresh process, and the description of the machine."""
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+import torch
+import torch.utils.benchmark as benchmark
+
+import ssl_ops
+
+
+def median_seconds(fn, min_run_time, device="cpu"):
+    """Median time of fn() from torch.utils.benchmark's blocked_autorange;
+    on CUDA fn is followed by a synchronisation."""
+
+    def step():
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def machine():
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "ssl_ops_build": ssl_ops.build_info(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes_here(run):
+    """Peak resident memory that run() adds on top of what is resident before
+    it (Linux: the high-water mark is reset through /proc/self/clear_refs)."""
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    run()
+    return max(0, _rss_kib("VmHWM") - before) * 1024
+
+
+def measure_in_subprocess(module, case, memory_limit_bytes=None, timeout=1800):
+    """Runs `python -m benchmarks.<module> --child CASE_JSON` in a fresh process
+    and returns its JSON answer; {"oom": True} when it ran out of memory (the
+    child's address space is capped at memory_limit_bytes, so an allocation
+    fails cleanly instead of waking the OOM killer)."""
+
+    def limit():
+        if memory_limit_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--child", json.dumps(case)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if "memory" in proc.stderr.lower() or "alloc" in proc.stderr.lower() or proc.returncode in (-9, 137):
+        return {"oom": True}
+    raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

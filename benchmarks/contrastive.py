@@ -1,0 +1,151 @@
+"""Contrastive losses: the fused ssl_ops kernels against the eager pure-PyTorch
+reference (lightly-style: the full logits matrix, then cross-entropy).
+
+* nt_xent: SimCLR over 2N rows of D features (ssl_ops.nt_xent_loss vs
+  ssl_ops.reference.nt_xent_loss)
+* moco: InfoNCE of B queries against a queue (ssl_ops.info_nce_loss vs
+  ssl_ops.reference.info_nce_loss)
+
+Each case is timed forward only and forward+backward (median of
+torch.utils.benchmark's blocked_autorange, both implementations in this
+process), and its peak extra memory is measured in a fresh process (the peak
+resident memory the loss adds on top of its inputs; that process's address
+space is capped, so an implementation that would not fit reports OOM).
+
+    python -m benchmarks.contrastive           # quick: 2N up to 8192, about a minute
+    python -m benchmarks.contrastive --full    # 2N from 512 to 65536, D 128 and 256
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+import ssl_ops
+from ssl_ops import reference
+
+from .common import machine, measure_in_subprocess, median_seconds, peak_extra_bytes_here
+
+MEMORY_LIMIT = 20 * 2**30  # address-space cap of the memory-measuring process
+TEMPERATURE = 0.5
+
+
+def make_inputs(case, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
+
+    def rand(rows, grad):
+        t = torch.randn(rows, case["d"], generator=g).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    if case["loss"] == "nt_xent":
+        half = case["rows"] // 2
+        return rand(half, requires_grad), rand(half, requires_grad)
+    return rand(case["rows"], requires_grad), rand(case["rows"], False), rand(case["queue"], False)
+
+
+def loss_fn(case, impl):
+    module = ssl_ops if impl == "fused" else reference
+    if case["loss"] == "nt_xent":
+        return lambda z0, z1: module.nt_xent_loss(z0, z1, TEMPERATURE)
+    return lambda q, k, queue: module.info_nce_loss(q, k, queue, temperature=0.07)
+
+
+def run_once(case, impl, inputs):
+    fn = loss_fn(case, impl)
+    if case["mode"] == "forward":
+        with torch.no_grad():
+            fn(*inputs)
+    else:
+        loss = fn(*inputs)
+        differentiable = [t for t in inputs if t.requires_grad]
+        torch.autograd.grad(loss, differentiable)
+
+
+def child(case):
+    inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
+    extra = peak_extra_bytes_here(lambda: run_once(case, case["impl"], inputs))
+    print(json.dumps({"peak_extra_bytes": extra}))
+
+
+def measure(case, min_run_time):
+    row = dict(case)
+    for impl in ("fused", "eager"):
+        memory = measure_in_subprocess("contrastive", {**case, "impl": impl}, MEMORY_LIMIT)
+        if memory.get("oom"):
+            row[impl] = {"oom": True}
+            continue
+        inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
+        seconds = median_seconds(lambda: run_once(case, impl, inputs), min_run_time, case.get("device", "cpu"))
+        row[impl] = {"median_s": seconds, "peak_extra_bytes": memory["peak_extra_bytes"]}
+    if "median_s" in row["fused"] and "median_s" in row["eager"]:
+        row["speedup"] = row["eager"]["median_s"] / row["fused"]["median_s"]
+        row["memory_ratio"] = row["eager"]["peak_extra_bytes"] / max(1, row["fused"]["peak_extra_bytes"])
+    return row
+
+
+def cases(full):
+    rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536] if full else [512, 2048, 8192]
+    dims = [128, 256] if full else [128]
+    out = []
+    for d in dims:
+        for n in rows:
+            for mode in ("forward", "forward+backward"):
+                out.append({"loss": "nt_xent", "rows": n, "d": d, "mode": mode})
+    for mode in ("forward", "forward+backward"):
+        out.append({"loss": "moco", "rows": 256, "queue": 65536 if full else 16384, "d": 128, "mode": mode})
+    return out
+
+
+def fmt_time(entry):
+    return "OOM" if entry.get("oom") else f"{entry['median_s'] * 1e3:.1f}"
+
+
+def fmt_mem(entry):
+    return "OOM" if entry.get("oom") else f"{entry['peak_extra_bytes'] / 2**20:.1f}"
+
+
+def markdown(rows):
+    lines = [
+        "| loss | rows (2N or B) | queue | D | pass | fused ms | eager ms | speed-up | fused MiB | eager MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+        ratio = f"{r['memory_ratio']:.0f}x" if "memory_ratio" in r else "-"
+        lines.append(
+            f"| {r['loss']} | {r['rows']} | {r.get('queue', '-')} | {r['d']} | {r['mode']} "
+            f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {speed} "
+            f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the whole sweep (slow on a CPU)")
+    parser.add_argument("--out", default="results", help="folder for contrastive.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    todo = cases(args.full)
+    rows = []
+    for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
+        rows.append(measure(case, min_run_time=1.0 if args.full else 0.3))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "contrastive.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "temperature": TEMPERATURE, "rows": rows}, f, indent=2)
+    print(markdown(rows))
+    print(f"\nspeed-up = eager time / fused time; memory = peak extra resident memory of a fresh process; JSON: {path}")
+
+
+if __name__ == "__main__":
+    main()
