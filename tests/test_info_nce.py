@@ -55,8 +55,10 @@ def test_moco_queue_matches_reference(dtype, batch, queue_size, d):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch,d", [(1, 3), (129, 64), (200, 17)])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_cross_view_matches_reference(dtype, batch, d, symmetric):
-    query, key = rand((batch, d), dtype, 4), rand((batch, d), dtype, 5)
+@pytest.mark.parametrize("key_grad", [True, False], ids=["clip", "mocov3-detached-key"])
+def test_cross_view_matches_reference(dtype, batch, d, symmetric, key_grad):
+    # A detached key takes the one-pass path (online softmax-weighted keys).
+    query, key = rand((batch, d), dtype, 4), rand((batch, d), dtype, 5, requires_grad=key_grad)
     check_against_reference((query, key), dtype, temperature=0.2, symmetric=symmetric)
 
 

@@ -39,10 +39,12 @@ namespace ssl_ops::cpu {
 namespace {
 
 // Running log-sum-exp of rows I over one tile; records S_ii where the tile
-// holds the diagonal (the positive, without positive_key).
+// holds the diagonal (the positive, without positive_key). With `alpha`, the
+// tile is overwritten with exp(S - new running max) and alpha_i is the factor
+// that rescales row i's earlier sums to the new max (online softmax).
 template <typename C>
 SSL_OPS_ALWAYS_INLINE inline void asym_pass1_tile(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0,
-                                                  C scale, RunningLse<C>* lse, C* diagonal_logit) {
+                                                  C scale, RunningLse<C>* lse, C* diagonal_logit, C* alpha) {
   for (int64_t i = 0; i < bi; ++i) {
     C* __restrict__ row = s + i * bj;
     C row_max = -std::numeric_limits<C>::infinity();
@@ -51,14 +53,23 @@ SSL_OPS_ALWAYS_INLINE inline void asym_pass1_tile(C* s, int64_t bi, int64_t bj, 
       row[j] *= scale;
       row_max = std::max(row_max, row[j]);
     }
+    const int64_t diagonal = i0 + i - j0;
+    if (diagonal_logit != nullptr && diagonal >= 0 && diagonal < bj) diagonal_logit[i0 + i] = row[diagonal];
     RunningLse<C>& state = lse[i0 + i];
     const C shift = state.next_max(row_max);
     C sum = 0;
+    if (alpha != nullptr) {
+      alpha[i] = tile_exp(state.max - shift);
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < bj; ++j) sum += tile_exp(row[j] - shift);
+      for (int64_t j = 0; j < bj; ++j) {
+        row[j] = tile_exp(row[j] - shift);
+        sum += row[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < bj; ++j) sum += tile_exp(row[j] - shift);
+    }
     state.merge(shift, sum);
-    const int64_t diagonal = i0 + i - j0;
-    if (diagonal_logit != nullptr && diagonal >= 0 && diagonal < bj) diagonal_logit[i0 + i] = row[diagonal];
   }
 }
 
@@ -78,8 +89,8 @@ SSL_OPS_ALWAYS_INLINE inline void asym_pass2_tile(C* s, int64_t bi, int64_t bj, 
 
 template <typename C>
 SSL_OPS_TARGET_AVX2 void asym_pass1_tile_avx2(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
-                                              RunningLse<C>* lse, C* diagonal_logit) {
-  asym_pass1_tile(s, bi, bj, i0, j0, scale, lse, diagonal_logit);
+                                              RunningLse<C>* lse, C* diagonal_logit, C* alpha) {
+  asym_pass1_tile(s, bi, bj, i0, j0, scale, lse, diagonal_logit, alpha);
 }
 template <typename C>
 SSL_OPS_TARGET_AVX2 void asym_pass2_tile_avx2(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
@@ -111,10 +122,12 @@ at::Tensor tile_G(const Inputs& in, int64_t i0, int64_t bi, int64_t j0, int64_t 
 }
 
 // Gradients for row weights w; empty tensors where grad_mask is false.
+// g_times_key, when defined, is sum_j G_ij kh_j already (from the online pass).
 template <typename C>
 std::array<at::Tensor, 3> gradient_pass(const Inputs& in, C scale, const C* lse, const C* positive_logit,
                                         const C* weight, std::array<bool, 3> grad_mask,
-                                        const std::array<at::ScalarType, 3>& out_dtypes) {
+                                        const std::array<at::ScalarType, 3>& out_dtypes,
+                                        const at::Tensor& g_times_key = at::Tensor()) {
   const at::Tensor& qh = in.q.rows;
   const at::Tensor& kh = in.k.rows;
   const int64_t m = qh.size(0), l = kh.size(0);
@@ -128,7 +141,9 @@ std::array<at::Tensor, 3> gradient_pass(const Inputs& in, C scale, const C* lse,
       C* g = g_col.data_ptr<C>();
       for (int64_t i = 0; i < m; ++i) g[i] = weight[i] * (tile_exp(positive_logit[i] - lse[i]) - C(1));
     }
-    if (grad_mask[0]) {
+    if (grad_mask[0] && g_times_key.defined()) {
+      gq = g_times_key * scale;
+    } else if (grad_mask[0]) {
       gq = at::zeros_like(qh);
       at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
@@ -140,6 +155,8 @@ std::array<at::Tensor, 3> gradient_pass(const Inputs& in, C scale, const C* lse,
           }
         }
       });
+    }
+    if (grad_mask[0]) {
       if (with_p) gq.add_(g_col * in.p->rows, scale);
       out[0] = normalize_rows_backward(in.q, gq, out_dtypes[0]);
     }
@@ -202,18 +219,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
     positive_logit.copy_(at::sum(in.q.rows * in.p->rows, {1}) * scale_d);
     for (int64_t i = 0; i < m; ++i) running[i].merge(pos_p[i], C(1));  // exp(0) at its own max
   }
+  // With only the query needing a gradient of a reduced loss, the softmax-
+  // weighted sum of keys is accumulated during the log-sum-exp pass itself
+  // (online softmax, as in flash attention): one pass over the tiles.
+  const bool online = reduction != Reduction::None && grad_mask[0] && !grad_mask[1];
+  at::Tensor weighted_keys = online ? at::zeros_like(in.q.rows) : at::Tensor();
   auto* pass1 = cpu_has_avx2_fma() ? &asym_pass1_tile_avx2<C> : &asym_pass1_tile<C>;
   at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
+    at::Tensor alpha = online ? at::empty({kTileRows, 1}, opts) : at::Tensor();
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i0 = b * kTileRows, bi = std::min(kTileRows, m - i0);
       for (int64_t j0 = 0; j0 < l; j0 += kTileRows) {
         const int64_t bj = std::min(kTileRows, l - j0);
         at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
-        pass1(tile.data_ptr<C>(), bi, bj, i0, j0, scale, running.data(), in.p ? nullptr : pos_p);
+        pass1(tile.data_ptr<C>(), bi, bj, i0, j0, scale, running.data(), in.p ? nullptr : pos_p,
+              online ? alpha.data_ptr<C>() : nullptr);
+        if (online) {
+          at::Tensor acc = weighted_keys.narrow(0, i0, bi);
+          acc.mul_(alpha.narrow(0, 0, bi));
+          acc.addmm_(tile, in.k.rows.narrow(0, j0, bj));
+        }
       }
     }
   });
-
   at::Tensor lse = at::empty({m}, opts);
   at::Tensor row_loss = at::empty({m}, opts);
   C* lse_p = lse.data_ptr<C>();
@@ -231,7 +259,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
   std::array<at::Tensor, 3> grads;
   if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
     const std::vector<C> weight = row_weights<C>(m, reduction, at::ones({}, opts));
-    grads = gradient_pass<C>(in, scale, lse_p, pos_p, weight.data(), grad_mask, input_dtypes(query, key, positive));
+    at::Tensor g_times_key;
+    if (online) {
+      // sum_j G_ij kh_j = w_i (softmax-weighted keys - kh_i [the diagonal positive]).
+      at::Tensor norm = at::empty({m, 1}, opts);
+      for (int64_t i = 0; i < m; ++i) norm.data_ptr<C>()[i] = weight[i] / running[i].sum;
+      g_times_key = weighted_keys * norm;
+      // The forward's weights are one value for every row (mean or sum).
+      if (!in.p.has_value()) g_times_key.sub_(in.k.rows, weight[0]);
+    }
+    grads = gradient_pass<C>(in, scale, lse_p, pos_p, weight.data(), grad_mask, input_dtypes(query, key, positive),
+                             g_times_key);
   }
   return {loss, lse, or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
 }
