@@ -20,7 +20,7 @@ NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, a
   }
   const at::Tensor norm = at::linalg_vector_norm(rows, 2, {1}, /*keepdim=*/true);
   n.denom = at::clamp_min(norm, eps);
-  n.clamped = norm <= eps;
+  n.clamped = norm < eps;  // clamp_min passes the gradient at equality
   n.rows = rows / n.denom;
   return n;
 }

@@ -23,13 +23,13 @@ constexpr int64_t kTileRows = 128;
 struct NormalizedRows {
   at::Tensor rows;   // (M, D), compute type
   at::Tensor denom;  // (M,), max(||x||, eps); 1 without normalisation
-  at::Tensor clamped;  // (M,) bool: ||x|| <= eps, where the denominator is constant
+  at::Tensor clamped;  // (M, 1) bool: ||x|| < eps, where the denominator is constant
   bool normalized = true;
 };
 NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, at::ScalarType compute);
 
 // Gradient through the normalisation, as autograd of F.normalize gives it:
-// dx = (g - x_hat (x_hat . g)) / ||x|| where ||x|| > eps, g / eps where clamped;
+// dx = (g - x_hat (x_hat . g)) / ||x|| where ||x|| >= eps, g / eps below;
 // saturated to float16's range for float16 outputs.
 at::Tensor normalize_rows_backward(
     const NormalizedRows& n, const at::Tensor& grad_rows, at::ScalarType out_dtype);

@@ -1,0 +1,329 @@
+// Contrastive losses, CUDA host code: NT-Xent / SupCon (symmetric) and InfoNCE
+// (asymmetric). The math is the CPU kernels' (csrc/cpu/contrastive_sym.cpp,
+// contrastive_asym.cpp); the tile kernels are in contrastive_kernels.cuh.
+//
+// Symmetric: row denominators -> lse_kernel (self excluded, positives by
+// label) -> per-row loss; with a gradient, grad_kernel with both terms
+// (T = G + G^T) -> finish_rows_kernel. Asymmetric: the same with the
+// positive-key logit as the first term of each row (MoCo) or the diagonal
+// (MoCo v3, CLIP); d key runs grad_kernel with rows and columns swapped.
+// Reductions and row weights are small ATen ops on the device, so nothing
+// waits for the GPU.
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+#include "../contrastive_check.h"
+#include "compat.cuh"
+#include "contrastive_kernels.cuh"
+#include "contrastive_rows.cuh"
+
+namespace ssl_ops::cuda {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+const T* data(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_data(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+template <typename T>
+at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  at::Tensor denom = at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  RowDenomParams<T> p{data<T>(x), x.size(0), x.size(1), static_cast<A>(eps), normalize, mutable_data<A>(denom)};
+  launch_kernel(row_denom_kernel<T>, dim3(ceil_div(x.size(0), kRowsPerBlock)), dim3(kRowThreads), 0, stream, p);
+  return denom;
+}
+
+// The gradient through the normalisation, plus coef_r * other_r / other_denom_r.
+template <typename T>
+at::Tensor finish_rows(const at::Tensor& x, const at::Tensor& denom, const at::Tensor* grad_hat,
+                       const at::Tensor* coef, const at::Tensor* other, const at::Tensor* other_denom,
+                       double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  at::Tensor out = at::empty_like(x);
+  FinishParams<T> p{data<T>(x), data<A>(denom), grad_hat ? data<A>(*grad_hat) : nullptr,
+                    coef ? data<A>(*coef) : nullptr, other ? data<T>(*other) : nullptr,
+                    other_denom ? data<A>(*other_denom) : nullptr, x.size(0), x.size(1),
+                    static_cast<A>(eps), normalize, mutable_data<T>(out)};
+  launch_kernel(finish_rows_kernel<T>, dim3(ceil_div(x.size(0), kRowsPerBlock)), dim3(kRowThreads), 0, stream, p);
+  return out;
+}
+
+template <typename T>
+at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStream_t stream) {
+  using A = acc_t<T>;
+  at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
+  p.out = mutable_data<A>(out);
+  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, kChunk));
+  launch_kernel(grad_kernel<T>, grid, dim3(kTileThreads), 0, stream, p);
+  return out;
+}
+
+// Row weights w_r of the reduced loss for grad_loss g: none g_r, mean g / n, sum g;
+// `valid` masks rows that have positives.
+at::Tensor row_weights(const at::Tensor& grad_loss, Reduction reduction, const at::Tensor& valid,
+                       at::ScalarType acc) {
+  const at::Tensor g = grad_loss.to(acc);
+  const at::Tensor mask = valid.to(acc);
+  if (reduction == Reduction::None) return g * mask;
+  if (reduction == Reduction::Sum) return g * mask;
+  return g / at::clamp_min(mask.sum(), 1) * mask;
+}
+
+at::Tensor reduce(const at::Tensor& row_loss, Reduction reduction, const at::Tensor& valid) {
+  if (reduction == Reduction::None) return row_loss;
+  const at::Tensor total = row_loss.sum();
+  if (reduction == Reduction::Sum) return total;
+  return total / at::clamp_min(valid.sum(), 1).to(row_loss.scalar_type());
+}
+
+// ---- Symmetric: NT-Xent, multi-view, SupCon -----------------------------------------
+
+struct SymSaved {
+  at::Tensor lse, positive_sum, positive_count;
+};
+
+template <typename T>
+SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels, double scale,
+                        cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t m = z.size(0);
+  const auto acc_opts = z.options().dtype(c10::CppTypeToScalarType<A>::value);
+  SymSaved s{at::empty({m}, acc_opts), at::empty({m}, acc_opts), at::empty({m}, z.options().dtype(at::kLong))};
+  LseParams<T> p{data<T>(z), data<T>(z), data<A>(denom), data<A>(denom), m, m, z.size(1), static_cast<A>(scale),
+                 data<int64_t>(labels), /*exclude_self=*/true, nullptr, mutable_data<A>(s.lse),
+                 mutable_data<A>(s.positive_sum), mutable_data<int64_t>(s.positive_count), nullptr};
+  launch_kernel(lse_kernel<T>, dim3(ceil_div(m, tile_size<T>())), dim3(kTileThreads), 0, stream, p);
+  return s;
+}
+
+template <typename T>
+at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels,
+                        const at::Tensor& lse, const at::Tensor& positive_count, const at::Tensor& weight,
+                        double scale, double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const at::Tensor count = positive_count.to(lse.scalar_type());
+  const at::Tensor inv_positives = at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count));
+  GradParams<T> p{};
+  p.rows = p.cols = data<T>(z);
+  p.row_denom = p.col_denom = data<A>(denom);
+  p.n_rows = p.n_cols = z.size(0);
+  p.features = z.size(1);
+  p.scale = static_cast<A>(scale);
+  p.labels = data<int64_t>(labels);
+  p.exclude_self = true;
+  p.row_term = p.col_term = true;  // T = G + G^T
+  p.row_lse = p.col_lse = data<A>(lse);
+  p.row_weight = p.col_weight = data<A>(weight);
+  p.row_inv_positives = p.col_inv_positives = data<A>(inv_positives);
+  p.has_positives = true;
+  const at::Tensor grad_hat = run_grad_kernel(p, z, stream);
+  return finish_rows<T>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
+    const at::Tensor& z_in, const at::Tensor& labels_in, double scale, double eps, bool normalize,
+    int64_t reduction_in, bool compute_grad) {
+  check_sym_contrastive_args(z_in, labels_in, scale, eps, reduction_in);
+  const DeviceGuard guard(z_in.device());
+  const cudaStream_t stream = current_stream(z_in.device());
+  const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
+  const auto reduction = static_cast<Reduction>(reduction_in);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
+    const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
+    const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, scale, stream);
+    const at::Tensor valid = s.positive_count > 0;
+    const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
+    const at::Tensor row_loss =
+        at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
+    at::Tensor grad = at::empty({0}, z.options());
+    if (compute_grad && reduction != Reduction::None) {
+      const at::Tensor ones = at::ones_like(row_loss.sum());
+      const at::Tensor weight = row_weights(ones, reduction, valid, s.lse.scalar_type());
+      grad = sym_gradient<scalar_t>(z, denom, labels, s.lse, s.positive_count, weight, scale, eps, normalize, stream);
+    }
+    result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad};
+  });
+  return result;
+}
+
+at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tensor& z_in, const at::Tensor& labels_in,
+                                    const at::Tensor& lse, const at::Tensor& positive_count, double scale, double eps,
+                                    bool normalize, int64_t reduction) {
+  check_sym_contrastive_args(z_in, labels_in, scale, eps, reduction);
+  const DeviceGuard guard(z_in.device());
+  const cudaStream_t stream = current_stream(z_in.device());
+  const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
+  at::Tensor grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_backward", [&] {
+    const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
+    const at::Tensor lse_acc = lse.to(denom.scalar_type()).contiguous();
+    const at::Tensor weight =
+        row_weights(grad_loss, static_cast<Reduction>(reduction), positive_count > 0, denom.scalar_type());
+    grad = sym_gradient<scalar_t>(z, denom, labels, lse_acc, positive_count.contiguous(), weight.contiguous(),
+                                  scale, eps, normalize, stream);
+  });
+  return grad;
+}
+
+// ---- Asymmetric: InfoNCE (MoCo, MoCo v3, CLIP) --------------------------------------
+
+template <typename T>
+struct AsymInputs {
+  at::Tensor q, k, p, denom_q, denom_k, denom_p, positive_logit;
+};
+
+template <typename T>
+AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive,
+                          double scale, double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  AsymInputs<T> in;
+  in.q = query.contiguous();
+  in.k = key.contiguous();
+  in.denom_q = row_denoms<T>(in.q, eps, normalize, stream);
+  in.denom_k = row_denoms<T>(in.k, eps, normalize, stream);
+  in.positive_logit = at::empty({in.q.size(0)}, in.denom_q.options());
+  if (positive.has_value()) {
+    in.p = positive->contiguous();
+    in.denom_p = row_denoms<T>(in.p, eps, normalize, stream);
+    RowDotParams<T> d{data<T>(in.q), data<T>(in.p), data<A>(in.denom_q), data<A>(in.denom_p), in.q.size(0),
+                      in.q.size(1), static_cast<A>(scale), mutable_data<A>(in.positive_logit)};
+    launch_kernel(row_dot_kernel<T>, dim3(ceil_div(in.q.size(0), kRowsPerBlock)), dim3(kRowThreads), 0, stream, d);
+  }
+  return in;
+}
+
+template <typename T>
+std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tensor& lse, const at::Tensor& weight,
+                                         double scale, double eps, bool normalize, std::array<bool, 3> mask,
+                                         cudaStream_t stream) {
+  using A = acc_t<T>;
+  const bool with_p = in.p.defined();
+  std::array<at::Tensor, 3> out;
+  GradParams<T> base{};
+  base.features = in.q.size(1);
+  base.scale = static_cast<A>(scale);
+  base.has_positives = !with_p;  // without a positive key, column r is row r's positive
+  at::Tensor coef;  // scale * w_r (softmax of the positive key - 1)
+  if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
+  if (mask[0]) {
+    GradParams<T> p = base;
+    p.rows = data<T>(in.q);
+    p.cols = data<T>(in.k);
+    p.row_denom = data<A>(in.denom_q);
+    p.col_denom = data<A>(in.denom_k);
+    p.n_rows = in.q.size(0);
+    p.n_cols = in.k.size(0);
+    p.row_term = true;
+    p.row_lse = data<A>(lse);
+    p.row_weight = data<A>(weight);
+    const at::Tensor grad_hat = run_grad_kernel(p, in.q, stream);
+    out[0] = with_p ? finish_rows<T>(in.q, in.denom_q, &grad_hat, &coef, &in.p, &in.denom_p, eps, normalize, stream)
+                    : finish_rows<T>(in.q, in.denom_q, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+  }
+  if (mask[1]) {
+    GradParams<T> p = base;  // rows: keys; columns: queries, whose statistics weigh T
+    p.rows = data<T>(in.k);
+    p.cols = data<T>(in.q);
+    p.row_denom = data<A>(in.denom_k);
+    p.col_denom = data<A>(in.denom_q);
+    p.n_rows = in.k.size(0);
+    p.n_cols = in.q.size(0);
+    p.col_term = true;
+    p.col_lse = data<A>(lse);
+    p.col_weight = data<A>(weight);
+    const at::Tensor grad_hat = run_grad_kernel(p, in.k, stream);
+    out[1] = finish_rows<T>(in.k, in.denom_k, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+  }
+  if (mask[2] && with_p) {
+    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream);
+  }
+  return out;
+}
+
+at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_asym_loss(
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key, double scale,
+    double eps, bool normalize, int64_t reduction_in, std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction_in);
+  const DeviceGuard guard(query.device());
+  const cudaStream_t stream = current_stream(query.device());
+  const auto reduction = static_cast<Reduction>(reduction_in);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_loss", [&] {
+    using A = acc_t<scalar_t>;
+    AsymInputs<scalar_t> in = asym_inputs<scalar_t>(query, key, positive_key, scale, eps, normalize, stream);
+    at::Tensor lse = at::empty({in.q.size(0)}, in.denom_q.options());
+    LseParams<scalar_t> p{data<scalar_t>(in.q), data<scalar_t>(in.k), data<A>(in.denom_q), data<A>(in.denom_k),
+                          in.q.size(0), in.k.size(0), in.q.size(1), static_cast<A>(scale), nullptr,
+                          /*exclude_self=*/false, in.p.defined() ? data<A>(in.positive_logit) : nullptr,
+                          mutable_data<A>(lse), nullptr, nullptr,
+                          in.p.defined() ? nullptr : mutable_data<A>(in.positive_logit)};
+    launch_kernel(lse_kernel<scalar_t>, dim3(ceil_div(in.q.size(0), tile_size<scalar_t>())), dim3(kTileThreads), 0,
+                  stream, p);
+    const at::Tensor row_loss = lse - in.positive_logit;
+    const at::Tensor all_rows = at::ones_like(lse, lse.options().dtype(at::kBool));
+    std::array<at::Tensor, 3> grads;
+    if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
+      const at::Tensor weight = row_weights(at::ones_like(row_loss.sum()), reduction, all_rows, lse.scalar_type());
+      grads = asym_gradients<scalar_t>(in, lse, weight, scale, eps, normalize, grad_mask, stream);
+    }
+    result = {reduce(row_loss, reduction, all_rows), lse, or_empty(grads[0], query), or_empty(grads[1], key),
+              or_empty(grads[2], query)};
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
+    const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
+    const std::optional<at::Tensor>& positive_key, const at::Tensor& lse, double scale, double eps, bool normalize,
+    int64_t reduction, std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction);
+  const DeviceGuard guard(query.device());
+  const cudaStream_t stream = current_stream(query.device());
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_backward", [&] {
+    AsymInputs<scalar_t> in = asym_inputs<scalar_t>(query, key, positive_key, scale, eps, normalize, stream);
+    const at::Tensor lse_acc = lse.to(in.denom_q.scalar_type()).contiguous();
+    const at::Tensor all_rows = at::ones_like(lse_acc, lse_acc.options().dtype(at::kBool));
+    const at::Tensor weight =
+        row_weights(grad_loss, static_cast<Reduction>(reduction), all_rows, lse_acc.scalar_type()).contiguous();
+    const auto grads = asym_gradients<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream);
+    result = {or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
+  });
+  return result;
+}
+
+}  // namespace
+
+SSL_OPS_CUDA_LIBRARY_IMPL(m) {
+  m.impl("contrastive_sym_loss", &contrastive_sym_loss);
+  m.impl("contrastive_sym_backward", &contrastive_sym_backward);
+  m.impl("contrastive_asym_loss", &contrastive_asym_loss);
+  m.impl("contrastive_asym_backward", &contrastive_asym_backward);
+}
+
+}  // namespace ssl_ops::cuda

@@ -1,0 +1,331 @@
+#pragma once
+// Tile kernels of the contrastive losses (host code: contrastive.cu).
+//
+// Rows of `rows` (n_rows x D) are scored against rows of `cols` (n_cols x D):
+//   S_rc = scale * (rows_r . cols_c) / (denom_r * denom_c)
+// where denom = max(||x||, eps) (1 without normalisation); S is formed one
+// 64 x 64 tile at a time in registers and never stored.
+//
+// lse_kernel: one block per 64 rows walks all column tiles keeping an online
+//   log-sum-exp per row (and, with labels, the sum and count of positive
+//   logits; with diagonal_logit, S_rr). Self (r == c) is skipped with
+//   exclude_self; initial_logit (MoCo's positive-key logit) starts the sum.
+// grad_kernel: block (row tile, 64-wide feature chunk) walks all column tiles,
+//   forms T_rc = row_term(r, c) + col_term(r, c) with
+//     row_term = w_r (exp(S_rc - lse_r) - positive_rc * inv_r)
+//     col_term = w_c (exp(S_rc - lse_c) - positive_rc * inv_c)
+//   and accumulates out_r += scale * sum_c T_rc * cols_c / denom_c (d of the
+//   normalised rows; contrastive.cu applies the normalisation backward).
+//   Symmetric NT-Xent uses both terms (T = G + G^T); InfoNCE uses the row term
+//   for d query and, with rows and columns swapped, the column term for d key.
+//
+// This is the portable exact path (fp32 FMA, fp64 for double inputs): every
+// dtype runs it, on the GPU and on the host emulator. It recomputes S once per
+// 64-wide feature chunk in grad_kernel.
+//
+// Resources: not yet measured with ptxas -v on hardware builds; see README.
+#include <cstdint>
+#include <limits>
+
+#include "compat.cuh"
+
+namespace ssl_ops::cuda {
+
+constexpr int kTileK = 32;         // features per shared-memory stage
+constexpr int kTileThreads = 256;  // 16 x 16 threads
+constexpr int kChunk = 64;         // output features per grad_kernel block, 4 per thread
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+// Rows and columns of an S tile: 64 (4 x 4 per thread); 32 for double, to keep
+// the static shared memory under 48 KB.
+template <typename T>
+constexpr int tile_size() {
+  return sizeof(acc_t<T>) == 8 ? 32 : 64;
+}
+
+template <typename A>
+__device__ __forceinline__ A device_exp(A x) {
+  return exp(x);
+}
+template <>
+__device__ __forceinline__ float device_exp<float>(float x) {
+  return expf(x);
+}
+
+template <typename A>
+__device__ __forceinline__ A negative_infinity() {
+  return -std::numeric_limits<A>::infinity();
+}
+
+template <typename T>
+struct LseParams {
+  const T* rows;
+  const T* cols;
+  const acc_t<T>* row_denom;
+  const acc_t<T>* col_denom;
+  int64_t n_rows, n_cols, features;
+  acc_t<T> scale;
+  const int64_t* labels;          // positives by equal labels (symmetric), or null
+  bool exclude_self;
+  const acc_t<T>* initial_logit;  // per row, or null
+  acc_t<T>* lse;
+  acc_t<T>* positive_sum;         // with labels
+  int64_t* positive_count;        // with labels
+  acc_t<T>* diagonal_logit;       // S_rr, or null
+};
+
+template <typename T>
+struct GradParams {
+  const T* rows;
+  const T* cols;
+  const acc_t<T>* row_denom;
+  const acc_t<T>* col_denom;
+  int64_t n_rows, n_cols, features;
+  acc_t<T> scale;
+  const int64_t* labels;  // positives by equal labels; null: the diagonal is the positive
+  bool exclude_self;
+  bool row_term, col_term;
+  const acc_t<T>* row_lse;
+  const acc_t<T>* row_weight;
+  const acc_t<T>* row_inv_positives;  // 1 / |P(r)|; null: 1
+  const acc_t<T>* col_lse;
+  const acc_t<T>* col_weight;
+  const acc_t<T>* col_inv_positives;
+  bool has_positives;  // false: no positive among the columns (MoCo: it is the positive key)
+  acc_t<T>* out;       // n_rows x features
+};
+
+// Shared-memory stages of the S tile, feature-major so each thread reads its
+// four rows (columns) of one feature together.
+template <typename A, int kTile>
+struct DotStage {
+  A a[kTileK][kTile + 1];
+  A b[kTileK][kTile + 1];
+};
+
+// acc[i][j] = rows[r0 + R ty + i] . cols[c0 + R tx + j] (0 outside the matrices),
+// R = kTile / 16.
+template <typename T, int kTile, int R = kTile / 16>
+__device__ __forceinline__ void tile_dots(const T* rows, int64_t n_rows, int64_t r0, const T* cols,
+                                          int64_t n_cols, int64_t c0, int64_t features,
+                                          DotStage<acc_t<T>, kTile>& stage, acc_t<T> (&acc)[R][R]) {
+  using A = acc_t<T>;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < R; ++j) acc[i][j] = 0;
+  for (int64_t k0 = 0; k0 < features; k0 += kTileK) {
+    for (int e = tid; e < kTile * kTileK; e += kTileThreads) {
+      const int r = e / kTileK, k = e % kTileK;
+      const int64_t feature = k0 + k;
+      const bool in_k = feature < features;
+      stage.a[k][r] = (in_k && r0 + r < n_rows) ? static_cast<A>(rows[(r0 + r) * features + feature]) : A(0);
+      stage.b[k][r] = (in_k && c0 + r < n_cols) ? static_cast<A>(cols[(c0 + r) * features + feature]) : A(0);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kTileK; ++k) {
+      A a[R], b[R];
+#pragma unroll
+      for (int i = 0; i < R; ++i) a[i] = stage.a[k][ty * R + i];
+#pragma unroll
+      for (int j = 0; j < R; ++j) b[j] = stage.b[k][tx * R + j];
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < R; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+}
+
+// Sum (or max) over the 16 threads that share a row of the tile.
+template <typename A>
+__device__ __forceinline__ A row_sum16(A v) {
+  for (int offset = 8; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+template <typename A>
+__device__ __forceinline__ A row_max16(A v) {
+  for (int offset = 8; offset > 0; offset /= 2) {
+    const A other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
+  using A = acc_t<T>;
+  constexpr int kTile = tile_size<T>(), R = kTile / 16;
+  __shared__ DotStage<A, kTile> stage;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t r0 = int64_t(blockIdx.x) * kTile;
+  // Every thread of a row keeps the same running state for its R rows.
+  A run_max[R], run_sum[R], pos_sum[R];
+  int64_t pos_count[R], label[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + ty * R + i;
+    const bool valid = r < p.n_rows;
+    run_max[i] = (valid && p.initial_logit) ? p.initial_logit[r] : negative_infinity<A>();
+    run_sum[i] = (valid && p.initial_logit) ? A(1) : A(0);
+    pos_sum[i] = 0;
+    pos_count[i] = 0;
+    label[i] = (valid && p.labels) ? p.labels[r] : -1;
+  }
+  for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
+    A s[R][R];
+    tile_dots<T, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, stage, s);
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const int64_t r = r0 + ty * R + i;
+      const A row_factor = r < p.n_rows ? p.scale / p.row_denom[r] : A(0);
+      A tile_max = negative_infinity<A>();
+#pragma unroll
+      for (int j = 0; j < R; ++j) {
+        const int64_t c = c0 + tx * R + j;
+        const bool candidate = c < p.n_cols && !(p.exclude_self && c == r);
+        s[i][j] = candidate ? s[i][j] * row_factor / p.col_denom[c] : negative_infinity<A>();
+        tile_max = s[i][j] > tile_max ? s[i][j] : tile_max;
+        if (p.diagonal_logit && c == r && r < p.n_rows) p.diagonal_logit[r] = s[i][j];
+        if (p.labels && candidate && p.labels[c] == label[i]) {
+          pos_sum[i] += s[i][j];
+          ++pos_count[i];
+        }
+      }
+      tile_max = row_max16(tile_max);
+      const A new_max = tile_max > run_max[i] ? tile_max : run_max[i];
+      A tile_sum = 0;
+      if (new_max != negative_infinity<A>()) {
+#pragma unroll
+        for (int j = 0; j < R; ++j) tile_sum += device_exp(s[i][j] - new_max);
+      }
+      tile_sum = row_sum16(tile_sum);
+      if (new_max != negative_infinity<A>()) {
+        run_sum[i] = run_sum[i] * device_exp(run_max[i] - new_max) + tile_sum;
+        run_max[i] = new_max;
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + ty * R + i;
+    const A total_pos_sum = row_sum16(pos_sum[i]);
+    const int64_t total_pos_count = row_sum16(pos_count[i]);
+    if (tx == 0 && r < p.n_rows) {
+      p.lse[r] = run_max[i] + log(run_sum[i]);
+      if (p.labels) {
+        p.positive_sum[r] = total_pos_sum;
+        p.positive_count[r] = total_pos_count;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
+  using A = acc_t<T>;
+  constexpr int kTile = tile_size<T>(), R = kTile / 16, W = kChunk / 16;
+  // The dot-product stages are dead while a feature chunk of cols is in use.
+  __shared__ union {
+    DotStage<A, kTile> stage;
+    A chunk[kTile][kChunk + 1];  // cols[c0 + k][d0 + c]
+  } smem;
+  __shared__ A coef[kTile][kTile + 1];  // [column k][row]: T_rc * scale / denom_c
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int64_t r0 = int64_t(blockIdx.x) * kTile;
+  const int64_t d0 = int64_t(blockIdx.y) * kChunk;
+  A row_lse[R], row_w[R], row_inv[R];
+  int64_t row_label[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + ty * R + i;
+    const bool valid = r < p.n_rows;
+    row_lse[i] = (valid && p.row_term) ? p.row_lse[r] : A(0);
+    row_w[i] = (valid && p.row_term) ? p.row_weight[r] : A(0);
+    row_inv[i] = (valid && p.row_term && p.row_inv_positives) ? p.row_inv_positives[r] : A(1);
+    row_label[i] = (valid && p.labels) ? p.labels[r] : -1;
+  }
+  A out[R][W];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < W; ++j) out[i][j] = 0;
+
+  for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
+    A s[R][R];
+    tile_dots<T, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, smem.stage, s);
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int64_t c = c0 + tx * R + j;
+      const bool col_valid = c < p.n_cols;
+      const A col_denom = col_valid ? p.col_denom[c] : A(1);
+      const A col_lse = (col_valid && p.col_term) ? p.col_lse[c] : A(0);
+      const A col_w = (col_valid && p.col_term) ? p.col_weight[c] : A(0);
+      const A col_inv = (col_valid && p.col_term && p.col_inv_positives) ? p.col_inv_positives[c] : A(1);
+      const int64_t col_label = (col_valid && p.labels) ? p.labels[c] : -2;
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        const int64_t r = r0 + ty * R + i;
+        const bool valid = col_valid && r < p.n_rows && !(p.exclude_self && r == c);
+        A t = 0;
+        if (valid) {
+          const A logit = s[i][j] * p.scale / (p.row_denom[r] * col_denom);
+          const bool positive =
+              p.has_positives && (p.labels ? col_label == row_label[i] : r == c);
+          if (p.row_term && row_w[i] != A(0)) {
+            t += row_w[i] * (device_exp(logit - row_lse[i]) - (positive ? row_inv[i] : A(0)));
+          }
+          if (p.col_term && col_w != A(0)) {
+            t += col_w * (device_exp(logit - col_lse) - (positive ? col_inv : A(0)));
+          }
+          t = t * p.scale / col_denom;
+        }
+        coef[tx * R + j][ty * R + i] = t;
+      }
+    }
+    for (int e = tid; e < kTile * kChunk; e += kTileThreads) {
+      const int k = e / kChunk, c = e % kChunk;
+      const int64_t row = c0 + k, feature = d0 + c;
+      smem.chunk[k][c] = (row < p.n_cols && feature < p.features)
+          ? static_cast<A>(p.cols[row * p.features + feature]) : A(0);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kTile; ++k) {
+      A a[R], b[W];
+#pragma unroll
+      for (int i = 0; i < R; ++i) a[i] = coef[k][ty * R + i];
+#pragma unroll
+      for (int j = 0; j < W; ++j) b[j] = smem.chunk[k][tx * W + j];
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < W; ++j) out[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + ty * R + i;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const int64_t feature = d0 + tx * W + j;
+      if (r < p.n_rows && feature < p.features) p.out[r * p.features + feature] = out[i][j];
+    }
+  }
+}
+
+}  // namespace ssl_ops::cuda

@@ -1,0 +1,134 @@
+#pragma once
+// Row-wise kernels around the contrastive tile kernels, one warp per row:
+//   row_denom_kernel:  denom_r = max(||x_r||, eps) (1 without normalisation)
+//   row_dot_kernel:    out_r = scale * (a_r . b_r) / (denom_a_r * denom_b_r)
+//   finish_rows_kernel: the gradient through the normalisation,
+//     g = grad_hat_r + coef_r * other_r / other_denom_r   (either part optional)
+//     dx = (g - xh (xh . g)) / ||x||   where ||x|| >= eps,   g / eps below
+//   written in x's dtype (float16 saturated at its largest finite value).
+#include <cstdint>
+#include <type_traits>
+
+#include "compat.cuh"
+#include "contrastive_kernels.cuh"
+
+namespace ssl_ops::cuda {
+
+constexpr int kRowsPerBlock = 8;  // warps of 32 threads
+constexpr int kRowThreads = kRowsPerBlock * 32;
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+struct RowDenomParams {
+  const T* x;
+  int64_t rows, features;
+  acc_t<T> eps;
+  bool normalize;
+  acc_t<T>* denom;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) row_denom_kernel(RowDenomParams<T> p) {
+  using A = acc_t<T>;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= p.rows) return;  // whole warps leave together
+  A sum = 0;
+  for (int64_t k = lane; k < p.features; k += 32) {
+    const A v = static_cast<A>(p.x[r * p.features + k]);
+    sum += v * v;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) {
+    const A norm = sqrt(sum);
+    p.denom[r] = p.normalize ? (norm > p.eps ? norm : p.eps) : A(1);
+  }
+}
+
+template <typename T>
+struct RowDotParams {
+  const T* a;
+  const T* b;
+  const acc_t<T>* denom_a;
+  const acc_t<T>* denom_b;
+  int64_t rows, features;
+  acc_t<T> scale;
+  acc_t<T>* out;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) row_dot_kernel(RowDotParams<T> p) {
+  using A = acc_t<T>;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= p.rows) return;
+  A sum = 0;
+  for (int64_t k = lane; k < p.features; k += 32) {
+    sum += static_cast<A>(p.a[r * p.features + k]) * static_cast<A>(p.b[r * p.features + k]);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) p.out[r] = p.scale * sum / (p.denom_a[r] * p.denom_b[r]);
+}
+
+template <typename T>
+struct FinishParams {
+  const T* x;
+  const acc_t<T>* denom;
+  const acc_t<T>* grad_hat;     // rows x features, or null (zero)
+  const acc_t<T>* coef;         // per row, or null
+  const T* other;               // rows x features, with coef
+  const acc_t<T>* other_denom;  // with coef
+  int64_t rows, features;
+  acc_t<T> eps;
+  bool normalize;
+  T* out;
+};
+
+template <typename T>
+__device__ __forceinline__ acc_t<T> finish_input(const FinishParams<T>& p, int64_t r, int64_t k) {
+  using A = acc_t<T>;
+  A g = p.grad_hat ? p.grad_hat[r * p.features + k] : A(0);
+  if (p.coef) g += p.coef[r] * static_cast<A>(p.other[r * p.features + k]) / p.other_denom[r];
+  return g;
+}
+
+template <typename T>
+__device__ __forceinline__ T to_output(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    v = v > acc_t<T>(65504) ? acc_t<T>(65504) : (v < acc_t<T>(-65504) ? acc_t<T>(-65504) : v);
+  }
+  return static_cast<T>(v);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) finish_rows_kernel(FinishParams<T> p) {
+  using A = acc_t<T>;
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= p.rows) return;
+  const A denom = p.denom[r];
+  A radial = 0, norm_sq = 0;
+  if (p.normalize) {
+    for (int64_t k = lane; k < p.features; k += 32) {
+      const A v = static_cast<A>(p.x[r * p.features + k]);
+      radial += v * finish_input(p, r, k);
+      norm_sq += v * v;
+    }
+    radial = warp_sum(radial) / denom;  // xh . g
+    norm_sq = warp_sum(norm_sq);
+  }
+  // Below eps the denominator is the constant eps: no radial part.
+  const bool tangential = p.normalize && sqrt(norm_sq) >= p.eps;
+  for (int64_t k = lane; k < p.features; k += 32) {
+    A g = finish_input(p, r, k);
+    if (tangential) g -= static_cast<A>(p.x[r * p.features + k]) / denom * radial;
+    p.out[r * p.features + k] = to_output<T>(p.normalize ? g / denom : g);
+  }
+}
+
+}  // namespace ssl_ops::cuda
