@@ -119,3 +119,25 @@ def test_zero_rows_and_unnormalised_inputs(backend):
     (ref_grad,) = torch.autograd.grad(ref, [z64])
     close(loss_n, ref.detach(), torch.float32, "loss without normalisation")
     close(grad_n, ref_grad, torch.float32, "gradient without normalisation")
+
+
+def test_tf32_only_where_torch_allows_it(cuda_source_backend):
+    backend = cuda_source_backend
+    z = rand((70, 48), torch.float32, backend.device, 10)
+    labels = torch.arange(35).repeat(2).to(backend.device)
+    args = (z, labels, 1 / 0.1, EPS, True, 1, True)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = backend.ops.contrastive_sym_loss(*args)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = backend.ops.contrastive_sym_loss(*args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    ref_rows, ref_grad = sym_reference(z, labels.cpu(), 1 / 0.1, torch.full((70,), 1 / 70, dtype=torch.float64))
+    close(exact[0], ref_rows.mean(), torch.float32, "exact loss")
+    close(exact[3], ref_grad, torch.float32, "exact gradient")
+    # TF32 keeps 10 mantissa bits of each operand: the tiles differ from the exact path.
+    assert not torch.equal(exact[1], tf32[1])
+    assert abs(tf32[0].item() - ref_rows.mean().item()) <= 1e-2
+    assert (tf32[3].double().cpu() - ref_grad).abs().max().item() <= 2e-2 * ref_grad.abs().max().item()

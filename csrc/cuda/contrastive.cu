@@ -9,6 +9,7 @@
 // (MoCo v3, CLIP); d key runs grad_kernel with rows and columns swapped.
 // Reductions and row weights are small ATen ops on the device, so nothing
 // waits for the GPU.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -44,6 +45,29 @@ T* mutable_data(at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// fp16/bf16 tiles always run on tensor cores; fp32 only where torch allows TF32
+// (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision).
+template <typename T>
+bool use_tensor_cores() {
+  if constexpr (std::is_same_v<T, float>) {
+    return at::globalContext().allowTF32CuBLAS();
+  } else {
+    return has_tensor_cores<T>();
+  }
+}
+
+template <typename T>
+void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()));
+  if constexpr (has_tensor_cores<T>()) {
+    if (use_tensor_cores<T>()) {
+      launch_kernel(lse_kernel<T, true>, grid, dim3(kTileThreads), 0, stream, p);
+      return;
+    }
+  }
+  launch_kernel(lse_kernel<T, false>, grid, dim3(kTileThreads), 0, stream, p);
+}
+
 template <typename T>
 at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
@@ -74,7 +98,13 @@ at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStr
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
   p.out = mutable_data<A>(out);
   const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, kChunk));
-  launch_kernel(grad_kernel<T>, grid, dim3(kTileThreads), 0, stream, p);
+  if constexpr (has_tensor_cores<T>()) {
+    if (use_tensor_cores<T>()) {
+      launch_kernel(grad_kernel<T, true>, grid, dim3(kTileThreads), 0, stream, p);
+      return out;
+    }
+  }
+  launch_kernel(grad_kernel<T, false>, grid, dim3(kTileThreads), 0, stream, p);
   return out;
 }
 
@@ -112,7 +142,7 @@ SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::
   LseParams<T> p{data<T>(z), data<T>(z), data<A>(denom), data<A>(denom), m, m, z.size(1), static_cast<A>(scale),
                  data<int64_t>(labels), /*exclude_self=*/true, nullptr, mutable_data<A>(s.lse),
                  mutable_data<A>(s.positive_sum), mutable_data<int64_t>(s.positive_count), nullptr};
-  launch_kernel(lse_kernel<T>, dim3(ceil_div(m, tile_size<T>())), dim3(kTileThreads), 0, stream, p);
+  launch_lse(p, stream);
   return s;
 }
 
@@ -282,8 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
                           /*exclude_self=*/false, in.p.defined() ? data<A>(in.positive_logit) : nullptr,
                           mutable_data<A>(lse), nullptr, nullptr,
                           in.p.defined() ? nullptr : mutable_data<A>(in.positive_logit)};
-    launch_kernel(lse_kernel<scalar_t>, dim3(ceil_div(in.q.size(0), tile_size<scalar_t>())), dim3(kTileThreads), 0,
-                  stream, p);
+    launch_lse(p, stream);
     const at::Tensor row_loss = lse - in.positive_logit;
     const at::Tensor all_rows = at::ones_like(lse, lse.options().dtype(at::kBool));
     std::array<at::Tensor, 3> grads;

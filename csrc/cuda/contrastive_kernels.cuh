@@ -19,13 +19,17 @@
 //   Symmetric NT-Xent uses both terms (T = G + G^T); InfoNCE uses the row term
 //   for d query and, with rows and columns swapped, the column term for d key.
 //
-// This is the portable exact path (fp32 FMA, fp64 for double inputs): every
-// dtype runs it, on the GPU and on the host emulator. It recomputes S once per
-// 64-wide feature chunk in grad_kernel.
+// S tiles come from one of two paths, both run on the GPU and on the emulator:
+// tensor cores (WMMA, fp32 accumulation) for fp16/bf16 inputs and for fp32
+// where torch allows TF32, or the exact FMA path (fp32; fp64 for double). The
+// second product of grad_kernel (T times a feature chunk) always runs on the
+// FMA path in fp32, so gradients never round T to 16 bits. grad_kernel
+// recomputes S once per 64-wide feature chunk.
 //
 // Resources: not yet measured with ptxas -v on hardware builds; see README.
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "compat.cuh"
 
@@ -113,6 +117,46 @@ struct DotStage {
   A b[kTileK][kTile + 1];
 };
 
+// Tensor-core operand types per input dtype (fp32 inputs run as TF32).
+template <typename T>
+struct Wmma;
+template <>
+struct Wmma<c10::Half> {
+  using elem = __half;
+  using operand = __half;
+  static constexpr int k = 16;
+};
+template <>
+struct Wmma<c10::BFloat16> {
+  using elem = __nv_bfloat16;
+  using operand = __nv_bfloat16;
+  static constexpr int k = 16;
+};
+template <>
+struct Wmma<float> {
+  using elem = float;
+  using operand = nvcuda::wmma::precision::tf32;
+  static constexpr int k = 8;
+};
+template <typename T>
+constexpr bool has_tensor_cores() {
+  return std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
+}
+
+// Shared memory of the tensor-core S tile (64 x 64): operand stages (row-major
+// rows x features, padded so every fragment starts 32-byte aligned), then the
+// fp32 result that threads read their 4 x 4 values from.
+template <typename T>
+union alignas(128) TensorCoreStage {
+  static constexpr int kLd = kTileK + 16 / int(sizeof(typename Wmma<T>::elem));  // + 16 bytes
+  static constexpr int kResultLd = 64 + 4;
+  struct {
+    typename Wmma<T>::elem a[64][kLd];
+    typename Wmma<T>::elem b[64][kLd];
+  } operands;
+  float result[64][kResultLd];
+};
+
 // acc[i][j] = rows[r0 + R ty + i] . cols[c0 + R tx + j] (0 outside the matrices),
 // R = kTile / 16.
 template <typename T, int kTile, int R = kTile / 16>
@@ -150,6 +194,69 @@ __device__ __forceinline__ void tile_dots(const T* rows, int64_t n_rows, int64_t
   }
 }
 
+// acc[i][j] as tile_dots, on tensor cores: each of the 8 warps computes a 16 x 32
+// part of the 64 x 64 tile with two accumulator fragments.
+template <typename T>
+__device__ __forceinline__ void tile_dots_tc(const T* rows, int64_t n_rows, int64_t r0, const T* cols,
+                                             int64_t n_cols, int64_t c0, int64_t features,
+                                             TensorCoreStage<T>& stage, float (&acc)[4][4]) {
+  using namespace nvcuda;
+  using W = Wmma<T>;
+  using E = typename W::elem;
+  using Stage = TensorCoreStage<T>;
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  const int warp = tid / 32, warp_row = (warp / 2) * 16, warp_col = (warp % 2) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, W::k, float> left, right;
+  wmma::fill_fragment(left, 0.0f);
+  wmma::fill_fragment(right, 0.0f);
+  for (int64_t k0 = 0; k0 < features; k0 += kTileK) {
+    for (int e = tid; e < 64 * kTileK; e += kTileThreads) {
+      const int r = e / kTileK, k = e % kTileK;
+      const int64_t feature = k0 + k;
+      const bool in_k = feature < features;
+      stage.operands.a[r][k] = static_cast<E>((in_k && r0 + r < n_rows) ? rows[(r0 + r) * features + feature] : T(0));
+      stage.operands.b[r][k] = static_cast<E>((in_k && c0 + r < n_cols) ? cols[(c0 + r) * features + feature] : T(0));
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += W::k) {
+      wmma::fragment<wmma::matrix_a, 16, 16, W::k, typename W::operand, wmma::row_major> a;
+      // cols^T as a column-major matrix_b: element (k, n) is cols[n][k].
+      wmma::fragment<wmma::matrix_b, 16, 16, W::k, typename W::operand, wmma::col_major> b_left, b_right;
+      wmma::load_matrix_sync(a, &stage.operands.a[warp_row][kk], Stage::kLd);
+      wmma::load_matrix_sync(b_left, &stage.operands.b[warp_col][kk], Stage::kLd);
+      wmma::load_matrix_sync(b_right, &stage.operands.b[warp_col + 16][kk], Stage::kLd);
+      if constexpr (std::is_same_v<T, float>) {
+        for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
+        for (int i = 0; i < b_left.num_elements; ++i) b_left.x[i] = wmma::__float_to_tf32(b_left.x[i]);
+        for (int i = 0; i < b_right.num_elements; ++i) b_right.x[i] = wmma::__float_to_tf32(b_right.x[i]);
+      }
+      wmma::mma_sync(left, a, b_left, left);
+      wmma::mma_sync(right, a, b_right, right);
+    }
+    __syncthreads();
+  }
+  wmma::store_matrix_sync(&stage.result[warp_row][warp_col], left, Stage::kResultLd, wmma::mem_row_major);
+  wmma::store_matrix_sync(&stage.result[warp_row][warp_col + 16], right, Stage::kResultLd, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = stage.result[ty * 4 + i][tx * 4 + j];
+  __syncthreads();
+}
+
+// The S tile from whichever path the kernel was instantiated for.
+template <typename T, bool kTensorCores, int kTile, typename Smem, int R = kTile / 16>
+__device__ __forceinline__ void s_tile(const T* rows, int64_t n_rows, int64_t r0, const T* cols, int64_t n_cols,
+                                       int64_t c0, int64_t features, Smem& smem, acc_t<T> (&acc)[R][R]) {
+  if constexpr (kTensorCores) {
+    tile_dots_tc<T>(rows, n_rows, r0, cols, n_cols, c0, features, smem.tc, acc);
+  } else {
+    tile_dots<T, kTile>(rows, n_rows, r0, cols, n_cols, c0, features, smem.stage, acc);
+  }
+}
+
 // Sum (or max) over the 16 threads that share a row of the tile.
 template <typename A>
 __device__ __forceinline__ A row_sum16(A v) {
@@ -165,11 +272,14 @@ __device__ __forceinline__ A row_max16(A v) {
   return v;
 }
 
-template <typename T>
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16;
-  __shared__ DotStage<A, kTile> stage;
+  __shared__ union Smem {
+    DotStage<A, kTile> stage;
+    TensorCoreStage<std::conditional_t<has_tensor_cores<T>(), T, float>> tc;
+  } smem;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t r0 = int64_t(blockIdx.x) * kTile;
   // Every thread of a row keeps the same running state for its R rows.
@@ -187,7 +297,7 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   }
   for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
     A s[R][R];
-    tile_dots<T, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, stage, s);
+    s_tile<T, kTensorCores, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, smem, s);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int64_t r = r0 + ty * R + i;
@@ -234,13 +344,14 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   }
 }
 
-template <typename T>
+template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16, W = kChunk / 16;
   // The dot-product stages are dead while a feature chunk of cols is in use.
-  __shared__ union {
+  __shared__ union Smem {
     DotStage<A, kTile> stage;
+    TensorCoreStage<std::conditional_t<has_tensor_cores<T>(), T, float>> tc;
     A chunk[kTile][kChunk + 1];  // cols[c0 + k][d0 + c]
   } smem;
   __shared__ A coef[kTile][kTile + 1];  // [column k][row]: T_rc * scale / denom_c
@@ -266,7 +377,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
 
   for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
     A s[R][R];
-    tile_dots<T, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, smem.stage, s);
+    s_tile<T, kTensorCores, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, smem, s);
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const int64_t c = c0 + tx * R + j;
