@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <type_traits>
 #include <optional>
 
 #include "../contrastive_check.h"
@@ -56,16 +57,27 @@ bool use_tensor_cores() {
   }
 }
 
+// Launches kernel<T, tensor cores?>; fp16/bf16 instantiate only the tensor-core
+// version, double only the FMA one.
+template <typename T, typename Launch>
+void with_tile_path(Launch&& launch) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_tensor_cores<T>()) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+  } else {
+    launch(std::bool_constant<has_tensor_cores<T>()>{});
+  }
+}
+
 template <typename T>
 void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()));
-  if constexpr (has_tensor_cores<T>()) {
-    if (use_tensor_cores<T>()) {
-      launch_kernel(lse_kernel<T, true>, grid, dim3(kTileThreads), 0, stream, p);
-      return;
-    }
-  }
-  launch_kernel(lse_kernel<T, false>, grid, dim3(kTileThreads), 0, stream, p);
+  with_tile_path<T>([&](auto tensor_cores) {
+    launch_kernel(lse_kernel<T, decltype(tensor_cores)::value>, dim3(ceil_div(p.n_rows, tile_size<T>())),
+                  dim3(kTileThreads), 0, stream, p);
+  });
 }
 
 template <typename T>
@@ -98,13 +110,9 @@ at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStr
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
   p.out = mutable_data<A>(out);
   const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, kChunk));
-  if constexpr (has_tensor_cores<T>()) {
-    if (use_tensor_cores<T>()) {
-      launch_kernel(grad_kernel<T, true>, grid, dim3(kTileThreads), 0, stream, p);
-      return out;
-    }
-  }
-  launch_kernel(grad_kernel<T, false>, grid, dim3(kTileThreads), 0, stream, p);
+  with_tile_path<T>([&](auto tensor_cores) {
+    launch_kernel(grad_kernel<T, decltype(tensor_cores)::value>, grid, dim3(kTileThreads), 0, stream, p);
+  });
   return out;
 }
 
