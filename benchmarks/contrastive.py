@@ -14,6 +14,10 @@ space is capped, so an implementation that would not fit reports OOM).
 
     python -m benchmarks.contrastive           # quick: 2N up to 8192, about a minute
     python -m benchmarks.contrastive --full    # 2N from 512 to 65536, D 128 and 256
+    python -m benchmarks.contrastive --device cuda   # 2N up to 65536, fp32 and bf16, on the GPU
+
+On CUDA, memory is torch.cuda.max_memory_allocated over the inputs, measured
+in this process.
 """
 
 import argparse
@@ -69,10 +73,28 @@ def child(case):
     print(json.dumps({"peak_extra_bytes": extra}))
 
 
+def cuda_peak_extra(case, impl):
+    """Peak CUDA memory a run allocates beyond its inputs; OOM reported as such."""
+    torch.cuda.empty_cache()
+    inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        run_once(case, impl, inputs)
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before}
+
+
 def measure(case, min_run_time):
     row = dict(case)
     for impl in ("fused", "eager"):
-        memory = measure_in_subprocess("contrastive", {**case, "impl": impl}, MEMORY_LIMIT)
+        if case.get("device", "cpu") == "cuda":
+            memory = cuda_peak_extra(case, impl)
+        else:
+            memory = measure_in_subprocess("contrastive", {**case, "impl": impl}, MEMORY_LIMIT)
         if memory.get("oom"):
             row[impl] = {"oom": True}
             continue
@@ -85,16 +107,21 @@ def measure(case, min_run_time):
     return row
 
 
-def cases(full):
-    rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536] if full else [512, 2048, 8192]
+def cases(full, device):
+    on_gpu = device == "cuda"
+    rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536] if full or on_gpu else [512, 2048, 8192]
     dims = [128, 256] if full else [128]
+    dtypes = ["float32", "bfloat16"] if on_gpu else ["float32"]
     out = []
-    for d in dims:
-        for n in rows:
-            for mode in ("forward", "forward+backward"):
-                out.append({"loss": "nt_xent", "rows": n, "d": d, "mode": mode})
-    for mode in ("forward", "forward+backward"):
-        out.append({"loss": "moco", "rows": 256, "queue": 65536 if full else 16384, "d": 128, "mode": mode})
+    for dtype in dtypes:
+        for d in dims:
+            for n in rows:
+                for mode in ("forward", "forward+backward"):
+                    out.append({"loss": "nt_xent", "rows": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
+        for mode in ("forward", "forward+backward"):
+            queue = 65536 if full or on_gpu else 16384
+            out.append({"loss": "moco", "rows": 256, "queue": queue, "d": 128, "mode": mode, "device": device,
+                        "dtype": dtype})
     return out
 
 
@@ -108,14 +135,16 @@ def fmt_mem(entry):
 
 def markdown(rows):
     lines = [
-        "| loss | rows (2N or B) | queue | D | pass | fused ms | eager ms | speed-up | fused MiB | eager MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | speed-up "
+        "| fused MiB | eager MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         ratio = f"{r['memory_ratio']:.0f}x" if "memory_ratio" in r else "-"
         lines.append(
-            f"| {r['loss']} | {r['rows']} | {r.get('queue', '-')} | {r['d']} | {r['mode']} "
+            f"| {r['loss']} | {r.get('device', 'cpu')} | {r.get('dtype', 'float32')} | {r['rows']} "
+            f"| {r.get('queue', '-')} | {r['d']} | {r['mode']} "
             f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {speed} "
             f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} |"
         )
@@ -125,7 +154,8 @@ def markdown(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the whole sweep (slow on a CPU)")
-    parser.add_argument("--out", default="results", help="folder for contrastive.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default="results", help="folder for contrastive_<device>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -135,12 +165,12 @@ def main():
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    todo = cases(args.full)
+    todo = cases(args.full, args.device)
     rows = []
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "contrastive.json")
+    path = os.path.join(args.out, f"contrastive_{args.device}.json")
     with open(path, "w") as f:
         json.dump({"machine": machine(), "temperature": TEMPERATURE, "rows": rows}, f, indent=2)
     print(markdown(rows))

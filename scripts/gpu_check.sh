@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU verification in one call, for a machine with an NVIDIA GPU, torch, nvcc
+# and no internet (the lent GPU machine):
+#   bash scripts/gpu_check.sh OUT_DIR
+# builds ssl_ops for the local GPU arch (with the emulation module, so the
+# emulated cases run next to the real ones), runs the whole test suite (the
+# CUDA-parametrised cases included), runs the CUDA benchmarks, and writes
+# logs and JSON to OUT_DIR. A summary is printed last. Uses the python3 on
+# PATH as it is; installs nothing.
+set -uo pipefail
+out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONUNBUFFERED=1 SSL_OPS_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+start=$(date +%s)
+summary() { printf '%-12s %s\n' "$1" "$2" | tee -a "$out/summary.txt"; }
+: > "$out/summary.txt"
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nvcc --version | tail -n 1
+} > "$out/env.txt" 2>&1
+summary env "$(head -n 3 "$out/env.txt" | tail -n 2 | tr '\n' ' ')"
+
+# Build in place for the visible GPU (TORCH_CUDA_ARCH_LIST unset: torch picks it).
+if timeout 300 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  summary build "ok ($(python3 -c 'import ssl_ops; i = ssl_ops.build_info(); print(i["cuda_arch_list"], "cuda", i["cuda"], "gpu", ssl_ops.cuda_kernels_available())'))"
+else
+  summary build "FAILED (see build.log)"
+  tail -n 40 "$out/build.log"
+  exit 1
+fi
+
+timeout 240 python3 -m pytest -q -ra tests -p no:cacheprovider --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
+summary tests "$(tail -n 1 "$out/tests.log")"
+timeout 60 python3 -m pytest -q -m cuda tests -p no:cacheprovider > "$out/tests_cuda.log" 2>&1
+summary cuda-tests "$(tail -n 1 "$out/tests_cuda.log")"
+
+timeout 150 python3 -m benchmarks.contrastive --device cuda --out "$out" > "$out/bench_contrastive.log" 2>&1
+summary contrastive "exit $? (bench_contrastive.log, contrastive_cuda.json)"
+timeout 90 python3 benchmarks/ema.py --devices cuda --out "$out" > "$out/bench_ema.log" 2>&1
+summary ema "exit $? (bench_ema.log, ema.json)"
+
+summary seconds "$(( $(date +%s) - start ))"
+echo
+grep -E "^\| (nt_xent|moco) .*(8192|65536) " "$out/bench_contrastive.log" | head -n 12
+grep -E "^\| (resnet50|vit)" "$out/bench_ema.log"
+echo
+cat "$out/summary.txt"
