@@ -17,6 +17,9 @@
 // the positive being positive_key[i] when given (MoCo, key = queue), else
 // key[i] (MoCo v3, CLIP); csrc/cpu/contrastive_asym.cpp has the math.
 // grad_mask: which of (query, key, positive_key) get gradients.
+//
+// cosine_rows: cos of each row pair, F.cosine_similarity's eps rule
+// (csrc/cpu/cosine.cpp); cosine_rows_backward: both gradients in one pass.
 #define SSL_OPS_DEFINE_SCHEMAS(m)                                                      \
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");      \
   m.def(                                                                               \
@@ -38,4 +41,8 @@
   m.def(                                                                               \
       "contrastive_asym_backward(Tensor grad_loss, Tensor query, Tensor key, "        \
       "Tensor? positive_key, Tensor lse, float scale, float eps, bool normalize, "    \
-      "int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
+      "int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");              \
+  m.def("cosine_rows(Tensor x0, Tensor x1, float eps) -> Tensor");                     \
+  m.def(                                                                               \
+      "cosine_rows_backward(Tensor grad, Tensor x0, Tensor x1, float eps, "            \
+      "bool[2] grad_mask) -> (Tensor, Tensor)");

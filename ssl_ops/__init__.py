@@ -7,16 +7,19 @@ holds the pure-PyTorch versions used as the baseline in tests and benchmarks.
 
 from ._extension import build_info, cuda_kernels_available
 from .contrastive import info_nce_loss, nt_xent_loss
+from .cosine import byol_loss, negative_cosine_similarity
 from .ema import ema_update_
 from .schedule import cosine_schedule
 from . import reference
 
 __all__ = [
     "build_info",
+    "byol_loss",
     "cuda_kernels_available",
     "cosine_schedule",
     "ema_update_",
     "info_nce_loss",
+    "negative_cosine_similarity",
     "nt_xent_loss",
     "reference",
 ]

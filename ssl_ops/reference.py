@@ -67,3 +67,20 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, reduction="mean", sy
     if symmetric:
         loss = (loss + F.cross_entropy(key @ query.t() / temperature, targets, reduction=reduction)) / 2
     return loss
+
+
+def byol_loss(p, z, reduction="mean"):
+    """BYOL's regression loss, 2 - 2 * cos(p_i, z_i) per row (the caller detaches z)."""
+    import torch.nn.functional as F
+
+    loss = 2 - 2 * F.cosine_similarity(p, z, dim=1)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def negative_cosine_similarity(x0, x1, dim=1, eps=1e-8):
+    """lightly's NegativeCosineSimilarity: -F.cosine_similarity(x0, x1, dim, eps).mean()."""
+    import torch.nn.functional as F
+
+    return -F.cosine_similarity(x0, x1, dim, eps).mean()

@@ -109,9 +109,18 @@ at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStr
   using A = acc_t<T>;
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
   p.out = mutable_data<A>(out);
-  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, kChunk));
+  // Up to 256 features per block (S formed once per tile); wider rows split.
+  const int parts = p.features <= kChunk ? 1 : (p.features <= 2 * kChunk ? 2 : 4);
+  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, int64_t(kChunk) * parts));
   with_tile_path<T>([&](auto tensor_cores) {
-    launch_kernel(grad_kernel<T, decltype(tensor_cores)::value>, grid, dim3(kTileThreads), 0, stream, p);
+    constexpr bool kTc = decltype(tensor_cores)::value;
+    if (parts == 1) {
+      launch_kernel(grad_kernel<T, kTc, 1>, grid, dim3(kTileThreads), 0, stream, p);
+    } else if (parts == 2) {
+      launch_kernel(grad_kernel<T, kTc, 2>, grid, dim3(kTileThreads), 0, stream, p);
+    } else {
+      launch_kernel(grad_kernel<T, kTc, 4>, grid, dim3(kTileThreads), 0, stream, p);
+    }
   });
   return out;
 }

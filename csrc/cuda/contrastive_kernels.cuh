@@ -16,6 +16,8 @@
 //     col_term = w_c (exp(S_rc - lse_c) - positive_rc * inv_c)
 //   and accumulates out_r += scale * sum_c T_rc * cols_c / denom_c (d of the
 //   normalised rows; contrastive.cu applies the normalisation backward).
+//   A block covers kParts * 64 output features (up to 256 in registers), so S
+//   is formed once per tile for D <= 256 and once per 256 features beyond.
 //   Symmetric NT-Xent uses both terms (T = G + G^T); InfoNCE uses the row term
 //   for d query and, with rows and columns swapped, the column term for d key.
 //
@@ -44,7 +46,7 @@ namespace ssl_ops::cuda {
 
 constexpr int kTileK = 32;         // features per shared-memory stage
 constexpr int kTileThreads = 256;  // 16 x 16 threads
-constexpr int kChunk = 64;         // output features per grad_kernel block, 4 per thread
+constexpr int kChunk = 64;         // features per shared-memory part of grad_kernel, 4 per thread
 
 template <typename T>
 struct AccType {
@@ -351,7 +353,7 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   }
 }
 
-template <typename T, bool kTensorCores>
+template <typename T, bool kTensorCores, int kParts>
 __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16, W = kChunk / 16;
@@ -364,7 +366,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
   __shared__ A coef[kTile][kTile + 1];  // [column k][row]: T_rc * scale / denom_c
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t r0 = int64_t(blockIdx.x) * kTile;
-  const int64_t d0 = int64_t(blockIdx.y) * kChunk;
+  const int64_t d0 = int64_t(blockIdx.y) * kChunk * kParts;
   A row_lse[R], row_w[R], row_inv[R];
   int64_t row_label[R];
 #pragma unroll
@@ -376,11 +378,11 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
     row_inv[i] = (valid && p.row_term && p.row_inv_positives) ? p.row_inv_positives[r] : A(1);
     row_label[i] = (valid && p.labels) ? p.labels[r] : -1;
   }
-  A out[R][W];
+  A out[R][W * kParts];
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
-    for (int j = 0; j < W; ++j) out[i][j] = 0;
+    for (int j = 0; j < W * kParts; ++j) out[i][j] = 0;
 
   for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
     A s[R][R];
@@ -414,33 +416,36 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
         coef[tx * R + j][ty * R + i] = t;
       }
     }
-    for (int e = tid; e < kTile * kChunk; e += kTileThreads) {
-      const int k = e / kChunk, c = e % kChunk;
-      const int64_t row = c0 + k, feature = d0 + c;
-      smem.chunk[k][c] = (row < p.n_cols && feature < p.features)
-          ? static_cast<A>(p.cols[row * p.features + feature]) : A(0);
-    }
-    __syncthreads();
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      for (int e = tid; e < kTile * kChunk; e += kTileThreads) {
+        const int k = e / kChunk, c = e % kChunk;
+        const int64_t row = c0 + k, feature = d0 + part * kChunk + c;
+        smem.chunk[k][c] = (row < p.n_cols && feature < p.features)
+            ? static_cast<A>(p.cols[row * p.features + feature]) : A(0);
+      }
+      __syncthreads();
 #pragma unroll 4
-    for (int k = 0; k < kTile; ++k) {
-      A a[R], b[W];
+      for (int k = 0; k < kTile; ++k) {
+        A a[R], b[W];
 #pragma unroll
-      for (int i = 0; i < R; ++i) a[i] = coef[k][ty * R + i];
+        for (int i = 0; i < R; ++i) a[i] = coef[k][ty * R + i];
 #pragma unroll
-      for (int j = 0; j < W; ++j) b[j] = smem.chunk[k][tx * W + j];
+        for (int j = 0; j < W; ++j) b[j] = smem.chunk[k][tx * W + j];
 #pragma unroll
-      for (int i = 0; i < R; ++i)
+        for (int i = 0; i < R; ++i)
 #pragma unroll
-        for (int j = 0; j < W; ++j) out[i][j] += a[i] * b[j];
+          for (int j = 0; j < W; ++j) out[i][part * W + j] += a[i] * b[j];
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     const int64_t r = r0 + ty * R + i;
 #pragma unroll
-    for (int j = 0; j < W; ++j) {
-      const int64_t feature = d0 + tx * W + j;
+    for (int j = 0; j < W * kParts; ++j) {
+      const int64_t feature = d0 + (j / W) * kChunk + tx * W + j % W;
       if (r < p.n_rows && feature < p.features) p.out[r * p.features + feature] = out[i][j];
     }
   }
