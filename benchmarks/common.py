@@ -85,3 +85,19 @@ def measure_in_subprocess(module, case, memory_limit_bytes=None, timeout=1800):
     if "memory" in proc.stderr.lower() or "alloc" in proc.stderr.lower() or proc.returncode in (-9, 137):
         return {"oom": True}
     raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+
+
+def cuda_peak_extra(prepare, run):
+    """Peak CUDA memory that run(inputs) allocates beyond inputs = prepare();
+    {"oom": True} when it runs out of memory."""
+    torch.cuda.empty_cache()
+    inputs = prepare()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    try:
+        run(inputs)
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return {"oom": True}
+    return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before}

@@ -29,7 +29,7 @@ import torch
 import ssl_ops
 from ssl_ops import reference
 
-from .common import machine, measure_in_subprocess, median_seconds, peak_extra_bytes_here
+from .common import cuda_peak_extra, machine, measure_in_subprocess, median_seconds, peak_extra_bytes_here
 
 MEMORY_LIMIT = 20 * 2**30  # address-space cap of the memory-measuring process
 TEMPERATURE = 0.5
@@ -73,26 +73,14 @@ def child(case):
     print(json.dumps({"peak_extra_bytes": extra}))
 
 
-def cuda_peak_extra(case, impl):
-    """Peak CUDA memory a run allocates beyond its inputs; OOM reported as such."""
-    torch.cuda.empty_cache()
-    inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    try:
-        run_once(case, impl, inputs)
-        torch.cuda.synchronize()
-    except torch.cuda.OutOfMemoryError:
-        return {"oom": True}
-    return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before}
-
-
 def measure(case, min_run_time):
     row = dict(case)
     for impl in ("fused", "eager"):
         if case.get("device", "cpu") == "cuda":
-            memory = cuda_peak_extra(case, impl)
+            memory = cuda_peak_extra(
+                lambda: make_inputs(case, requires_grad=case["mode"] != "forward"),
+                lambda inputs: run_once(case, impl, inputs),
+            )
         else:
             memory = measure_in_subprocess("contrastive", {**case, "impl": impl}, MEMORY_LIMIT)
         if memory.get("oom"):

@@ -13,20 +13,19 @@ Times are medians of torch.utils.benchmark's blocked_autorange; each ratio is
 baseline time / ssl_ops time from the same run. GB/s counts the bytes an
 update must move (read ema and online, write ema; copy: read and write).
 
-    python benchmarks/ema.py            # resnet50 and vit_base_patch16_224, CPU (+ CUDA)
-    python benchmarks/ema.py --quick    # resnet50 only
+    python -m benchmarks.ema            # resnet50 and vit_base_patch16_224, CPU (+ CUDA)
+    python -m benchmarks.ema --quick    # resnet50 only
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 
 import torch
-import torch.utils.benchmark as benchmark
 
 import ssl_ops
+
+from .common import machine, median_seconds
 
 MOMENTUM = 0.996
 
@@ -61,16 +60,10 @@ def fused(ema, online, m):
 IMPLEMENTATIONS = {"ssl_ops": fused, "loop": solo_learn_loop, "foreach": lightly_foreach, "lerp": timm_lerp}
 
 
-def median_seconds(fn, min_run_time):
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
 def run_case(model_name, device, ema_dtype, online_dtype, min_run_time):
     ema, online = parameter_set(model_name, device, ema_dtype, online_dtype)
     numel = sum(t.numel() for t in ema)
     ema_bytes = numel * (2 * ema[0].element_size() + online[0].element_size())
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {}
     for name, impl in IMPLEMENTATIONS.items():
         # Only ssl_ops takes a reduced-precision online model as it is; the
@@ -79,16 +72,11 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time):
 
         def step(impl=impl, cast=cast):
             impl(ema, [t.to(ema_dtype) for t in online] if cast else online, MOMENTUM)
-            sync()
 
-        results[name] = median_seconds(step, min_run_time)
+        results[name] = median_seconds(step, min_run_time, device)
     copy_dst = [torch.empty_like(t) for t in ema]
 
-    def copy_step():
-        torch._foreach_copy_(copy_dst, ema)
-        sync()
-
-    copy_time = median_seconds(copy_step, min_run_time)
+    copy_time = median_seconds(lambda: torch._foreach_copy_(copy_dst, ema), min_run_time, device)
     row = {
         "model": model_name,
         "device": device,
@@ -104,20 +92,6 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time):
     }
     del ema, online, copy_dst
     return row
-
-
-def machine():
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "ssl_ops_build": ssl_ops.build_info(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def markdown(rows):

@@ -21,4 +21,21 @@ void check_cosine_rows_args(const at::Tensor& x0, const at::Tensor& x1, double e
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be positive, got ", eps);
 }
 
+void check_cosine_matrix_args(const at::Tensor& a, const std::optional<at::Tensor>& b, double eps) {
+  constexpr const char* op = "ssl_ops.cosine_similarity_matrix";
+  TORCH_CHECK_VALUE(a.dim() == 2, op, ": a must be a 2-D (rows, features) tensor, got shape ", a.sizes());
+  TORCH_CHECK_VALUE(a.size(1) > 0, op, ": a has no features (shape ", a.sizes(), ")");
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(a.scalar_type()), op, ": a must be a floating-point tensor, got dtype ", a.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be positive, got ", eps);
+  if (!b.has_value()) return;
+  TORCH_CHECK_VALUE(b->dim() == 2, op, ": b must be a 2-D (rows, features) tensor, got shape ", b->sizes());
+  TORCH_CHECK_VALUE(
+      b->size(1) == a.size(1), op, ": b has ", b->size(1), " features but a has ", a.size(1));
+  TORCH_CHECK_TYPE(
+      b->scalar_type() == a.scalar_type(), op, ": b has dtype ", b->scalar_type(), " but a has dtype ",
+      a.scalar_type());
+  TORCH_CHECK(b->device() == a.device(), op, ": b is on ", b->device(), " but a is on ", a.device());
+}
+
 }  // namespace ssl_ops

@@ -20,6 +20,8 @@
 //
 // cosine_rows: cos of each row pair, F.cosine_similarity's eps rule
 // (csrc/cpu/cosine.cpp); cosine_rows_backward: both gradients in one pass.
+// cosine_similarity_matrix: C[i, j] = cos(a_i, b_j), b = a when absent
+// (csrc/cpu/cosine_matrix.cpp); its backward takes which of (a, b) need grads.
 #define SSL_OPS_DEFINE_SCHEMAS(m)                                                      \
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");      \
   m.def(                                                                               \
@@ -45,4 +47,8 @@
   m.def("cosine_rows(Tensor x0, Tensor x1, float eps) -> Tensor");                     \
   m.def(                                                                               \
       "cosine_rows_backward(Tensor grad, Tensor x0, Tensor x1, float eps, "            \
+      "bool[2] grad_mask) -> (Tensor, Tensor)");                                     \
+  m.def("cosine_similarity_matrix(Tensor a, Tensor? b, float eps) -> Tensor");        \
+  m.def(                                                                               \
+      "cosine_similarity_matrix_backward(Tensor grad, Tensor a, Tensor? b, float eps, " \
       "bool[2] grad_mask) -> (Tensor, Tensor)");

@@ -40,7 +40,7 @@ summary cuda-tests "$(tail -n 1 "$out/tests_cuda.log")"
 
 timeout 150 python3 -m benchmarks.contrastive --device cuda --out "$out" > "$out/bench_contrastive.log" 2>&1
 summary contrastive "exit $? (bench_contrastive.log, contrastive_cuda.json)"
-timeout 90 python3 benchmarks/ema.py --devices cuda --out "$out" > "$out/bench_ema.log" 2>&1
+timeout 90 python3 -m benchmarks.ema --devices cuda --out "$out" > "$out/bench_ema.log" 2>&1
 summary ema "exit $? (bench_ema.log, ema.json)"
 
 summary seconds "$(( $(date +%s) - start ))"

@@ -7,8 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$SSL_OPS_ROOT"
 if [ "${1:-}" = "--full" ]; then
   python -m benchmarks.contrastive --full
-  python benchmarks/ema.py
+  python -m benchmarks.ema
 else
   python -m benchmarks.contrastive
-  python benchmarks/ema.py --quick
+  python -m benchmarks.ema --quick
 fi

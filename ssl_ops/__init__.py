@@ -7,7 +7,7 @@ holds the pure-PyTorch versions used as the baseline in tests and benchmarks.
 
 from ._extension import build_info, cuda_kernels_available
 from .contrastive import info_nce_loss, nt_xent_loss
-from .cosine import byol_loss, negative_cosine_similarity
+from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
 from .schedule import cosine_schedule
 from . import reference
@@ -17,6 +17,7 @@ __all__ = [
     "byol_loss",
     "cuda_kernels_available",
     "cosine_schedule",
+    "cosine_similarity_matrix",
     "ema_update_",
     "info_nce_loss",
     "negative_cosine_similarity",

@@ -85,3 +85,56 @@ def negative_cosine_similarity(x0, x1, dim=1, eps=1e-8):
         raise ValueError(f"eps must be positive, got {eps}")
     a, b, _ = _rows(x0, x1, dim)
     return -torch.ops.ssl_ops.cosine_rows(a, b, float(eps)).mean()
+
+
+# ---- Cosine-similarity matrix ---------------------------------------------------------
+
+
+@torch.library.register_fake("ssl_ops::cosine_similarity_matrix")
+def _cosine_matrix_fake(a, b, eps):
+    return a.new_empty((a.shape[0], (b if b is not None else a).shape[0]))
+
+
+@torch.library.register_fake("ssl_ops::cosine_similarity_matrix_backward")
+def _cosine_matrix_backward_fake(grad, a, b, eps, grad_mask):
+    return (
+        a.new_empty(a.shape if grad_mask[0] else (0,)),
+        a.new_empty(b.shape if b is not None and grad_mask[1] else (0,)),
+    )
+
+
+def _matrix_setup_context(ctx, inputs, output):
+    a, b, eps = inputs
+    ctx.save_for_backward(a, b)
+    ctx.eps = eps
+
+
+def _matrix_backward(ctx, grad):
+    if torch.is_grad_enabled():
+        _no_double_backward(ctx)
+    a, b = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], b is not None and ctx.needs_input_grad[1]]
+    ga, gb = torch.ops.ssl_ops.cosine_similarity_matrix_backward(grad, a, b, ctx.eps, mask)
+    return (ga if mask[0] else None), (gb if mask[1] else None), None
+
+
+torch.library.register_autograd(
+    "ssl_ops::cosine_similarity_matrix", _matrix_backward, setup_context=_matrix_setup_context
+)
+torch.library.register_autograd(
+    "ssl_ops::cosine_similarity_matrix_backward", _no_double_backward, setup_context=_no_context
+)
+
+
+def cosine_similarity_matrix(a, b=None, *, eps=1e-8):
+    """``C[i, j] = a_i . b_j / (max(||a_i||, eps) * max(||b_j||, eps))``, shape (M, N);
+    ``b=None`` means ``b = a`` (then only half the products are computed).
+
+    This is exactly ``F.cosine_similarity(a[:, None], b[None], dim=-1, eps=eps)``,
+    which also clamps each norm on its own, without its (M, N, D) broadcast, and
+    ``F.normalize(a, eps=eps) @ F.normalize(b, eps=eps).T`` without the normalised
+    copies. fp16/bf16 inputs accumulate in fp32; the result has the input dtype.
+    """
+    if not isinstance(a, torch.Tensor) or (b is not None and not isinstance(b, torch.Tensor)):
+        raise TypeError("a and b must be tensors")
+    return torch.ops.ssl_ops.cosine_similarity_matrix(a, b, float(eps))

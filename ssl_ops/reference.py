@@ -84,3 +84,12 @@ def negative_cosine_similarity(x0, x1, dim=1, eps=1e-8):
     import torch.nn.functional as F
 
     return -F.cosine_similarity(x0, x1, dim, eps).mean()
+
+
+def cosine_similarity_matrix(a, b=None, eps=1e-8):
+    """Eager cosine-similarity matrix: F.normalize both sides, then one matmul."""
+    import torch.nn.functional as F
+
+    a_hat = F.normalize(a, dim=1, eps=eps)
+    b_hat = a_hat if b is None else F.normalize(b, dim=1, eps=eps)
+    return a_hat @ b_hat.t()

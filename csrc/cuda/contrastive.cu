@@ -9,7 +9,6 @@
 // (MoCo v3, CLIP); d key runs grad_kernel with rows and columns swapped.
 // Reductions and row weights are small ATen ops on the device, so nothing
 // waits for the GPU.
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -44,32 +43,6 @@ const T* data(const at::Tensor& t) {
 template <typename T>
 T* mutable_data(at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
-}
-
-// fp16/bf16 tiles always run on tensor cores; fp32 only where torch allows TF32
-// (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision).
-template <typename T>
-bool use_tensor_cores() {
-  if constexpr (std::is_same_v<T, float>) {
-    return at::globalContext().allowTF32CuBLAS();
-  } else {
-    return has_tensor_cores<T>();
-  }
-}
-
-// Launches kernel<T, tensor cores?>; fp16/bf16 instantiate only the tensor-core
-// version, double only the FMA one.
-template <typename T, typename Launch>
-void with_tile_path(Launch&& launch) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_tensor_cores<T>()) {
-      launch(std::true_type{});
-    } else {
-      launch(std::false_type{});
-    }
-  } else {
-    launch(std::bool_constant<has_tensor_cores<T>()>{});
-  }
 }
 
 template <typename T>

@@ -40,6 +40,8 @@
 #include <limits>
 #include <type_traits>
 
+#include <ATen/Context.h>
+
 #include "compat.cuh"
 
 namespace ssl_ops::cuda {
@@ -147,6 +149,10 @@ struct Wmma<float> {
   using operand = nvcuda::wmma::precision::tf32;
   static constexpr int k = 8;
 };
+// Host side: fp32 tiles run on tensor cores (TF32) only where torch allows it
+// (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision).
+inline bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+
 template <typename T>
 constexpr bool has_tensor_cores() {
   return std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
@@ -255,6 +261,29 @@ __device__ __forceinline__ void tile_dots_tc(const T* rows, int64_t n_rows, int6
   __syncthreads();
 }
 
+// Host side: calls launch(std::bool_constant<tensor cores?>) for the tile path
+// of T. fp16/bf16 instantiate only the tensor-core kernels, double only the FMA
+// ones, fp32 both (TF32 where torch allows it).
+template <typename T, typename Launch>
+void with_tile_path(Launch&& launch) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (tf32_allowed()) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+  } else {
+    launch(std::bool_constant<has_tensor_cores<T>()>{});
+  }
+}
+
+// Shared memory of one S tile, for either path.
+template <typename T>
+union STileSmem {
+  DotStage<acc_t<T>, tile_size<T>()> stage;
+  TensorCoreStage<std::conditional_t<has_tensor_cores<T>(), T, float>> tc;
+};
+
 // The S tile from whichever path the kernel was instantiated for.
 template <typename T, bool kTensorCores, int kTile, typename Smem, int R = kTile / 16>
 __device__ __forceinline__ void s_tile(const T* rows, int64_t n_rows, int64_t r0, const T* cols, int64_t n_cols,
@@ -285,10 +314,7 @@ template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16;
-  __shared__ union Smem {
-    DotStage<A, kTile> stage;
-    TensorCoreStage<std::conditional_t<has_tensor_cores<T>(), T, float>> tc;
-  } smem;
+  __shared__ STileSmem<T> smem;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t r0 = int64_t(blockIdx.x) * kTile;
   // Every thread of a row keeps the same running state for its R rows.
@@ -359,8 +385,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
   constexpr int kTile = tile_size<T>(), R = kTile / 16, W = kChunk / 16;
   // The dot-product stages are dead while a feature chunk of cols is in use.
   __shared__ union Smem {
-    DotStage<A, kTile> stage;
-    TensorCoreStage<std::conditional_t<has_tensor_cores<T>(), T, float>> tc;
+    STileSmem<T> tile;
     A chunk[kTile][kChunk + 1];  // cols[c0 + k][d0 + c]
   } smem;
   __shared__ A coef[kTile][kTile + 1];  // [column k][row]: T_rc * scale / denom_c
@@ -386,7 +411,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
 
   for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
     A s[R][R];
-    s_tile<T, kTensorCores, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, smem, s);
+    s_tile<T, kTensorCores, kTile>(p.rows, p.n_rows, r0, p.cols, p.n_cols, c0, p.features, smem.tile, s);
 #pragma unroll
     for (int j = 0; j < R; ++j) {
       const int64_t c = c0 + tx * R + j;

@@ -1,0 +1,124 @@
+// Cosine-similarity matrix, CPU kernel.
+//
+//   C[i, j] = a_i . b_j / (max(||a_i||, eps) * max(||b_j||, eps))     (b = a when b is None)
+// which is F.cosine_similarity(a[:, None], b[None], dim=-1, eps) exactly (it
+// clamps each norm on its own). Forward: row norms, then the vendor GEMM of the
+// raw rows and one vectorised epilogue pass that applies both inverse norms (no
+// normalised copy of a or b). With b = None only the tiles on and above the
+// diagonal are multiplied, each written to both halves. Float64 stays float64;
+// other dtypes multiply in float32 and round once to the input dtype.
+// Backward: with g = dC . b_hat, d a_i = (g_i - a_hat_i (a_hat_i . g_i)) / ||a_i||
+// (g_i / eps below eps), and the same for b with dC^T . a_hat; with b = None,
+// g = (dC + dC^T) . a_hat, formed as two products without a transposed copy.
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+
+#include "../cosine_check.h"
+#include "contrastive_tiles.h"
+
+namespace ssl_ops::cpu {
+namespace {
+
+constexpr int64_t kSymmetricTile = 256;
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void scale_rows(C* out, int64_t rows, int64_t cols, int64_t ld, const C* row_inv,
+                                             const C* col_inv) {
+  for (int64_t i = 0; i < rows; ++i) {
+    C* __restrict__ o = out + i * ld;
+    const C r = row_inv[i];
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) o[j] *= r * col_inv[j];
+  }
+}
+template <typename C>
+SSL_OPS_TARGET_AVX2 void scale_rows_avx2(C* out, int64_t rows, int64_t cols, int64_t ld, const C* row_inv,
+                                         const C* col_inv) {
+  scale_rows(out, rows, cols, ld, row_inv, col_inv);
+}
+
+template <typename C>
+void apply_inverse_norms(at::Tensor& out, int64_t r0, int64_t rows, int64_t c0, int64_t cols, const C* row_inv,
+                         const C* col_inv) {
+  auto* fn = cpu_has_avx2_fma() ? &scale_rows_avx2<C> : &scale_rows<C>;
+  fn(out.data_ptr<C>() + r0 * out.stride(0) + c0, rows, cols, out.stride(0), row_inv + r0, col_inv + c0);
+}
+
+at::Tensor inverse_norms(const NormalizedRows& n) { return (1 / n.denom).reshape({-1}).contiguous(); }
+
+template <typename C>
+at::Tensor matrix_impl(const at::Tensor& a, const std::optional<at::Tensor>& b, double eps) {
+  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
+  const NormalizedRows na = normalize_rows(a, eps, true, compute);
+  const at::Tensor ia = inverse_norms(na);
+  const at::Tensor raw_a = a.to(compute).contiguous();
+  const int64_t m = a.size(0);
+  if (b.has_value()) {
+    const NormalizedRows nb = normalize_rows(*b, eps, true, compute);
+    const at::Tensor ib = inverse_norms(nb);
+    at::Tensor out = at::mm(raw_a, b->to(compute).contiguous().t());
+    const int64_t n = out.size(1);
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+      apply_inverse_norms<C>(out, begin, end - begin, 0, n, ia.const_data_ptr<C>(), ib.const_data_ptr<C>());
+    });
+    return out;
+  }
+  at::Tensor out = at::empty({m, m}, a.options().dtype(compute));
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  const int64_t blocks = (m + kSymmetricTile - 1) / kSymmetricTile;
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t i = 0; i <= k; ++i) pairs.emplace_back(i, k);
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t i0 = pairs[p].first * kSymmetricTile, k0 = pairs[p].second * kSymmetricTile;
+      const int64_t bi = std::min(kSymmetricTile, m - i0), bk = std::min(kSymmetricTile, m - k0);
+      at::Tensor block = out.narrow(0, i0, bi).narrow(1, k0, bk);
+      block.copy_(at::mm(raw_a.narrow(0, i0, bi), raw_a.narrow(0, k0, bk).t()));
+      apply_inverse_norms<C>(out, i0, bi, k0, bk, ia.const_data_ptr<C>(), ia.const_data_ptr<C>());
+      if (i0 != k0) out.narrow(0, k0, bk).narrow(1, i0, bi).copy_(block.t());
+    }
+  });
+  return out;
+}
+
+at::Tensor cosine_similarity_matrix(const at::Tensor& a, const std::optional<at::Tensor>& b, double eps) {
+  check_cosine_matrix_args(a, b, eps);
+  const at::Tensor out = a.scalar_type() == at::kDouble ? matrix_impl<double>(a, b, eps) : matrix_impl<float>(a, b, eps);
+  return out.to(a.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::Tensor& grad, const at::Tensor& a,
+                                                                     const std::optional<at::Tensor>& b, double eps,
+                                                                     std::array<bool, 2> mask) {
+  check_cosine_matrix_args(a, b, eps);
+  const at::ScalarType compute = compute_type(a.scalar_type());
+  const at::Tensor g = grad.to(compute);
+  const NormalizedRows na = normalize_rows(a, eps, true, compute);
+  at::Tensor ga = at::empty({0}, a.options()), gb = at::empty({0}, a.options());
+  if (!b.has_value()) {
+    if (mask[0]) ga = normalize_rows_backward(na, at::mm(g, na.rows) + at::mm(g.t(), na.rows), a.scalar_type());
+    return {ga, gb};
+  }
+  const NormalizedRows nb = normalize_rows(*b, eps, true, compute);
+  if (mask[0]) ga = normalize_rows_backward(na, at::mm(g, nb.rows), a.scalar_type());
+  if (mask[1]) gb = normalize_rows_backward(nb, at::mm(g.t(), na.rows), b->scalar_type());
+  return {ga, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) {
+  m.impl("cosine_similarity_matrix", &cosine_similarity_matrix);
+  m.impl("cosine_similarity_matrix_backward", &cosine_similarity_matrix_backward);
+}
+
+}  // namespace ssl_ops::cpu

@@ -1,0 +1,161 @@
+// Cosine-similarity matrix, CUDA. The math is csrc/cpu/cosine_matrix.cpp's.
+//
+// Forward: row denominators (row_denom_kernel), then one tile kernel on the
+// contrastive losses' S-tile machinery (tensor cores for fp16/bf16 and for
+// fp32 where torch allows TF32, the exact FMA path otherwise) whose epilogue
+// applies both inverse norms in registers, so no normalised copy of a or b is
+// written. With b = None only tiles on and above the diagonal are computed,
+// each stored to both halves.
+// Shape routing: every shape takes the tile kernel for now. Whether the vendor
+// GEMM beats it for some shapes (and should take them, with our row kernels)
+// is to be measured on a GPU; until then there is no routing to claim.
+// Backward: g = dC . b_hat through the vendor GEMM (at::mm), then the
+// normalisation backward in finish_rows_kernel.
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <type_traits>
+
+#include "../cosine_check.h"
+#include "compat.cuh"
+#include "contrastive_kernels.cuh"
+#include "contrastive_rows.cuh"
+
+namespace ssl_ops::cuda {
+namespace {
+
+template <typename T>
+struct CosineMatrixParams {
+  const T* a;
+  const T* b;
+  const acc_t<T>* denom_a;
+  const acc_t<T>* denom_b;
+  int64_t m, n, features;
+  bool symmetric;
+  T* out;  // m x n
+};
+
+template <typename T, bool kTensorCores>
+__global__ void __launch_bounds__(kTileThreads) cosine_matrix_kernel(CosineMatrixParams<T> p) {
+  using A = acc_t<T>;
+  constexpr int kTile = tile_size<T>(), R = kTile / 16;
+  __shared__ STileSmem<T> smem;
+  int64_t row_block = blockIdx.y, col_block = blockIdx.x;
+  if (p.symmetric) {
+    // Block index -> (row block <= column block), column by column.
+    const int64_t pair = blockIdx.x;
+    int64_t k = static_cast<int64_t>((sqrt(8.0 * double(pair) + 1.0) - 1.0) / 2.0);
+    while (k * (k + 1) / 2 > pair) --k;
+    while ((k + 1) * (k + 2) / 2 <= pair) ++k;
+    col_block = k;
+    row_block = pair - k * (k + 1) / 2;
+  }
+  const int64_t r0 = row_block * kTile, c0 = col_block * kTile;
+  A s[R][R];
+  s_tile<T, kTensorCores, kTile>(p.a, p.m, r0, p.b, p.n, c0, p.features, smem, s);
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + ty * R + i;
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int64_t c = c0 + tx * R + j;
+      if (r < p.m && c < p.n) {
+        const T v = static_cast<T>(s[i][j] / (p.denom_a[r] * p.denom_b[c]));
+        p.out[r * p.n + c] = v;
+        if (p.symmetric && row_block != col_block) p.out[c * p.n + r] = v;
+      }
+    }
+  }
+}
+
+template <typename T>
+at::Tensor denominators(const at::Tensor& x, double eps, cudaStream_t stream) {
+  using A = acc_t<T>;
+  at::Tensor denom = at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  if (x.size(0) == 0) return denom;
+  RowDenomParams<T> p{x.const_data_ptr<T>(), x.size(0), x.size(1), static_cast<A>(eps), true, denom.data_ptr<A>()};
+  launch_kernel(row_denom_kernel<T>, dim3((x.size(0) + kRowsPerBlock - 1) / kRowsPerBlock), dim3(kRowThreads), 0,
+                stream, p);
+  return denom;
+}
+
+at::Tensor cosine_similarity_matrix(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in, double eps) {
+  check_cosine_matrix_args(a_in, b_in, eps);
+  const DeviceGuard guard(a_in.device());
+  const cudaStream_t stream = current_stream(a_in.device());
+  const at::Tensor a = a_in.contiguous();
+  const at::Tensor b = b_in.has_value() ? b_in->contiguous() : a;
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cosine_similarity_matrix", [&] {
+    using T = scalar_t;
+    const at::Tensor denom_a = denominators<T>(a, eps, stream);
+    const at::Tensor denom_b = b_in.has_value() ? denominators<T>(b, eps, stream) : denom_a;
+    CosineMatrixParams<T> p{a.const_data_ptr<T>(), b.const_data_ptr<T>(), denom_a.const_data_ptr<acc_t<T>>(),
+                            denom_b.const_data_ptr<acc_t<T>>(), a.size(0), b.size(0), a.size(1),
+                            !b_in.has_value(), out.data_ptr<T>()};
+    const int64_t tile = tile_size<T>();
+    const int64_t row_blocks = (p.m + tile - 1) / tile, col_blocks = (p.n + tile - 1) / tile;
+    const dim3 grid = p.symmetric ? dim3(row_blocks * (row_blocks + 1) / 2) : dim3(col_blocks, row_blocks);
+    with_tile_path<T>([&](auto tensor_cores) {
+      launch_kernel(cosine_matrix_kernel<T, decltype(tensor_cores)::value>, grid, dim3(kTileThreads), 0, stream, p);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::Tensor& grad, const at::Tensor& a_in,
+                                                                     const std::optional<at::Tensor>& b_in, double eps,
+                                                                     std::array<bool, 2> mask) {
+  check_cosine_matrix_args(a_in, b_in, eps);
+  const DeviceGuard guard(a_in.device());
+  const cudaStream_t stream = current_stream(a_in.device());
+  const at::Tensor a = a_in.contiguous();
+  at::Tensor ga = at::empty({0}, a.options()), gb = at::empty({0}, a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cosine_similarity_matrix_backward", [&] {
+    using T = scalar_t;
+    const at::ScalarType acc = c10::CppTypeToScalarType<acc_t<T>>::value;
+    const at::Tensor g = grad.to(acc);
+    const at::Tensor denom_a = denominators<T>(a, eps, stream);
+    const at::Tensor a_hat = a.to(acc) / denom_a.unsqueeze(1);
+    auto finish = [&](const at::Tensor& x, const at::Tensor& denom, const at::Tensor& grad_hat) {
+      at::Tensor out = at::empty_like(x);
+      if (x.size(0) == 0) return out;
+      const at::Tensor gh = grad_hat.contiguous();
+      FinishParams<T> p{x.const_data_ptr<T>(), denom.const_data_ptr<acc_t<T>>(), gh.const_data_ptr<acc_t<T>>(),
+                        nullptr, nullptr, nullptr, x.size(0), x.size(1), static_cast<acc_t<T>>(eps), true,
+                        out.data_ptr<T>()};
+      launch_kernel(finish_rows_kernel<T>, dim3((x.size(0) + kRowsPerBlock - 1) / kRowsPerBlock), dim3(kRowThreads),
+                    0, stream, p);
+      return out;
+    };
+    if (!b_in.has_value()) {
+      if (mask[0]) ga = finish(a, denom_a, at::mm(g, a_hat) + at::mm(g.t(), a_hat));
+      return;
+    }
+    const at::Tensor b = b_in->contiguous();
+    const at::Tensor denom_b = denominators<T>(b, eps, stream);
+    const at::Tensor b_hat = b.to(acc) / denom_b.unsqueeze(1);
+    if (mask[0]) ga = finish(a, denom_a, at::mm(g, b_hat));
+    if (mask[1]) gb = finish(b, denom_b, at::mm(g.t(), a_hat));
+  });
+  return {ga, gb};
+}
+
+}  // namespace
+
+SSL_OPS_CUDA_LIBRARY_IMPL(m) {
+  m.impl("cosine_similarity_matrix", &cosine_similarity_matrix);
+  m.impl("cosine_similarity_matrix_backward", &cosine_similarity_matrix_backward);
+}
+
+}  // namespace ssl_ops::cuda
