@@ -40,12 +40,15 @@ summary cuda-tests "$(tail -n 1 "$out/tests_cuda.log")"
 
 timeout 150 python3 -m benchmarks.contrastive --device cuda --out "$out" > "$out/bench_contrastive.log" 2>&1
 summary contrastive "exit $? (bench_contrastive.log, contrastive_cuda.json)"
+timeout 60 python3 -m benchmarks.cosine --device cuda --out "$out" > "$out/bench_cosine.log" 2>&1
+summary cosine "exit $? (bench_cosine.log, cosine_cuda.json)"
 timeout 90 python3 -m benchmarks.ema --devices cuda --out "$out" > "$out/bench_ema.log" 2>&1
 summary ema "exit $? (bench_ema.log, ema.json)"
 
 summary seconds "$(( $(date +%s) - start ))"
 echo
 grep -E "^\| (nt_xent|moco) .*(8192|65536) " "$out/bench_contrastive.log" | head -n 12
+grep -E "^\| (matrix|byol) " "$out/bench_cosine.log" | head -n 8
 grep -E "^\| (resnet50|vit)" "$out/bench_ema.log"
 echo
 cat "$out/summary.txt"
