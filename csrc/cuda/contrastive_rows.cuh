@@ -6,6 +6,8 @@
 //     g = grad_hat_r + coef_r * other_r / other_denom_r   (either part optional)
 //     dx = (g - xh (xh . g)) / ||x||   where ||x|| >= eps,   g / eps below
 //   written in x's dtype (float16 saturated at its largest finite value).
+// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 29-31 registers
+// (row_denom), 38-39 (finish_rows; 48 double); no shared memory, no spills.
 #include <cstdint>
 #include <type_traits>
 

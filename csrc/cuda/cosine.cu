@@ -3,7 +3,8 @@
 // row pair once; the backward reads it twice from cache (sums, then both
 // gradients) and writes both gradients in the same pass.
 //
-// Resources: not yet read from ptxas -v.
+// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): forward 32 registers,
+// backward 38-40 (54 for double); no shared memory, no spills.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

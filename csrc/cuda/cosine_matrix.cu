@@ -11,6 +11,9 @@
 // is to be measured on a GPU; until then there is no routing to claim.
 // Backward: g = dC . b_hat through the vendor GEMM (at::mm), then the
 // normalisation backward in finish_rows_kernel.
+// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 58 registers on tensor
+// cores for fp16/bf16, 64 for TF32, 59 exact fp32, 44 double; 17-18 KB shared
+// memory; no spills.
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
