@@ -54,30 +54,6 @@ void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
 }
 
 template <typename T>
-at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStream_t stream) {
-  using A = acc_t<T>;
-  at::Tensor denom = at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
-  RowDenomParams<T> p{data<T>(x), x.size(0), x.size(1), static_cast<A>(eps), normalize, mutable_data<A>(denom)};
-  launch_kernel(row_denom_kernel<T>, dim3(ceil_div(x.size(0), kRowsPerBlock)), dim3(kRowThreads), 0, stream, p);
-  return denom;
-}
-
-// The gradient through the normalisation, plus coef_r * other_r / other_denom_r.
-template <typename T>
-at::Tensor finish_rows(const at::Tensor& x, const at::Tensor& denom, const at::Tensor* grad_hat,
-                       const at::Tensor* coef, const at::Tensor* other, const at::Tensor* other_denom,
-                       double eps, bool normalize, cudaStream_t stream) {
-  using A = acc_t<T>;
-  at::Tensor out = at::empty_like(x);
-  FinishParams<T> p{data<T>(x), data<A>(denom), grad_hat ? data<A>(*grad_hat) : nullptr,
-                    coef ? data<A>(*coef) : nullptr, other ? data<T>(*other) : nullptr,
-                    other_denom ? data<A>(*other_denom) : nullptr, x.size(0), x.size(1),
-                    static_cast<A>(eps), normalize, mutable_data<T>(out)};
-  launch_kernel(finish_rows_kernel<T>, dim3(ceil_div(x.size(0), kRowsPerBlock)), dim3(kRowThreads), 0, stream, p);
-  return out;
-}
-
-template <typename T>
 at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStream_t stream) {
   using A = acc_t<T>;
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
@@ -228,7 +204,7 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
     in.denom_p = row_denoms<T>(in.p, eps, normalize, stream);
     RowDotParams<T> d{data<T>(in.q), data<T>(in.p), data<A>(in.denom_q), data<A>(in.denom_p), in.q.size(0),
                       in.q.size(1), static_cast<A>(scale), mutable_data<A>(in.positive_logit)};
-    launch_kernel(row_dot_kernel<T>, dim3(ceil_div(in.q.size(0), kRowsPerBlock)), dim3(kRowThreads), 0, stream, d);
+    launch_kernel(row_dot_kernel<T>, row_grid(in.q.size(0)), dim3(kRowThreads), 0, stream, d);
   }
   return in;
 }

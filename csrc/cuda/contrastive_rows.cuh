@@ -8,6 +8,10 @@
 //   written in x's dtype (float16 saturated at its largest finite value).
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 29-31 registers
 // (row_denom), 38-39 (finish_rows; 48 double); no shared memory, no spills.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -131,6 +135,40 @@ __global__ void __launch_bounds__(kRowThreads) finish_rows_kernel(FinishParams<T
     if (tangential) g -= static_cast<A>(p.x[r * p.features + k]) / denom * radial;
     p.out[r * p.features + k] = to_output<T>(p.normalize ? g / denom : g);
   }
+}
+
+// ---- Host launchers ----------------------------------------------------------------
+
+inline dim3 row_grid(int64_t rows) { return dim3((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
+
+// max(||x_r||, eps) per row (1 without normalisation), in the accumulation type.
+template <typename T>
+at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  at::Tensor denom = at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  if (x.size(0) == 0) return denom;
+  RowDenomParams<T> p{x.const_data_ptr<T>(), x.size(0), x.size(1), static_cast<A>(eps), normalize,
+                      denom.data_ptr<A>()};
+  launch_kernel(row_denom_kernel<T>, row_grid(x.size(0)), dim3(kRowThreads), 0, stream, p);
+  return denom;
+}
+
+// The gradient through the normalisation of x for d(normalised rows) =
+// grad_hat + coef_r * other_r / other_denom_r (null pointers: absent parts).
+template <typename T>
+at::Tensor finish_rows(const at::Tensor& x, const at::Tensor& denom, const at::Tensor* grad_hat,
+                       const at::Tensor* coef, const at::Tensor* other, const at::Tensor* other_denom,
+                       double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  at::Tensor out = at::empty_like(x);
+  if (x.size(0) == 0) return out;
+  FinishParams<T> p{x.const_data_ptr<T>(), denom.const_data_ptr<A>(),
+                    grad_hat ? grad_hat->const_data_ptr<A>() : nullptr, coef ? coef->const_data_ptr<A>() : nullptr,
+                    other ? other->const_data_ptr<T>() : nullptr,
+                    other_denom ? other_denom->const_data_ptr<A>() : nullptr, x.size(0), x.size(1),
+                    static_cast<A>(eps), normalize, out.data_ptr<T>()};
+  launch_kernel(finish_rows_kernel<T>, row_grid(x.size(0)), dim3(kRowThreads), 0, stream, p);
+  return out;
 }
 
 }  // namespace ssl_ops::cuda

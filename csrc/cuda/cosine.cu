@@ -83,8 +83,6 @@ __global__ void __launch_bounds__(kRowThreads) cosine_rows_backward_kernel(Cosin
   }
 }
 
-int64_t row_blocks(int64_t rows) { return (rows + kRowsPerBlock - 1) / kRowsPerBlock; }
-
 at::Tensor cosine_rows(const at::Tensor& x0_in, const at::Tensor& x1_in, double eps) {
   check_cosine_rows_args(x0_in, x1_in, eps);
   const DeviceGuard guard(x0_in.device());
@@ -95,7 +93,7 @@ at::Tensor cosine_rows(const at::Tensor& x0_in, const at::Tensor& x1_in, double 
     using A = acc_t<scalar_t>;
     CosineRowsParams<scalar_t> p{x0.const_data_ptr<scalar_t>(), x1.const_data_ptr<scalar_t>(), nullptr,
                                  x0.size(0), x0.size(1), static_cast<A>(eps), out.data_ptr<A>(), nullptr, nullptr};
-    launch_kernel(cosine_rows_kernel<scalar_t>, dim3(row_blocks(x0.size(0))), dim3(kRowThreads), 0,
+    launch_kernel(cosine_rows_kernel<scalar_t>, row_grid(x0.size(0)), dim3(kRowThreads), 0,
                   current_stream(x0.device()), p);
   });
   return out;
@@ -117,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_rows_backward(const at::Tensor& grad, 
                                  g.const_data_ptr<A>(), x0.size(0), x0.size(1), static_cast<A>(eps), nullptr,
                                  mask[0] ? g0.data_ptr<scalar_t>() : nullptr,
                                  mask[1] ? g1.data_ptr<scalar_t>() : nullptr};
-    launch_kernel(cosine_rows_backward_kernel<scalar_t>, dim3(row_blocks(x0.size(0))), dim3(kRowThreads), 0,
+    launch_kernel(cosine_rows_backward_kernel<scalar_t>, row_grid(x0.size(0)), dim3(kRowThreads), 0,
                   current_stream(x0.device()), p);
   });
   return {g0, g1};

@@ -80,17 +80,6 @@ __global__ void __launch_bounds__(kTileThreads) cosine_matrix_kernel(CosineMatri
   }
 }
 
-template <typename T>
-at::Tensor denominators(const at::Tensor& x, double eps, cudaStream_t stream) {
-  using A = acc_t<T>;
-  at::Tensor denom = at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
-  if (x.size(0) == 0) return denom;
-  RowDenomParams<T> p{x.const_data_ptr<T>(), x.size(0), x.size(1), static_cast<A>(eps), true, denom.data_ptr<A>()};
-  launch_kernel(row_denom_kernel<T>, dim3((x.size(0) + kRowsPerBlock - 1) / kRowsPerBlock), dim3(kRowThreads), 0,
-                stream, p);
-  return denom;
-}
-
 at::Tensor cosine_similarity_matrix(const at::Tensor& a_in, const std::optional<at::Tensor>& b_in, double eps) {
   check_cosine_matrix_args(a_in, b_in, eps);
   const DeviceGuard guard(a_in.device());
@@ -101,8 +90,8 @@ at::Tensor cosine_similarity_matrix(const at::Tensor& a_in, const std::optional<
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cosine_similarity_matrix", [&] {
     using T = scalar_t;
-    const at::Tensor denom_a = denominators<T>(a, eps, stream);
-    const at::Tensor denom_b = b_in.has_value() ? denominators<T>(b, eps, stream) : denom_a;
+    const at::Tensor denom_a = row_denoms<T>(a, eps, true, stream);
+    const at::Tensor denom_b = b_in.has_value() ? row_denoms<T>(b, eps, true, stream) : denom_a;
     CosineMatrixParams<T> p{a.const_data_ptr<T>(), b.const_data_ptr<T>(), denom_a.const_data_ptr<acc_t<T>>(),
                             denom_b.const_data_ptr<acc_t<T>>(), a.size(0), b.size(0), a.size(1),
                             !b_in.has_value(), out.data_ptr<T>()};
@@ -128,25 +117,18 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::T
     using T = scalar_t;
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t<T>>::value;
     const at::Tensor g = grad.to(acc);
-    const at::Tensor denom_a = denominators<T>(a, eps, stream);
+    const at::Tensor denom_a = row_denoms<T>(a, eps, true, stream);
     const at::Tensor a_hat = a.to(acc) / denom_a.unsqueeze(1);
     auto finish = [&](const at::Tensor& x, const at::Tensor& denom, const at::Tensor& grad_hat) {
-      at::Tensor out = at::empty_like(x);
-      if (x.size(0) == 0) return out;
       const at::Tensor gh = grad_hat.contiguous();
-      FinishParams<T> p{x.const_data_ptr<T>(), denom.const_data_ptr<acc_t<T>>(), gh.const_data_ptr<acc_t<T>>(),
-                        nullptr, nullptr, nullptr, x.size(0), x.size(1), static_cast<acc_t<T>>(eps), true,
-                        out.data_ptr<T>()};
-      launch_kernel(finish_rows_kernel<T>, dim3((x.size(0) + kRowsPerBlock - 1) / kRowsPerBlock), dim3(kRowThreads),
-                    0, stream, p);
-      return out;
+      return finish_rows<T>(x, denom, &gh, nullptr, nullptr, nullptr, eps, /*normalize=*/true, stream);
     };
     if (!b_in.has_value()) {
       if (mask[0]) ga = finish(a, denom_a, at::mm(g, a_hat) + at::mm(g.t(), a_hat));
       return;
     }
     const at::Tensor b = b_in->contiguous();
-    const at::Tensor denom_b = denominators<T>(b, eps, stream);
+    const at::Tensor denom_b = row_denoms<T>(b, eps, true, stream);
     const at::Tensor b_hat = b.to(acc) / denom_b.unsqueeze(1);
     if (mask[0]) ga = finish(a, denom_a, at::mm(g, b_hat));
     if (mask[1]) gb = finish(b, denom_b, at::mm(g.t(), a_hat));
