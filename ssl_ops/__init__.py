@@ -9,10 +9,17 @@ from ._extension import build_info, cuda_kernels_available
 from .contrastive import info_nce_loss, nt_xent_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
+from . import nn
+from .nn import BYOLLoss, InfoNCELoss, MemoryBank, NegativeCosineSimilarity, NTXentLoss
 from .schedule import cosine_schedule
 from . import reference
 
 __all__ = [
+    "BYOLLoss",
+    "InfoNCELoss",
+    "MemoryBank",
+    "NegativeCosineSimilarity",
+    "NTXentLoss",
     "build_info",
     "byol_loss",
     "cuda_kernels_available",
@@ -21,6 +28,7 @@ __all__ = [
     "ema_update_",
     "info_nce_loss",
     "negative_cosine_similarity",
+    "nn",
     "nt_xent_loss",
     "reference",
 ]
