@@ -10,14 +10,15 @@ from .contrastive import info_nce_loss, nt_xent_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
 from . import nn
-from .nn import BYOLLoss, InfoNCELoss, MemoryBank, NegativeCosineSimilarity, NTXentLoss
-from .schedule import cosine_schedule
+from .nn import BYOLLoss, InfoNCELoss, MemoryBank, MomentumEncoder, NegativeCosineSimilarity, NTXentLoss
+from .schedule import cosine_schedule, solo_learn_tau, timm_ema_decay
 from . import reference
 
 __all__ = [
     "BYOLLoss",
     "InfoNCELoss",
     "MemoryBank",
+    "MomentumEncoder",
     "NegativeCosineSimilarity",
     "NTXentLoss",
     "build_info",
@@ -31,5 +32,7 @@ __all__ = [
     "nn",
     "nt_xent_loss",
     "reference",
+    "solo_learn_tau",
+    "timm_ema_decay",
 ]
 __version__ = "0.1.0"

@@ -161,3 +161,25 @@ class BYOLLoss(nn.Module):
 
     def forward(self, p: Tensor, z: Tensor) -> Tensor:
         return byol_loss(p, z, reduction=self.reduction)
+
+
+class MomentumEncoder(nn.Module):
+    """A momentum (EMA) copy of a module: a deep copy with ``requires_grad`` off,
+    updated in place by ``update(online, momentum)`` through one fused
+    ``ssl_ops.ema_update_`` call (buffers copied by default, see ema_update_)."""
+
+    def __init__(self, online: nn.Module, buffers: str = "copy"):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(online)
+        self.module.requires_grad_(False)
+        self.buffers_mode = buffers
+
+    def update(self, online: nn.Module, momentum: float) -> None:
+        from .ema import ema_update_
+
+        ema_update_(self.module, online, momentum, buffers=self.buffers_mode)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -34,3 +34,25 @@ def cosine_schedule(step, max_steps, start_value, end_value, period=None):
     else:
         cosine = math.cos(math.pi * step / (max_steps - 1))
     return float(end_value - (end_value - start_value) * (cosine + 1) / 2)
+
+
+def solo_learn_tau(step, max_steps, base_tau=0.996, final_tau=1.0):
+    """solo-learn's MomentumUpdater schedule:
+    ``final - (final - base) * (cos(pi * step / max_steps) + 1) / 2``."""
+    return final_tau - (final_tau - base_tau) * (math.cos(math.pi * step / max_steps) + 1) / 2
+
+
+def timm_ema_decay(step=None, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False,
+                   warmup_gamma=1.0, warmup_power=2 / 3):
+    """timm's ``ModelEmaV3.get_decay``: ``decay`` without a step; 0 until
+    ``update_after_step`` has passed; with warmup ``1 - (1 + s / gamma) ** -power``
+    clamped to ``[min_decay, decay]``."""
+    if step is None:
+        return decay
+    step = max(0, step - update_after_step - 1)
+    if step <= 0:
+        return 0.0
+    if use_warmup:
+        value = 1 - (1 + step / warmup_gamma) ** -warmup_power
+        return max(min(value, decay), min_decay)
+    return decay

@@ -171,3 +171,19 @@ def test_compiled_raw_op_on_tensor_lists():
     update(ema, online)
     for a, b in zip(ema, expected):
         assert torch.equal(a, b)
+
+
+def test_momentum_encoder():
+    online = make_net(0)
+    encoder = ssl_ops.MomentumEncoder(online)
+    assert all(not p.requires_grad for p in encoder.parameters())
+    before = {k: v.clone() for k, v in encoder.module.state_dict().items()}
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    encoder.update(online, 0.9)
+    for (name, p), o in zip(encoder.module.named_parameters(), online.parameters()):
+        torch.testing.assert_close(p, 0.9 * before[name] + 0.1 * o)
+    x = torch.randn(4, 5)
+    encoder.eval(), online.eval()
+    assert encoder(x).shape == online(x).shape

@@ -54,3 +54,22 @@ def test_matches_lightly():
             ours = ssl_ops.cosine_schedule(step, max_steps, start, end, period)
             theirs = scheduler.cosine_schedule(step, max_steps, start, end, period)
         assert math.isclose(ours, theirs, rel_tol=1e-15, abs_tol=1e-15), (step, max_steps, period)
+
+
+def test_solo_learn_tau_formula():
+    assert ssl_ops.solo_learn_tau(0, 100) == pytest.approx(0.996, abs=1e-15)
+    assert ssl_ops.solo_learn_tau(100, 100) == pytest.approx(1.0, abs=1e-15)
+    expected = 1.0 - (1.0 - 0.99) * (math.cos(math.pi * 30 / 100) + 1) / 2
+    assert ssl_ops.solo_learn_tau(30, 100, base_tau=0.99) == expected
+
+
+def test_timm_ema_decay_matches_timm():
+    timm_utils = pytest.importorskip("timm.utils")
+    model = __import__("torch").nn.Linear(2, 2)
+    for kwargs in ({}, {"use_warmup": True}, {"use_warmup": True, "min_decay": 0.5, "update_after_step": 3},
+                   {"decay": 0.99, "use_warmup": True, "warmup_gamma": 2.0, "warmup_power": 0.75}):
+        ema = timm_utils.ModelEmaV3(model, **kwargs)
+        for step in (None, 0, 1, 2, 3, 4, 10, 1000, 10**6):
+            assert ssl_ops.timm_ema_decay(step, **kwargs) == ema.get_decay(step), (kwargs, step)
+    # The anchor formula: 1 - (1 + s / gamma) ** -power, clamped.
+    assert ssl_ops.timm_ema_decay(10, use_warmup=True) == pytest.approx(1 - (1 + 9) ** (-2 / 3))
