@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/exp.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
@@ -154,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
         at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
     at::Tensor grad = at::empty({0}, z.options());
     if (compute_grad && reduction != Reduction::None) {
-      const at::Tensor ones = at::ones_like(row_loss.sum());
-      const at::Tensor weight = row_weights(ones, reduction, valid, s.lse.scalar_type());
+      const at::Tensor unit = at::ones({}, s.lse.options());  // d(loss)/d(loss) for the forward's gradient
+      const at::Tensor weight = row_weights(unit, reduction, valid, s.lse.scalar_type());
       grad = sym_gradient<scalar_t>(z, denom, labels, s.lse, s.positive_count, weight, scale, eps, normalize, stream);
     }
     result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad};
@@ -283,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     const at::Tensor all_rows = at::ones_like(lse, lse.options().dtype(at::kBool));
     std::array<at::Tensor, 3> grads;
     if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
-      const at::Tensor weight = row_weights(at::ones_like(row_loss.sum()), reduction, all_rows, lse.scalar_type());
+      const at::Tensor weight = row_weights(at::ones({}, lse.options()), reduction, all_rows, lse.scalar_type());
       grads = asym_gradients<scalar_t>(in, lse, weight, scale, eps, normalize, grad_mask, stream);
     }
     result = {reduce(row_loss, reduction, all_rows), lse, or_empty(grads[0], query), or_empty(grads[1], key),
