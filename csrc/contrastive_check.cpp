@@ -43,7 +43,8 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* op, const 
 }  // namespace
 
 void check_sym_contrastive_args(
-    const at::Tensor& z, const at::Tensor& labels, double scale, double eps, int64_t reduction) {
+    const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin, int64_t anchor_end, double scale,
+    double eps, int64_t reduction) {
   constexpr const char* op = "ssl_ops.contrastive_sym_loss";
   check_matrix(z, op, "z");
   check_scalars(op, scale, eps, reduction);
@@ -56,6 +57,10 @@ void check_sym_contrastive_args(
   TORCH_CHECK(
       labels.device() == z.device(), op, ": labels is on ", labels.device(), " but z is on ",
       z.device());
+  TORCH_CHECK_VALUE(
+      0 <= anchor_begin && anchor_begin < anchor_end && anchor_end <= z.size(0), op,
+      ": the anchor rows [anchor_begin, anchor_end) = [", anchor_begin, ", ", anchor_end,
+      ") must be a non-empty range within the ", z.size(0), " rows of z");
 }
 
 void check_asym_contrastive_args(

@@ -10,9 +10,11 @@ namespace ssl_ops {
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
 // Throws unless z is a non-empty floating (M, D) matrix, labels an int64 vector
-// of length M on z's device, and the scalars valid.
+// of length M on z's device, 0 <= anchor_begin < anchor_end <= M, and the
+// scalars valid.
 void check_sym_contrastive_args(
-    const at::Tensor& z, const at::Tensor& labels, double scale, double eps, int64_t reduction);
+    const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin, int64_t anchor_end, double scale,
+    double eps, int64_t reduction);
 
 // Throws unless query (M, D), key (L, D) and positive_key (M, D), when given,
 // are non-empty floating matrices of one dtype and device, with M == L when

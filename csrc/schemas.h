@@ -9,9 +9,13 @@
 // tests reach the multi-launch paths of the CUDA kernel with small tensors.
 //
 // contrastive_sym_loss: NT-Xent / SupCon over the rows of z, positives by equal
-// labels (csrc/cpu/contrastive_sym.cpp has the math). reduction: 0 none,
-// 1 mean, 2 sum. With compute_grad (and a reduction) grad_z is the gradient of
-// the loss, computed in the same call; otherwise it is empty.
+// labels (csrc/cpu/contrastive_sym.cpp has the math), for the anchors
+// rows [anchor_begin, anchor_end) against all rows as candidates (all rows in
+// one process; this process's rows when z is gathered from several, so the
+// work is anchors x rows). reduction: 0 none (one loss per row of z, 0 outside
+// the anchors), 1 mean over anchors with positives, 2 sum. With compute_grad
+// (and a reduction) grad_z is the gradient of the loss, computed in the same
+// call; otherwise it is empty.
 // contrastive_sym_backward: the gradient for any grad_loss, from the saved lse.
 // contrastive_asym_loss / _backward: InfoNCE of query rows against key rows,
 // the positive being positive_key[i] when given (MoCo, key = queue), else
@@ -28,11 +32,13 @@
       "_ema_update_chunked_(Tensor(a!)[] ema, Tensor[] online, float momentum, "     \
       "int chunk_size) -> ()");                                                        \
   m.def(                                                                               \
-      "contrastive_sym_loss(Tensor z, Tensor labels, float scale, float eps, "         \
+      "contrastive_sym_loss(Tensor z, Tensor labels, int anchor_begin, int anchor_end, " \
+      "float scale, float eps, "                                                      \
       "bool normalize, int reduction, bool compute_grad) -> "                          \
       "(Tensor loss, Tensor lse, Tensor positive_count, Tensor grad_z)");             \
   m.def(                                                                               \
-      "contrastive_sym_backward(Tensor grad_loss, Tensor z, Tensor labels, Tensor lse, " \
+      "contrastive_sym_backward(Tensor grad_loss, Tensor z, Tensor labels, "           \
+      "int anchor_begin, int anchor_end, Tensor lse, "                                \
       "Tensor positive_count, float scale, float eps, bool normalize, int reduction) " \
       "-> Tensor");                                                                    \
   m.def(                                                                               \

@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
+from . import distributed
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _EPS = 1e-12  # F.normalize's default, as lightly uses it
@@ -20,7 +21,7 @@ def _loss_dtype(dtype):
 
 
 @torch.library.register_fake("ssl_ops::contrastive_sym_loss")
-def _sym_loss_fake(z, labels, scale, eps, normalize, reduction, compute_grad):
+def _sym_loss_fake(z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, compute_grad):
     rows = z.shape[0]
     loss_dtype = _loss_dtype(z.dtype)
     loss = z.new_empty((rows,) if reduction == 0 else (), dtype=loss_dtype)
@@ -31,7 +32,8 @@ def _sym_loss_fake(z, labels, scale, eps, normalize, reduction, compute_grad):
 
 
 @torch.library.register_fake("ssl_ops::contrastive_sym_backward")
-def _sym_backward_fake(grad_loss, z, labels, lse, positive_count, scale, eps, normalize, reduction):
+def _sym_backward_fake(grad_loss, z, labels, anchor_begin, anchor_end, lse, positive_count, scale, eps, normalize,
+                       reduction):
     return torch.empty_like(z)
 
 
@@ -40,9 +42,10 @@ def _no_double_backward(ctx, *grads):
 
 
 def _sym_setup_context(ctx, inputs, output):
-    z, labels, scale, eps, normalize, reduction, _ = inputs
+    z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, _ = inputs
     _, lse, positive_count, grad = output
     ctx.save_for_backward(z, labels, lse, positive_count, grad)
+    ctx.anchors = (anchor_begin, anchor_end)
     ctx.options = (scale, eps, normalize, reduction)
 
 
@@ -55,9 +58,9 @@ def _sym_backward(ctx, grad_loss, *_unused):
         grad_z = grad * grad_loss  # computed in the forward; only scaled here
     else:
         grad_z = torch.ops.ssl_ops.contrastive_sym_backward(
-            grad_loss, z, labels, lse, positive_count, scale, eps, normalize, reduction
+            grad_loss, z, labels, *ctx.anchors, lse, positive_count, scale, eps, normalize, reduction
         )
-    return grad_z, None, None, None, None, None, None
+    return grad_z, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -161,15 +164,18 @@ def _check_view(name, t, like=None, like_name=None):
         raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} has shape {tuple(like.shape)}")
 
 
-def _sym_loss(z, labels, temperature, reduction, normalize):
+def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None):
     compute_grad = torch.is_grad_enabled() and z.requires_grad
+    anchor_begin, anchor_end = anchors if anchors is not None else (0, z.shape[0])
     loss, _, _, _ = torch.ops.ssl_ops.contrastive_sym_loss(
-        z, labels, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction), compute_grad
+        z, labels, anchor_begin, anchor_end, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction),
+        compute_grad,
     )
     return loss
 
 
-def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean", normalize=True):
+def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean", normalize=True,
+                 gather_distributed=False):
     """NT-Xent, the SimCLR loss, without storing the (2N x 2N) logits matrix.
 
     * ``nt_xent_loss(z0, z1)``: two views (N, D) each. Over the 2N rows of
@@ -191,6 +197,13 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
     already normalised). A negative temperature is accepted, as lightly does.
     The loss is float32 for float16/bfloat16 inputs (float64 for float64);
     gradients come in the input dtype.
+
+    ``gather_distributed=True`` (with torch.distributed initialised and more
+    than one process): this rank's rows are the anchors, scored against the
+    rows of every rank (gathered with gradient; samples of different ranks are
+    different samples, labels are compared across ranks). The loss is the mean
+    over this rank's anchors; with DDP's gradient averaging the update equals
+    one process's on the whole batch. Every rank must pass the same batch size.
     """
     _check_temperature(temperature)
     if isinstance(z0, (list, tuple)):
@@ -214,6 +227,8 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
         if labels.shape != (z0.shape[0],):
             raise ValueError(f"labels must have shape ({z0.shape[0]},), one per row of z0, got {tuple(labels.shape)}")
         z, group = z0, labels.to(torch.int64)
+        if gather_distributed and distributed.world_size() > 1:
+            return _gathered_sym_loss(z, distributed.gather(group), temperature, reduction, normalize)
     else:
         if z1 is None:
             raise ValueError("nt_xent_loss needs z1 (the second view), a list of views, or labels")
@@ -224,8 +239,20 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
                 f"z0 and z1 must share dtype and device, got {z0.dtype} on {z0.device} and {z1.dtype} on {z1.device}"
             )
         z = torch.cat([z0, z1])
-        group = torch.arange(z0.shape[0], device=z.device).repeat(2)
+        batch = z0.shape[0]
+        group = torch.arange(batch, device=z.device).repeat(2)
+    if gather_distributed and distributed.world_size() > 1:
+        # Sample i of rank r is sample r * batch + i of the gathered batch.
+        offsets = torch.arange(distributed.world_size(), device=z.device) * batch
+        return _gathered_sym_loss(z, (offsets[:, None] + group).reshape(-1), temperature, reduction, normalize)
     return _sym_loss(z, group, temperature, reduction, normalize)
+
+
+def _gathered_sym_loss(z, group_all, temperature, reduction, normalize):
+    rows, rank = z.shape[0], distributed.rank()
+    anchors = (rank * rows, (rank + 1) * rows)
+    loss = _sym_loss(distributed.gather_with_grad(z), group_all, temperature, reduction, normalize, anchors)
+    return loss.narrow(0, anchors[0], rows) if reduction == "none" else loss
 
 
 def _asym_loss(query, key, positive_key, temperature, reduction, normalize):

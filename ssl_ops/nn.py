@@ -1,9 +1,10 @@
 """nn.Module losses, drop-in for lightly's (matched against lightly 1.6, the
 version PyPI serves), on the fused ssl_ops kernels.
 
-Multi-process gathering (``gather_distributed=True`` with a world size above
-1) is not implemented yet and raises NotImplementedError; with one process it
-behaves as lightly does (no gathering).
+``gather_distributed=True`` gathers across torch.distributed processes as
+lightly does (ssl_ops/distributed.py): NTXentLoss scores this rank's rows
+against every rank's, with gradient; the memory bank enqueues every rank's
+batch. With one process nothing is gathered.
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -12,22 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .contrastive import info_nce_loss, nt_xent_loss
 from .cosine import byol_loss, negative_cosine_similarity
-
-
-def _world_size():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _check_single_process(module):
-    if module.gather_distributed and _world_size() > 1:
-        raise NotImplementedError(
-            f"{type(module).__name__}(gather_distributed=True) across {_world_size()} processes is not "
-            "implemented yet in ssl_ops; use gather_distributed=False or lightly for now"
-        )
+from .heads import (  # noqa: F401  (re-exported)
+    BYOLPredictionHead,
+    BYOLProjectionHead,
+    MoCoProjectionHead,
+    ProjectionHead,
+    SimCLRProjectionHead,
+)
 
 
 class MemoryBank(nn.Module):
@@ -37,8 +32,9 @@ class MemoryBank(nn.Module):
     ``forward(output, labels=None, update=False)`` returns ``(output, bank)``:
     the bank as it was before this call (shape (dim, num_features) with
     ``feature_dim_first``, else (num_features, dim)); with ``update`` the batch is
-    then enqueued, and when it reaches the end the rest of the batch is dropped
-    and the pointer wraps to 0.
+    then enqueued (every rank's batch, in rank order, with ``gather_distributed``),
+    and when it reaches the end the rest of the batch is dropped and the pointer
+    wraps to 0.
     """
 
     def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False,
@@ -81,7 +77,8 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, batch: Tensor) -> None:
-        _check_single_process(self)
+        if self.gather_distributed and distributed.world_size() > 1:
+            batch = distributed.gather(batch)
         batch_size = batch.shape[0]
         ptr = int(self.bank_ptr)
         if ptr + batch_size >= self.size[0]:
@@ -120,8 +117,7 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank.size[0] == 0:
-            _check_single_process(self)
-            return nt_xent_loss(out0, out1, self.temperature)
+            return nt_xent_loss(out0, out1, self.temperature, gather_distributed=self.gather_distributed)
         # The bank stores normalised rows, as lightly enqueues them.
         _, negatives = self.memory_bank(F.normalize(out1.detach(), dim=1), update=out0.requires_grad)
         return info_nce_loss(out0, out1, negatives.t().to(out0.dtype), self.temperature)

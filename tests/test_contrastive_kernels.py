@@ -39,20 +39,47 @@ def test_sym_op(backend, dtype, rows, d):
     labels = torch.arange(rows).remainder((rows + 1) // 2).to(backend.device)  # pairs, one singleton if odd
     labels_cpu = labels.cpu()
     scale = 2.0
-    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, labels, scale, EPS, True, 2, True)
+    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, labels, 0, rows, scale, EPS, True, 2, True)
     valid = (labels_cpu[:, None] == labels_cpu[None, :]).sum(1) > 1
     ref_rows, ref_grad = sym_reference(z, labels_cpu, scale, valid.double())
     close(loss, ref_rows.sum(), dtype, "sum loss")
     close(grad, ref_grad, dtype, "forward gradient")
     assert count.cpu().tolist() == ((labels_cpu[:, None] == labels_cpu[None, :]).sum(1) - 1).tolist()
     # reduction none, its backward op with random row weights
-    rows_loss, lse, count, empty = backend.ops.contrastive_sym_loss(z, labels, scale, EPS, True, 0, True)
+    rows_loss, lse, count, empty = backend.ops.contrastive_sym_loss(z, labels, 0, rows, scale, EPS, True, 0, True)
     assert empty.numel() == 0
     close(rows_loss, ref_rows, dtype, "row losses")
     weight = rand((rows,), torch.float64, "cpu", 2)
     grad_loss = weight.to(lse.dtype).to(backend.device)
-    grad_b = backend.ops.contrastive_sym_backward(grad_loss, z, labels, lse, count, scale, EPS, True, 0)
+    grad_b = backend.ops.contrastive_sym_backward(grad_loss, z, labels, 0, rows, lse, count, scale, EPS, True, 0)
     _, ref_grad_b = sym_reference(z, labels_cpu, scale, weight * valid)
+    close(grad_b, ref_grad_b, dtype, "backward gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,begin,end", [(9, 3, 6), (200, 0, 70), (200, 130, 200), (260, 65, 195), (140, 1, 2)])
+def test_sym_op_anchor_range(backend, dtype, rows, begin, end):
+    """Anchors [begin, end) against all rows (the rows one process owns in a
+    gathered batch): losses of the anchors only, gradients to every row."""
+    z = rand((rows, 40), dtype, backend.device, 11)
+    labels = torch.arange(rows).remainder(rows // 2)
+    scale = 1 / 0.3
+    anchor = torch.zeros(rows, dtype=torch.bool)
+    anchor[begin:end] = True
+    valid = ((labels[:, None] == labels[None, :]).sum(1) > 1) & anchor
+    dev_labels = labels.to(backend.device)
+    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, dev_labels, begin, end, scale, EPS, True, 1, True)
+    ref_rows, ref_grad = sym_reference(z, labels, scale, valid.double() / valid.sum())
+    close(loss, (ref_rows * valid).sum() / valid.sum(), dtype, "mean loss over anchors")
+    close(grad, ref_grad, dtype, "forward gradient")
+    assert (count.cpu()[~anchor] == 0).all() and (count.cpu()[anchor] > 0).all()
+    rows_loss, lse, count, _ = backend.ops.contrastive_sym_loss(z, dev_labels, begin, end, scale, EPS, True, 0, False)
+    close(rows_loss, ref_rows * valid, dtype, "row losses, 0 outside the anchors")
+    weight = rand((rows,), torch.float64, "cpu", 12)
+    grad_b = backend.ops.contrastive_sym_backward(
+        weight.to(lse.dtype).to(backend.device), z, dev_labels, begin, end, lse, count, scale, EPS, True, 0
+    )
+    _, ref_grad_b = sym_reference(z, labels, scale, weight * valid)
     close(grad_b, ref_grad_b, dtype, "backward gradient")
 
 
@@ -61,7 +88,7 @@ def test_sym_supcon_labels_and_mean(backend):
     g = torch.Generator().manual_seed(4)
     labels = torch.randint(0, 20, (150,), generator=g)
     labels[5] = 999  # no positives
-    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 1 / 0.3, EPS, True, 1, True)
+    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 0, 150, 1 / 0.3, EPS, True, 1, True)
     z64 = z.detach().double().cpu().requires_grad_()
     ref = reference.supcon_loss(z64, labels, 0.3)
     (ref_grad,) = torch.autograd.grad(ref, [z64])
@@ -110,10 +137,10 @@ def test_zero_rows_and_unnormalised_inputs(backend):
     z = rand((20, 8), torch.float32, backend.device, 9)
     z[3] = 0
     labels = torch.arange(10).repeat(2).to(backend.device)
-    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels, 10.0, EPS, True, 1, True)
+    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels, 0, 20, 10.0, EPS, True, 1, True)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     zn = torch.nn.functional.normalize(z.double().cpu(), dim=1).float().to(backend.device)
-    loss_n, _, _, grad_n = backend.ops.contrastive_sym_loss(zn, labels, 10.0, EPS, False, 1, True)
+    loss_n, _, _, grad_n = backend.ops.contrastive_sym_loss(zn, labels, 0, 20, 10.0, EPS, False, 1, True)
     z64 = zn.double().cpu().requires_grad_()
     ref = reference.supcon_loss(z64, labels.cpu(), 0.1, normalize=False)
     (ref_grad,) = torch.autograd.grad(ref, [z64])
@@ -125,7 +152,7 @@ def test_tf32_only_where_torch_allows_it(cuda_source_backend):
     backend = cuda_source_backend
     z = rand((70, 48), torch.float32, backend.device, 10)
     labels = torch.arange(35).repeat(2).to(backend.device)
-    args = (z, labels, 1 / 0.1, EPS, True, 1, True)
+    args = (z, labels, 0, 70, 1 / 0.1, EPS, True, 1, True)
     previous = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False

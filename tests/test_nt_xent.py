@@ -177,16 +177,17 @@ def test_opcheck():
     labels = torch.arange(5).repeat(2)
     for reduction in (0, 1, 2):
         for compute_grad in (False, True):
-            torch.library.opcheck(
-                torch.ops.ssl_ops.contrastive_sym_loss.default,
-                (z, labels, 2.0, 1e-12, True, reduction, compute_grad),
-            )
-    _, lse, count, _ = torch.ops.ssl_ops.contrastive_sym_loss(z, labels, 2.0, 1e-12, True, 0, False)
+            for begin, end in ((0, 10), (3, 7)):
+                torch.library.opcheck(
+                    torch.ops.ssl_ops.contrastive_sym_loss.default,
+                    (z, labels, begin, end, 2.0, 1e-12, True, reduction, compute_grad),
+                )
+    _, lse, count, _ = torch.ops.ssl_ops.contrastive_sym_loss(z, labels, 0, 10, 2.0, 1e-12, True, 0, False)
     # The backward op is not differentiable (double backward raises), so its
     # autograd checks are left out.
     torch.library.opcheck(
         torch.ops.ssl_ops.contrastive_sym_backward.default,
-        (torch.randn(10), z.detach(), labels, lse, count, 2.0, 1e-12, True, 0),
+        (torch.randn(10), z.detach(), labels, 0, 10, lse, count, 2.0, 1e-12, True, 0),
         test_utils=("test_schema", "test_faketensor"),
     )
     with pytest.raises(RuntimeError, match="double backward"):
@@ -218,7 +219,7 @@ def test_no_grad_does_no_gradient_work_and_runs_are_deterministic():
     with torch.no_grad():
         a = ssl_ops.nt_xent_loss(z0, z1, 0.5)
     _, _, _, grad = torch.ops.ssl_ops.contrastive_sym_loss(
-        torch.cat([z0, z1]).detach(), torch.arange(300).repeat(2), 2.0, 1e-12, True, 1, False
+        torch.cat([z0, z1]).detach(), torch.arange(300).repeat(2), 0, 600, 2.0, 1e-12, True, 1, False
     )
     assert grad.numel() == 0
     b = ssl_ops.nt_xent_loss(z0, z1, 0.5)
@@ -264,10 +265,13 @@ def test_raw_op_validates_its_arguments():
     labels = torch.arange(2).repeat(2)
     op = torch.ops.ssl_ops.contrastive_sym_loss
     with pytest.raises(TypeError, match="labels must be int64, got dtype Int"):
-        op(z, labels.int(), 2.0, 1e-12, True, 1, False)
+        op(z, labels.int(), 0, 4, 2.0, 1e-12, True, 1, False)
     with pytest.raises(ValueError, match=r"1 / temperature must be finite and non-zero, got inf"):
-        op(z, labels, math.inf, 1e-12, True, 1, False)
+        op(z, labels, 0, 4, math.inf, 1e-12, True, 1, False)
     with pytest.raises(ValueError, match="reduction must be 0 \\(none\\), 1 \\(mean\\) or 2 \\(sum\\), got 3"):
-        op(z, labels, 2.0, 1e-12, True, 3, False)
+        op(z, labels, 0, 4, 2.0, 1e-12, True, 3, False)
     with pytest.raises(TypeError, match="z must be a floating-point tensor, got dtype Long"):
-        op(z.long(), labels, 2.0, 1e-12, True, 1, False)
+        op(z.long(), labels, 0, 4, 2.0, 1e-12, True, 1, False)
+    for begin, end in ((2, 2), (-1, 3), (0, 5), (3, 1)):
+        with pytest.raises(ValueError, match=rf"anchor rows \[anchor_begin, anchor_end\) = \[{begin}, {end}\) must be"):
+            op(z, labels, begin, end, 2.0, 1e-12, True, 1, False)

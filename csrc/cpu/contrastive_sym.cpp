@@ -17,6 +17,11 @@
 // which no block appears twice (symmetric_tile_rounds), in parallel within a
 // round, so no two tasks write the same rows. The forward computes the gradient
 // of the reduced loss when asked (compute_grad), so backward only scales it.
+//
+// Anchors: only rows [a0, a1) have losses (z gathered from several processes,
+// this process's rows are the anchors). Rows outside get w_i = 0, so G_ik = 0
+// there, and pairs with neither block touching the anchors are skipped: the
+// work is anchors x rows, anchor-anchor pairs still visited once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -142,25 +147,32 @@ SSL_OPS_TARGET_AVX2 void pass2_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i
   pass2_tile(s, bi, bk, i0, k0, labels, lse, inv_positives, weight, scale, diagonal);
 }
 
-void for_each_tile_pair(int64_t rows, const std::function<void(int64_t, int64_t, int64_t, int64_t, bool)>& fn) {
+struct AnchorRange {
+  int64_t begin, end;
+  bool touches(int64_t i0, int64_t bi) const { return i0 < end && i0 + bi > begin; }
+};
+
+void for_each_tile_pair(int64_t rows, AnchorRange anchors,
+                        const std::function<void(int64_t, int64_t, int64_t, int64_t, bool)>& fn) {
   const int64_t blocks = (rows + kTileRows - 1) / kTileRows;
   for (const auto& round : symmetric_tile_rounds(blocks)) {
     at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const auto [I, K] = round[p];
         const int64_t i0 = I * kTileRows, k0 = K * kTileRows;
-        fn(i0, std::min(kTileRows, rows - i0), k0, std::min(kTileRows, rows - k0), I == K);
+        const int64_t bi = std::min(kTileRows, rows - i0), bk = std::min(kTileRows, rows - k0);
+        if (anchors.touches(i0, bi) || anchors.touches(k0, bk)) fn(i0, bi, k0, bk, I == K);
       }
     });
   }
 }
 
 template <typename C>
-at::Tensor gradient_pass(const at::Tensor& rows, const int64_t* labels, const C* lse,
+at::Tensor gradient_pass(const at::Tensor& rows, AnchorRange anchors, const int64_t* labels, const C* lse,
                          const C* inv_positives, const C* weight, C scale) {
   const int64_t m = rows.size(0);
   at::Tensor grad = at::zeros_like(rows);
-  for_each_tile_pair(m, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
+  for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(rows, i0, bi, k0, bk);
     auto* pass2 = cpu_has_avx2_fma() ? &pass2_tile_avx2<C> : &pass2_tile<C>;
     pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, lse, inv_positives, weight, scale, diagonal);
@@ -204,8 +216,8 @@ std::vector<C> inverse_counts(const int64_t* positive_count, int64_t m) {
 
 template <typename C>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
-    const at::Tensor& z, const at::Tensor& labels_in, double scale_d, double eps, bool normalize,
-    Reduction reduction, bool compute_grad) {
+    const at::Tensor& z, const at::Tensor& labels_in, AnchorRange anchors, double scale_d, double eps,
+    bool normalize, Reduction reduction, bool compute_grad) {
   const int64_t m = z.size(0);
   const C scale = static_cast<C>(scale_d);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
@@ -214,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
 
   RowStats<C> stats(m);
-  for_each_tile_pair(m, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
+  for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(n.rows, i0, bi, k0, bk);
     auto* pass1 = cpu_has_avx2_fma() ? &pass1_tile_avx2<C> : &pass1_tile<C>;
     pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, diagonal, stats);
@@ -230,8 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
   C total = 0;
   int64_t valid = 0;
   for (int64_t i = 0; i < m; ++i) {
-    lse_p[i] = stats.lse[i].value();
-    count_p[i] = stats.positive_count[i];
+    const bool anchor = i >= anchors.begin && i < anchors.end;  // other rows' statistics are partial
+    lse_p[i] = anchor ? stats.lse[i].value() : C(0);
+    count_p[i] = anchor ? stats.positive_count[i] : 0;
     loss_p[i] = count_p[i] > 0 ? lse_p[i] - stats.positive_sum[i] / C(count_p[i]) : C(0);
     total += loss_p[i];
     valid += count_p[i] > 0;
@@ -246,25 +259,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
     const std::vector<C> weight = row_weights<C>(count_p, m, reduction, at::ones({}, opts));
     const std::vector<C> inv = inverse_counts<C>(count_p, m);
     grad = normalize_rows_backward(
-        n, gradient_pass<C>(n.rows, label_ptr, lse_p, inv.data(), weight.data(), scale), z.scalar_type());
+        n, gradient_pass<C>(n.rows, anchors, label_ptr, lse_p, inv.data(), weight.data(), scale), z.scalar_type());
   }
   return {loss, lse, positive_count, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
-    const at::Tensor& z, const at::Tensor& labels, double scale, double eps, bool normalize,
-    int64_t reduction, bool compute_grad) {
-  check_sym_contrastive_args(z, labels, scale, eps, reduction);
+    const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin, int64_t anchor_end, double scale,
+    double eps, bool normalize, int64_t reduction, bool compute_grad) {
+  check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction);
   const auto r = static_cast<Reduction>(reduction);
+  const AnchorRange anchors{anchor_begin, anchor_end};
   if (z.scalar_type() == at::kDouble) {
-    return sym_loss_impl<double>(z, labels, scale, eps, normalize, r, compute_grad);
+    return sym_loss_impl<double>(z, labels, anchors, scale, eps, normalize, r, compute_grad);
   }
-  return sym_loss_impl<float>(z, labels, scale, eps, normalize, r, compute_grad);
+  return sym_loss_impl<float>(z, labels, anchors, scale, eps, normalize, r, compute_grad);
 }
 
 template <typename C>
 at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels_in,
-                             const at::Tensor& lse_in, const at::Tensor& positive_count_in, double scale,
+                             AnchorRange anchors, const at::Tensor& lse_in, const at::Tensor& positive_count_in, double scale,
                              double eps, bool normalize, Reduction reduction) {
   const int64_t m = z.size(0);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
@@ -276,20 +290,22 @@ at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, c
   const std::vector<C> weight = row_weights<C>(count_p, m, reduction, grad_loss);
   const std::vector<C> inv = inverse_counts<C>(count_p, m);
   const at::Tensor grad_rows = gradient_pass<C>(
-      n.rows, labels.const_data_ptr<int64_t>(), lse.const_data_ptr<C>(), inv.data(), weight.data(),
+      n.rows, anchors, labels.const_data_ptr<int64_t>(), lse.const_data_ptr<C>(), inv.data(), weight.data(),
       static_cast<C>(scale));
   return normalize_rows_backward(n, grad_rows, z.scalar_type());
 }
 
 at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels,
-                                    const at::Tensor& lse, const at::Tensor& positive_count, double scale,
-                                    double eps, bool normalize, int64_t reduction) {
-  check_sym_contrastive_args(z, labels, scale, eps, reduction);
+                                    int64_t anchor_begin, int64_t anchor_end, const at::Tensor& lse,
+                                    const at::Tensor& positive_count, double scale, double eps, bool normalize,
+                                    int64_t reduction) {
+  check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction);
   const auto r = static_cast<Reduction>(reduction);
+  const AnchorRange anchors{anchor_begin, anchor_end};
   if (z.scalar_type() == at::kDouble) {
-    return sym_backward_impl<double>(grad_loss, z, labels, lse, positive_count, scale, eps, normalize, r);
+    return sym_backward_impl<double>(grad_loss, z, labels, anchors, lse, positive_count, scale, eps, normalize, r);
   }
-  return sym_backward_impl<float>(grad_loss, z, labels, lse, positive_count, scale, eps, normalize, r);
+  return sym_backward_impl<float>(grad_loss, z, labels, anchors, lse, positive_count, scale, eps, normalize, r);
 }
 
 }  // namespace

@@ -2,9 +2,9 @@
 // (asymmetric). The math is the CPU kernels' (csrc/cpu/contrastive_sym.cpp,
 // contrastive_asym.cpp); the tile kernels are in contrastive_kernels.cuh.
 //
-// Symmetric: row denominators -> lse_kernel (self excluded, positives by
-// label) -> per-row loss; with a gradient, grad_kernel with both terms
-// (T = G + G^T) -> finish_rows_kernel. Asymmetric: the same with the
+// Symmetric: row denominators -> lse_kernel over the anchor rows (self
+// excluded, positives by label) -> per-row loss; with a gradient, grad_kernel
+// with both terms (T = G + G^T) -> finish_rows_kernel. Asymmetric: the same with the
 // positive-key logit as the first term of each row (MoCo) or the diagonal
 // (MoCo v3, CLIP); d key runs grad_kernel with rows and columns swapped.
 // Reductions and row weights are small ATen ops on the device, so nothing
@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -24,8 +25,9 @@
 #include <torch/library.h>
 
 #include <array>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
+#include <vector>
 
 #include "../contrastive_check.h"
 #include "compat.cuh"
@@ -99,56 +101,92 @@ struct SymSaved {
   at::Tensor lse, positive_sum, positive_count;
 };
 
+// The anchor rows [begin, end) of z: all rows in one process, this process's
+// rows when z is gathered from several.
+struct Anchors {
+  int64_t begin, end;
+  int64_t count() const { return end - begin; }
+};
+
 template <typename T>
-SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels, double scale,
-                        cudaStream_t stream) {
+SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels, Anchors anchors,
+                        double scale, cudaStream_t stream) {
   using A = acc_t<T>;
-  const int64_t m = z.size(0);
+  const int64_t m = z.size(0), d = z.size(1);
   const auto acc_opts = z.options().dtype(c10::CppTypeToScalarType<A>::value);
-  SymSaved s{at::empty({m}, acc_opts), at::empty({m}, acc_opts), at::empty({m}, z.options().dtype(at::kLong))};
-  LseParams<T> p{data<T>(z), data<T>(z), data<A>(denom), data<A>(denom), m, m, z.size(1), static_cast<A>(scale),
-                 data<int64_t>(labels), /*exclude_self=*/true, nullptr, mutable_data<A>(s.lse),
-                 mutable_data<A>(s.positive_sum), mutable_data<int64_t>(s.positive_count), nullptr};
+  // Rows outside the anchors keep 0: no positives, so no loss and no weight.
+  SymSaved s{at::zeros({m}, acc_opts), at::zeros({m}, acc_opts), at::zeros({m}, z.options().dtype(at::kLong))};
+  const int64_t a0 = anchors.begin;
+  LseParams<T> p{data<T>(z) + a0 * d, data<T>(z), data<A>(denom) + a0, data<A>(denom), anchors.count(), m, d,
+                 static_cast<A>(scale), data<int64_t>(labels), /*row_offset=*/a0, /*exclude_self=*/true, nullptr,
+                 mutable_data<A>(s.lse) + a0, mutable_data<A>(s.positive_sum) + a0,
+                 mutable_data<int64_t>(s.positive_count) + a0, nullptr};
   launch_lse(p, stream);
   return s;
 }
 
+// d zh = scale (G + G^T) zh with G zero outside the anchor rows: the anchors
+// take both terms against every row; the other rows (before and after the
+// anchors) take only the column term, against the anchors.
 template <typename T>
-at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels,
+at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels, Anchors anchors,
                         const at::Tensor& lse, const at::Tensor& positive_count, const at::Tensor& weight,
                         double scale, double eps, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
+  const int64_t m = z.size(0), d = z.size(1);
   const at::Tensor count = positive_count.to(lse.scalar_type());
   const at::Tensor inv_positives = at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count));
-  GradParams<T> p{};
-  p.rows = p.cols = data<T>(z);
-  p.row_denom = p.col_denom = data<A>(denom);
-  p.n_rows = p.n_cols = z.size(0);
-  p.features = z.size(1);
-  p.scale = static_cast<A>(scale);
-  p.labels = data<int64_t>(labels);
-  p.exclude_self = true;
-  p.row_term = p.col_term = true;  // T = G + G^T
-  p.row_lse = p.col_lse = data<A>(lse);
-  p.row_weight = p.col_weight = data<A>(weight);
-  p.row_inv_positives = p.col_inv_positives = data<A>(inv_positives);
-  p.has_positives = true;
-  const at::Tensor grad_hat = run_grad_kernel(p, z, stream);
+  GradParams<T> base{};
+  base.features = d;
+  base.scale = static_cast<A>(scale);
+  base.labels = data<int64_t>(labels);
+  base.exclude_self = true;
+  base.has_positives = true;
+  // Rows [r0, r1) against columns [c0, c1); every per-row array is sliced alike.
+  auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool row_term) {
+    GradParams<T> p = base;
+    p.rows = data<T>(z) + r0 * d;
+    p.cols = data<T>(z) + c0 * d;
+    p.row_denom = data<A>(denom) + r0;
+    p.col_denom = data<A>(denom) + c0;
+    p.n_rows = r1 - r0;
+    p.n_cols = c1 - c0;
+    p.row_offset = r0;
+    p.col_offset = c0;
+    p.row_term = row_term;
+    p.col_term = true;
+    p.row_lse = data<A>(lse) + r0;
+    p.row_weight = data<A>(weight) + r0;
+    p.row_inv_positives = data<A>(inv_positives) + r0;
+    p.col_lse = data<A>(lse) + c0;
+    p.col_weight = data<A>(weight) + c0;
+    p.col_inv_positives = data<A>(inv_positives) + c0;
+    return run_grad_kernel(p, z, stream);
+  };
+  at::Tensor grad_hat = block(anchors.begin, anchors.end, 0, m, true);
+  if (anchors.count() < m) {
+    std::vector<at::Tensor> parts;
+    if (anchors.begin > 0) parts.push_back(block(0, anchors.begin, anchors.begin, anchors.end, false));
+    parts.push_back(grad_hat);
+    if (anchors.end < m) parts.push_back(block(anchors.end, m, anchors.begin, anchors.end, false));
+    grad_hat = at::cat(parts);
+  }
   return finish_rows<T>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
-    const at::Tensor& z_in, const at::Tensor& labels_in, double scale, double eps, bool normalize,
-    int64_t reduction_in, bool compute_grad) {
-  check_sym_contrastive_args(z_in, labels_in, scale, eps, reduction_in);
+    const at::Tensor& z_in, const at::Tensor& labels_in, int64_t anchor_begin, int64_t anchor_end, double scale,
+    double eps, bool normalize, int64_t reduction_in, bool compute_grad) {
+  check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
   const auto reduction = static_cast<Reduction>(reduction_in);
+  const Anchors anchors{anchor_begin, anchor_end};
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
     const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
-    const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, scale, stream);
+    const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, anchors, scale, stream);
     const at::Tensor valid = s.positive_count > 0;
     const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
     const at::Tensor row_loss =
@@ -157,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
     if (compute_grad && reduction != Reduction::None) {
       const at::Tensor unit = at::ones({}, s.lse.options());  // d(loss)/d(loss) for the forward's gradient
       const at::Tensor weight = row_weights(unit, reduction, valid, s.lse.scalar_type());
-      grad = sym_gradient<scalar_t>(z, denom, labels, s.lse, s.positive_count, weight, scale, eps, normalize, stream);
+      grad = sym_gradient<scalar_t>(z, denom, labels, anchors, s.lse, s.positive_count, weight, scale, eps,
+                                    normalize, stream);
     }
     result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad};
   });
@@ -165,9 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
 }
 
 at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tensor& z_in, const at::Tensor& labels_in,
-                                    const at::Tensor& lse, const at::Tensor& positive_count, double scale, double eps,
-                                    bool normalize, int64_t reduction) {
-  check_sym_contrastive_args(z_in, labels_in, scale, eps, reduction);
+                                    int64_t anchor_begin, int64_t anchor_end, const at::Tensor& lse,
+                                    const at::Tensor& positive_count, double scale, double eps, bool normalize,
+                                    int64_t reduction) {
+  check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -177,8 +217,8 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
     const at::Tensor lse_acc = lse.to(denom.scalar_type()).contiguous();
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), positive_count > 0, denom.scalar_type());
-    grad = sym_gradient<scalar_t>(z, denom, labels, lse_acc, positive_count.contiguous(), weight.contiguous(),
-                                  scale, eps, normalize, stream);
+    grad = sym_gradient<scalar_t>(z, denom, labels, Anchors{anchor_begin, anchor_end}, lse_acc,
+                                  positive_count.contiguous(), weight.contiguous(), scale, eps, normalize, stream);
   });
   return grad;
 }
@@ -276,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     at::Tensor lse = at::empty({in.q.size(0)}, in.denom_q.options());
     LseParams<scalar_t> p{data<scalar_t>(in.q), data<scalar_t>(in.k), data<A>(in.denom_q), data<A>(in.denom_k),
                           in.q.size(0), in.k.size(0), in.q.size(1), static_cast<A>(scale), nullptr,
-                          /*exclude_self=*/false, in.p.defined() ? data<A>(in.positive_logit) : nullptr,
+                          /*row_offset=*/0, /*exclude_self=*/false, in.p.defined() ? data<A>(in.positive_logit) : nullptr,
                           mutable_data<A>(lse), nullptr, nullptr,
                           in.p.defined() ? nullptr : mutable_data<A>(in.positive_logit)};
     launch_lse(p, stream);

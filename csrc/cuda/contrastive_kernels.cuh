@@ -8,8 +8,9 @@
 //
 // lse_kernel: one block per 64 rows walks all column tiles keeping an online
 //   log-sum-exp per row (and, with labels, the sum and count of positive
-//   logits; with diagonal_logit, S_rr). Self (r == c) is skipped with
-//   exclude_self; initial_logit (MoCo's positive-key logit) starts the sum.
+//   logits; with diagonal_logit, S_rr). Self (c == r + row_offset: the rows
+//   may be a slice of the columns) is skipped with exclude_self;
+//   initial_logit (MoCo's positive-key logit) starts the sum.
 // grad_kernel: block (row tile, 64-wide feature chunk) walks all column tiles,
 //   forms T_rc = row_term(r, c) + col_term(r, c) with
 //     row_term = w_r (exp(S_rc - lse_r) - positive_rc * inv_r)
@@ -91,6 +92,7 @@ struct LseParams {
   int64_t n_rows, n_cols, features;
   acc_t<T> scale;
   const int64_t* labels;          // positives by equal labels (symmetric), or null
+  int64_t row_offset;             // row r is column r + row_offset (labels, self)
   bool exclude_self;
   const acc_t<T>* initial_logit;  // per row, or null
   acc_t<T>* lse;
@@ -108,6 +110,9 @@ struct GradParams {
   int64_t n_rows, n_cols, features;
   acc_t<T> scale;
   const int64_t* labels;  // positives by equal labels; null: the diagonal is the positive
+  // Indices into labels (and of self) are r + row_offset and c + col_offset:
+  // rows and cols may be slices of the rows the labels describe.
+  int64_t row_offset, col_offset;
   bool exclude_self;
   bool row_term, col_term;
   const acc_t<T>* row_lse;
@@ -328,7 +333,7 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
     run_sum[i] = (valid && p.initial_logit) ? A(1) : A(0);
     pos_sum[i] = 0;
     pos_count[i] = 0;
-    label[i] = (valid && p.labels) ? p.labels[r] : -1;
+    label[i] = (valid && p.labels) ? p.labels[r + p.row_offset] : -1;
   }
   for (int64_t c0 = 0; c0 < p.n_cols; c0 += kTile) {
     A s[R][R];
@@ -341,7 +346,7 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
 #pragma unroll
       for (int j = 0; j < R; ++j) {
         const int64_t c = c0 + tx * R + j;
-        const bool candidate = c < p.n_cols && !(p.exclude_self && c == r);
+        const bool candidate = c < p.n_cols && !(p.exclude_self && c == r + p.row_offset);
         s[i][j] = candidate ? s[i][j] * row_factor / p.col_denom[c] : negative_infinity<A>();
         tile_max = s[i][j] > tile_max ? s[i][j] : tile_max;
         if (p.diagonal_logit && c == r && r < p.n_rows) p.diagonal_logit[r] = s[i][j];
@@ -401,7 +406,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
     row_lse[i] = (valid && p.row_term) ? p.row_lse[r] : A(0);
     row_w[i] = (valid && p.row_term) ? p.row_weight[r] : A(0);
     row_inv[i] = (valid && p.row_term && p.row_inv_positives) ? p.row_inv_positives[r] : A(1);
-    row_label[i] = (valid && p.labels) ? p.labels[r] : -1;
+    row_label[i] = (valid && p.labels) ? p.labels[r + p.row_offset] : -1;
   }
   A out[R][W * kParts];
 #pragma unroll
@@ -420,16 +425,17 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
       const A col_lse = (col_valid && p.col_term) ? p.col_lse[c] : A(0);
       const A col_w = (col_valid && p.col_term) ? p.col_weight[c] : A(0);
       const A col_inv = (col_valid && p.col_term && p.col_inv_positives) ? p.col_inv_positives[c] : A(1);
-      const int64_t col_label = (col_valid && p.labels) ? p.labels[c] : -2;
+      const int64_t col_label = (col_valid && p.labels) ? p.labels[c + p.col_offset] : -2;
 #pragma unroll
       for (int i = 0; i < R; ++i) {
         const int64_t r = r0 + ty * R + i;
-        const bool valid = col_valid && r < p.n_rows && !(p.exclude_self && r == c);
+        const bool same = r + p.row_offset == c + p.col_offset;
+        const bool valid = col_valid && r < p.n_rows && !(p.exclude_self && same);
         A t = 0;
         if (valid) {
           const A logit = s[i][j] * p.scale / (p.row_denom[r] * col_denom);
           const bool positive =
-              p.has_positives && (p.labels ? col_label == row_label[i] : r == c);
+              p.has_positives && (p.labels ? col_label == row_label[i] : same);
           if (p.row_term && row_w[i] != A(0)) {
             t += row_w[i] * (device_exp(logit - row_lse[i]) - (positive ? row_inv[i] : A(0)));
           }
