@@ -10,17 +10,34 @@ from .contrastive import info_nce_loss, nt_xent_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
 from . import nn
-from .nn import BYOLLoss, InfoNCELoss, MemoryBank, MomentumEncoder, NegativeCosineSimilarity, NTXentLoss
+from .nn import (
+    BYOLLoss,
+    BYOLPredictionHead,
+    BYOLProjectionHead,
+    InfoNCELoss,
+    MemoryBank,
+    MoCoProjectionHead,
+    MomentumEncoder,
+    NegativeCosineSimilarity,
+    NTXentLoss,
+    ProjectionHead,
+    SimCLRProjectionHead,
+)
 from .schedule import cosine_schedule, solo_learn_tau, timm_ema_decay
 from . import reference
 
 __all__ = [
     "BYOLLoss",
+    "BYOLPredictionHead",
+    "BYOLProjectionHead",
     "InfoNCELoss",
     "MemoryBank",
+    "MoCoProjectionHead",
     "MomentumEncoder",
     "NegativeCosineSimilarity",
     "NTXentLoss",
+    "ProjectionHead",
+    "SimCLRProjectionHead",
     "build_info",
     "byol_loss",
     "cuda_kernels_available",

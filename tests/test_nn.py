@@ -65,3 +65,29 @@ def test_cosine_modules_match_lightly():
     torch.testing.assert_close(byol, 2 + 2 * theirs.detach(), rtol=1e-6, atol=1e-6)
     info = ssl_ops.InfoNCELoss(0.1)(x0, x1)
     torch.testing.assert_close(info, ssl_ops.info_nce_loss(x0, x1, temperature=0.1))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("SimCLRProjectionHead", dict(input_dim=12, hidden_dim=10, output_dim=6)),
+        ("SimCLRProjectionHead", dict(input_dim=12, hidden_dim=10, output_dim=6, num_layers=3, batch_norm=False)),
+        ("MoCoProjectionHead", dict(input_dim=12, hidden_dim=10, output_dim=6)),
+        ("MoCoProjectionHead", dict(input_dim=12, hidden_dim=10, output_dim=6, num_layers=3, batch_norm=True)),
+        ("BYOLProjectionHead", dict(input_dim=12, hidden_dim=10, output_dim=6)),
+        ("BYOLPredictionHead", dict(input_dim=6, hidden_dim=10, output_dim=6)),
+    ],
+)
+def test_heads_match_lightly_layers_and_outputs(name, kwargs):
+    heads = pytest.importorskip("lightly.models.modules.heads")
+    theirs = getattr(heads, name)(**kwargs)
+    ours = getattr(ssl_ops, name)(**kwargs)
+    assert [type(m) for m in ours.layers] == [type(m) for m in theirs.layers]
+    ours.load_state_dict(theirs.state_dict())  # same names and shapes
+    x = torch.randn(5, kwargs["input_dim"])
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_head_needs_two_layers():
+    with pytest.raises(ValueError, match="num_layers must be at least 2, got 1"):
+        ssl_ops.SimCLRProjectionHead(num_layers=1)
