@@ -1,0 +1,41 @@
+"""The example trainers run end to end for a few steps, with the fused and the
+reference implementations, and report their accuracies (a smoke test: the
+accuracy figures of full runs are in the README)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("timm")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "resnet10t", "--epochs", "1", "--max-steps", "2", "--batch-size", "32",
+        "--probe-steps", "5", "--finetune-epochs", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("example", ["simclr", "moco", "byol"])
+def test_example_runs(tmp_path, example, impl):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, os.path.join(ROOT, "examples", f"{example}.py"), *TINY, "--loss-impl", impl,
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["pretrain"]["steps"] == 2 and result["loss_impl"] == impl
+    for side in ("ssl", "random_init"):
+        for stage in ("linear_probe", "fine_tune"):
+            assert 0.0 <= result["accuracy"][side][stage] <= 1.0
+    assert "| random init |" in proc.stdout
+
+
+def test_pretrained_without_weights_says_so(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "simclr.py"), *TINY, "--pretrained"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert "could not load pretrained weights for timm model 'resnet10t'" in proc.stderr
