@@ -43,6 +43,26 @@ def check_against_reference(inputs, dtype, weight=None, **kwargs):
         assert (g.double() - r).abs().max().item() <= grad_tol * scale
 
 
+@pytest.mark.parametrize("temperature", [0.01, 1 / 30, 0.034, 0.07, 1.0, 10.0, -0.2])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6])
+def test_moco_temperatures_and_far_negative_rows(temperature, magnitude):
+    """The CPU forward shifts by the logit bound |1/T| where exp(-2/|T|) cannot
+    underflow (|T| >= 1/30) and by each tile's max otherwise; rows whose logits
+    all sit near the bottom of the range are the hard case for the first."""
+    query = rand((40, 16), torch.float32, 3)
+    queue = rand((700, 16), torch.float32, 4, requires_grad=False)
+    with torch.no_grad():
+        query.mul_(magnitude)
+        queue[:, 0] = queue[:, 0].abs() + 1.0
+        query[:5] = 0
+        query[:5, 0] = -magnitude  # opposite to every queue row and to its key
+    key = (-query).detach() * 0.5
+    key[5:] = rand((35, 16), torch.float32, 5, requires_grad=False) * magnitude
+    for inputs in ((query, key, queue), (query, key)):
+        check_against_reference(inputs, torch.float32, temperature=temperature, reduction="none",
+                                weight=torch.linspace(0.5, 1.5, 40))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("batch,queue_size,d", [(1, 1, 1), (3, 129, 3), (65, 300, 64), (130, 2500, 128), (7, 40, 256)])
 def test_moco_queue_matches_reference(dtype, batch, queue_size, d):

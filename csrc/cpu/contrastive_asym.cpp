@@ -12,7 +12,9 @@
 //   d qh = scale (G kh + g ph),  d kh = scale G^T qh,  d ph = scale g qh
 // then through the normalisation.
 //
-// Pass 1 runs over row blocks (running log-sum-exp per row); the gradient pass
+// Pass 1 runs over row blocks (running log-sum-exp per row, shifted by the
+// logit bound |scale| where rows are unit vectors and that cannot underflow,
+// else by the running max); the gradient pass
 // runs over row blocks for d qh and, only when k needs a gradient, over column
 // blocks for d kh, so every task writes its own rows. The forward computes the
 // gradients of the reduced loss that are asked for (grad_mask), so backward
@@ -42,32 +44,37 @@ namespace {
 // holds the diagonal (the positive, without positive_key). With `alpha`, the
 // tile is overwritten with exp(S - new running max) and alpha_i is the factor
 // that rescales row i's earlier sums to the new max (online softmax).
+// With `bounded`, `bound` is an upper bound of every logit (|scale| for
+// normalised rows) and serves as the shift: one pass over the tile, no max.
 template <typename C>
 SSL_OPS_ALWAYS_INLINE inline void asym_pass1_tile(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0,
-                                                  C scale, RunningLse<C>* lse, C* diagonal_logit, C* alpha) {
+                                                  C scale, bool bounded, C bound, RunningLse<C>* lse,
+                                                  C* diagonal_logit, C* alpha) {
   for (int64_t i = 0; i < bi; ++i) {
     C* __restrict__ row = s + i * bj;
-    C row_max = -std::numeric_limits<C>::infinity();
-#pragma omp simd reduction(max : row_max)
-    for (int64_t j = 0; j < bj; ++j) {
-      row[j] *= scale;
-      row_max = std::max(row_max, row[j]);
-    }
     const int64_t diagonal = i0 + i - j0;
-    if (diagonal_logit != nullptr && diagonal >= 0 && diagonal < bj) diagonal_logit[i0 + i] = row[diagonal];
+    if (diagonal_logit != nullptr && diagonal >= 0 && diagonal < bj) diagonal_logit[i0 + i] = row[diagonal] * scale;
     RunningLse<C>& state = lse[i0 + i];
-    const C shift = state.next_max(row_max);
+    C shift;
+    if (bounded) {
+      shift = state.next_max(bound);
+    } else {
+      C row_max = -std::numeric_limits<C>::infinity();
+#pragma omp simd reduction(max : row_max)
+      for (int64_t j = 0; j < bj; ++j) row_max = std::max(row_max, row[j] * scale);
+      shift = state.next_max(row_max);
+    }
     C sum = 0;
     if (alpha != nullptr) {
       alpha[i] = tile_exp(state.max - shift);
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < bj; ++j) {
-        row[j] = tile_exp(row[j] - shift);
+        row[j] = tile_exp(std::fma(row[j], scale, -shift));
         sum += row[j];
       }
     } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < bj; ++j) sum += tile_exp(row[j] - shift);
+      for (int64_t j = 0; j < bj; ++j) sum += tile_exp(std::fma(row[j], scale, -shift));
     }
     state.merge(shift, sum);
   }
@@ -89,8 +96,9 @@ SSL_OPS_ALWAYS_INLINE inline void asym_pass2_tile(C* s, int64_t bi, int64_t bj, 
 
 template <typename C>
 SSL_OPS_TARGET_AVX2 void asym_pass1_tile_avx2(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
-                                              RunningLse<C>* lse, C* diagonal_logit, C* alpha) {
-  asym_pass1_tile(s, bi, bj, i0, j0, scale, lse, diagonal_logit, alpha);
+                                              bool bounded, C bound, RunningLse<C>* lse, C* diagonal_logit,
+                                              C* alpha) {
+  asym_pass1_tile(s, bi, bj, i0, j0, scale, bounded, bound, lse, diagonal_logit, alpha);
 }
 template <typename C>
 SSL_OPS_TARGET_AVX2 void asym_pass2_tile_avx2(C* s, int64_t bi, int64_t bj, int64_t i0, int64_t j0, C scale,
@@ -99,6 +107,11 @@ SSL_OPS_TARGET_AVX2 void asym_pass2_tile_avx2(C* s, int64_t bi, int64_t bj, int6
 }
 
 int64_t blocks_of(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+
+// Candidates per tile when walking a row block's columns: wider than the
+// symmetric kernel's square tiles, so each at::mm call does more work per
+// dispatch (a 128 x 512 fp32 tile, 256 KB, still sits in L2).
+constexpr int64_t kColumnTile = 512;
 
 struct Inputs {
   NormalizedRows q, k;
@@ -149,8 +162,8 @@ std::array<at::Tensor, 3> gradient_pass(const Inputs& in, C scale, const C* lse,
         for (int64_t b = begin; b < end; ++b) {
           const int64_t i0 = b * kTileRows, bi = std::min(kTileRows, m - i0);
           at::Tensor gq_i = gq.narrow(0, i0, bi);
-          for (int64_t j0 = 0; j0 < l; j0 += kTileRows) {
-            const int64_t bj = std::min(kTileRows, l - j0);
+          for (int64_t j0 = 0; j0 < l; j0 += kColumnTile) {
+            const int64_t bj = std::min(kColumnTile, l - j0);
             gq_i.addmm_(tile_G<C>(in, i0, bi, j0, bj, scale, lse, weight), kh.narrow(0, j0, bj), 1, scale);
           }
         }
@@ -225,14 +238,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
   const bool online = reduction != Reduction::None && grad_mask[0] && !grad_mask[1];
   at::Tensor weighted_keys = online ? at::zeros_like(in.q.rows) : at::Tensor();
   auto* pass1 = cpu_has_avx2_fma() ? &asym_pass1_tile_avx2<C> : &asym_pass1_tile<C>;
+  // Unit rows bound every logit by |scale|. Shifting by that bound instead of
+  // each tile's max saves a pass; exp(S - bound) >= exp(-2 |scale|) must stay
+  // far from underflow (float: |scale| <= 30, temperature >= 1/30), or a row
+  // whose logits all sit near -|scale| would sum to 0.
+  const C bound = static_cast<C>(std::abs(scale_d));
+  const bool bounded = normalize && 2 * bound <= (sizeof(C) == 4 ? C(60) : C(600));
   at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
     at::Tensor alpha = online ? at::empty({kTileRows, 1}, opts) : at::Tensor();
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i0 = b * kTileRows, bi = std::min(kTileRows, m - i0);
-      for (int64_t j0 = 0; j0 < l; j0 += kTileRows) {
-        const int64_t bj = std::min(kTileRows, l - j0);
+      for (int64_t j0 = 0; j0 < l; j0 += kColumnTile) {
+        const int64_t bj = std::min(kColumnTile, l - j0);
         at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
-        pass1(tile.data_ptr<C>(), bi, bj, i0, j0, scale, running.data(), in.p ? nullptr : pos_p,
+        pass1(tile.data_ptr<C>(), bi, bj, i0, j0, scale, bounded, bound, running.data(), in.p ? nullptr : pos_p,
               online ? alpha.data_ptr<C>() : nullptr);
         if (online) {
           at::Tensor acc = weighted_keys.narrow(0, i0, bi);
