@@ -1,5 +1,8 @@
 """Contrastive losses: the fused ssl_ops kernels against the eager pure-PyTorch
-reference (lightly-style: the full logits matrix, then cross-entropy).
+reference (lightly-style: the full logits matrix, then cross-entropy) and
+against torch.compile of that reference (dynamic shapes, compiled once per
+loss and pass in the timing process; the memory-measuring process compiles
+and runs it once before it measures).
 
 * nt_xent: SimCLR over 2N rows of D features (ssl_ops.nt_xent_loss vs
   ssl_ops.reference.nt_xent_loss)
@@ -49,7 +52,14 @@ def make_inputs(case, requires_grad):
     return rand(case["rows"], requires_grad), rand(case["rows"], False), rand(case["queue"], False)
 
 
+_COMPILED = {}
+
+
 def loss_fn(case, impl):
+    if impl == "compiled":
+        if case["loss"] not in _COMPILED:
+            _COMPILED[case["loss"]] = torch.compile(loss_fn(case, "eager"), dynamic=True)
+        return _COMPILED[case["loss"]]
     module = ssl_ops if impl == "fused" else reference
     if case["loss"] == "nt_xent":
         return lambda z0, z1: module.nt_xent_loss(z0, z1, TEMPERATURE)
@@ -69,13 +79,15 @@ def run_once(case, impl, inputs):
 
 def child(case):
     inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
+    if case["impl"] == "compiled":
+        run_once(case, "compiled", inputs)  # compilation is not the loss's memory
     extra = peak_extra_bytes_here(lambda: run_once(case, case["impl"], inputs))
     print(json.dumps({"peak_extra_bytes": extra}))
 
 
-def measure(case, min_run_time):
+def measure(case, min_run_time, impls):
     row = dict(case)
-    for impl in ("fused", "eager"):
+    for impl in impls:
         if case.get("device", "cpu") == "cuda":
             memory = cuda_peak_extra(
                 lambda: make_inputs(case, requires_grad=case["mode"] != "forward"),
@@ -92,6 +104,8 @@ def measure(case, min_run_time):
     if "median_s" in row["fused"] and "median_s" in row["eager"]:
         row["speedup"] = row["eager"]["median_s"] / row["fused"]["median_s"]
         row["memory_ratio"] = row["eager"]["peak_extra_bytes"] / max(1, row["fused"]["peak_extra_bytes"])
+    if "median_s" in row["fused"] and "median_s" in row.get("compiled", {}):
+        row["speedup_vs_compiled"] = row["compiled"]["median_s"] / row["fused"]["median_s"]
     return row
 
 
@@ -117,6 +131,8 @@ def cases(full, device):
 
 
 def fmt_time(entry):
+    if entry is None:
+        return "-"
     return "OOM" if entry.get("oom") else f"{entry['median_s'] * 1e3:.1f}"
 
 
@@ -126,17 +142,19 @@ def fmt_mem(entry):
 
 def markdown(rows):
     lines = [
-        "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | speed-up "
-        "| fused MiB | eager MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | compiled ms "
+        "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
         ratio = f"{r['memory_ratio']:.0f}x" if "memory_ratio" in r else "-"
+        vs_compiled = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
         lines.append(
             f"| {r['loss']} | {r.get('device', 'cpu')} | {r.get('dtype', 'float32')} | {r['rows']} "
             f"| {r.get('queue', '-')} | {r['d']} | {r['mode']} "
-            f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {speed} "
+            f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {fmt_time(r.get('compiled'))} | {speed} "
+            f"| {vs_compiled} "
             f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} |"
         )
     return "\n".join(lines)
@@ -147,6 +165,7 @@ def main():
     parser.add_argument("--full", action="store_true", help="the whole sweep (slow on a CPU)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="results", help="folder for contrastive_<device>.json")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,13 +178,22 @@ def main():
     todo = cases(args.full, args.device)
     rows = []
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
-        rows.append(measure(case, min_run_time=1.0 if args.full else 0.3))
+        impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
+        rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"contrastive_{args.device}.json")
     with open(path, "w") as f:
         json.dump({"machine": machine(), "temperature": TEMPERATURE, "rows": rows}, f, indent=2)
     print(markdown(rows))
-    print(f"\nspeed-up = eager time / fused time; memory = peak extra resident memory of a fresh process; JSON: {path}")
+    print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
+          f"memory of a fresh process (CUDA: max_memory_allocated); JSON: {path}")
+    try:
+        from .plots import plot_file
+
+        for png in plot_file(path):
+            print(f"plot: {png}")
+    except ImportError as e:  # matplotlib is optional for users; the dev environment has it
+        print(f"no plots ({e})")
 
 
 if __name__ == "__main__":
