@@ -86,6 +86,28 @@ def test_temperatures_and_input_scales(temperature, scale):
     assert_close_scaled(g1, r1, 5e-4, "grad z1")
 
 
+@pytest.mark.parametrize("temperature", [1 / 30, 0.034, -1 / 30, 0.02])
+def test_rows_far_from_every_candidate(temperature):
+    """The CPU kernel shifts exp by the logit bound |1/T| where exp(-2/|T|)
+    cannot underflow (|T| >= 1/30): rows whose every logit sits near -1/|T|
+    (opposite to all other rows, their positive included) are the hard case."""
+    z0, z1 = views(40, 16, torch.float32)
+    with torch.no_grad():
+        z0[:, 0] = z0[:, 0].abs() + 2.0
+        z1[:, 0] = z1[:, 0].abs() + 2.0
+        z0[:3] = 0
+        z0[:3, 0] = -1.0  # rows 0-2: opposite to every row but each other
+        z1[:3] = z1[:3] * 0.01
+    weight = torch.linspace(0.5, 1.5, 80)
+    loss = ssl_ops.nt_xent_loss(z0, z1, temperature, reduction="none")
+    g0, g1 = torch.autograd.grad((loss * weight).sum(), [z0, z1])
+    ref, r0, r1 = reference_loss_and_grads(z0, z1, temperature, "none", weight)
+    assert torch.isfinite(loss).all()
+    assert_close_scaled(loss, ref, 2e-5 * 30, "loss")
+    assert_close_scaled(g0, r0, 5e-4, "grad z0")
+    assert_close_scaled(g1, r1, 5e-4, "grad z1")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_zero_rows_stay_finite(dtype):
     z0, z1 = views(6, 8, dtype)

@@ -238,12 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
   const bool online = reduction != Reduction::None && grad_mask[0] && !grad_mask[1];
   at::Tensor weighted_keys = online ? at::zeros_like(in.q.rows) : at::Tensor();
   auto* pass1 = cpu_has_avx2_fma() ? &asym_pass1_tile_avx2<C> : &asym_pass1_tile<C>;
-  // Unit rows bound every logit by |scale|. Shifting by that bound instead of
-  // each tile's max saves a pass; exp(S - bound) >= exp(-2 |scale|) must stay
-  // far from underflow (float: |scale| <= 30, temperature >= 1/30), or a row
-  // whose logits all sit near -|scale| would sum to 0.
   const C bound = static_cast<C>(std::abs(scale_d));
-  const bool bounded = normalize && 2 * bound <= (sizeof(C) == 4 ? C(60) : C(600));
+  const bool bounded = logit_bound_usable<C>(scale_d, normalize);
   at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
     at::Tensor alpha = online ? at::empty({kTileRows, 1}, opts) : at::Tensor();
     for (int64_t b = begin; b < end; ++b) {

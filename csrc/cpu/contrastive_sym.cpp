@@ -12,7 +12,8 @@
 //
 // S is symmetric, so tiles are visited as unordered pairs (I, K), I <= K, once
 // each: pass 1 updates the running log-sum-exp of rows I from the tile and of
-// rows K from its transpose; pass 2 forms H = G_IK + (G_KI)^T and adds
+// rows K from its transpose (with unit rows and a moderate temperature, from
+// one exp per element shifted by the logit bound; contrastive_tiles.h); pass 2 forms H = G_IK + (G_KI)^T and adds
 // scale H zh_K to d zh_I and scale H^T zh_I to d zh_K. Pairs run in rounds in
 // which no block appears twice (symmetric_tile_rounds), in parallel within a
 // round, so no two tasks write the same rows. The forward computes the gradient
@@ -58,6 +59,57 @@ struct RowStats {
 // The raw dot products of rows [i0, i0 + bi) and [k0, k0 + bk).
 at::Tensor tile_dots(const at::Tensor& rows, int64_t i0, int64_t bi, int64_t k0, int64_t bk) {
   return at::mm(rows.narrow(0, i0, bi), rows.narrow(0, k0, bk).t());
+}
+
+// Pass 1 with the logit bound as the shift (logit_bound_usable): one exp per
+// element feeds both its row's and its column's sum.
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
+                                                     const int64_t* labels, C scale, C bound, bool diagonal,
+                                                     RowStats<C>& stats) {
+  std::array<C, kTileRows> col_sum, col_pos_sum;
+  std::array<int64_t, kTileRows> col_pos_count;
+  col_sum.fill(0);
+  col_pos_sum.fill(0);
+  col_pos_count.fill(0);
+  const int64_t* col_labels = labels + k0;
+  for (int64_t i = 0; i < bi; ++i) {
+    C* row = s + i * bk;
+    const int64_t label = labels[i0 + i];
+    // Self is not a candidate: a dot product whose scaled logit is -inf.
+    if (diagonal) row[i] = scale > 0 ? kNegInf<C> : -kNegInf<C>;
+    // Two loops: the exps alone vectorise at full float width; the int64
+    // label compares would halve it.
+    C row_sum = 0, pos_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+    for (int64_t k = 0; k < bk; ++k) {
+      const C e = tile_exp(std::fma(row[k], scale, -bound));
+      row_sum += e;
+      col_sum[k] += e;
+    }
+    int64_t pos_count = 0;
+#pragma omp simd reduction(+ : pos_sum, pos_count)
+    for (int64_t k = 0; k < bk; ++k) {
+      const bool self = diagonal & (k == i);
+      const C logit = row[k] * scale;
+      const bool positive = (col_labels[k] == label) & !self;
+      pos_sum += positive ? logit : C(0);
+      pos_count += positive;
+      col_pos_sum[k] += positive ? logit : C(0);
+      col_pos_count[k] += positive;
+    }
+    RunningLse<C>& lse = stats.lse[i0 + i];
+    lse.merge(lse.next_max(bound), row_sum);
+    stats.positive_sum[i0 + i] += pos_sum;
+    stats.positive_count[i0 + i] += pos_count;
+  }
+  if (diagonal) return;  // its transpose is itself: rows I are done
+  for (int64_t k = 0; k < bk; ++k) {
+    RunningLse<C>& lse = stats.lse[k0 + k];
+    lse.merge(lse.next_max(bound), col_sum[k]);
+    stats.positive_sum[k0 + k] += col_pos_sum[k];
+    stats.positive_count[k0 + k] += col_pos_count[k];
+  }
 }
 
 template <typename C>
@@ -111,23 +163,38 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
   }
 }
 
-// Overwrites the tile of dot products with H = G_IK + (G_KI)^T.
-template <typename C>
+// Overwrites the tile of dot products with H = G_IK + (G_KI)^T. kBounded:
+// softmax_ik = exp(S_ik - bound) * factor_i with factor = exp(bound - lse)
+// (lse >= -bound, so factor <= exp(2 bound)): one exp per element, not two.
+template <typename C, bool kBounded>
 SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
-                const C* lse, const C* inv_positives, const C* weight, C scale, bool diagonal) {
+                const C* lse, const C* factor, C bound, const C* inv_positives, const C* weight, C scale,
+                bool diagonal) {
   const int64_t* __restrict__ col_labels = labels + k0;
   const C* __restrict__ col_lse = lse + k0;
+  const C* __restrict__ col_factor = kBounded ? factor + k0 : nullptr;
   const C* __restrict__ col_inv = inv_positives + k0;
   const C* __restrict__ col_weight = weight + k0;
   for (int64_t i = 0; i < bi; ++i) {
     C* __restrict__ row = s + i * bk;
     const int64_t label = labels[i0 + i];
     const C row_lse = lse[i0 + i], row_inv = inv_positives[i0 + i], row_weight = weight[i0 + i];
+    const C row_factor = kBounded ? factor[i0 + i] : C(0);
+#pragma omp simd
     for (int64_t k = 0; k < bk; ++k) {
       const C logit = row[k] * scale;
       const bool positive = col_labels[k] == label;
-      const C from_row = row_weight * (tile_exp(logit - row_lse) - (positive ? row_inv : C(0)));
-      const C from_col = col_weight[k] * (tile_exp(logit - col_lse[k]) - (positive ? col_inv[k] : C(0)));
+      C row_softmax, col_softmax;
+      if constexpr (kBounded) {
+        const C e = tile_exp(std::fma(row[k], scale, -bound));
+        row_softmax = e * row_factor;
+        col_softmax = e * col_factor[k];
+      } else {
+        row_softmax = tile_exp(logit - row_lse);
+        col_softmax = tile_exp(logit - col_lse[k]);
+      }
+      const C from_row = row_weight * (row_softmax - (positive ? row_inv : C(0)));
+      const C from_col = col_weight[k] * (col_softmax - (positive ? col_inv[k] : C(0)));
       row[k] = (row_weight != 0 ? from_row : C(0)) + (col_weight[k] != 0 ? from_col : C(0));
     }
     if (diagonal) row[i] = 0;
@@ -141,10 +208,16 @@ SSL_OPS_TARGET_AVX2 void pass1_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i
   pass1_tile(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
 }
 template <typename C>
+SSL_OPS_TARGET_AVX2 void pass1_tile_bounded_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
+                                                 const int64_t* labels, C scale, C bound, bool diagonal,
+                                                 RowStats<C>& stats) {
+  pass1_tile_bounded(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+}
+template <typename C, bool kBounded>
 SSL_OPS_TARGET_AVX2 void pass2_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
-                                         const int64_t* labels, const C* lse, const C* inv_positives,
-                                         const C* weight, C scale, bool diagonal) {
-  pass2_tile(s, bi, bk, i0, k0, labels, lse, inv_positives, weight, scale, diagonal);
+                                         const int64_t* labels, const C* lse, const C* factor, C bound,
+                                         const C* inv_positives, const C* weight, C scale, bool diagonal) {
+  pass2_tile<C, kBounded>(s, bi, bk, i0, k0, labels, lse, factor, bound, inv_positives, weight, scale, diagonal);
 }
 
 struct AnchorRange {
@@ -169,13 +242,20 @@ void for_each_tile_pair(int64_t rows, AnchorRange anchors,
 
 template <typename C>
 at::Tensor gradient_pass(const at::Tensor& rows, AnchorRange anchors, const int64_t* labels, const C* lse,
-                         const C* inv_positives, const C* weight, C scale) {
+                         const C* inv_positives, const C* weight, C scale, bool normalize) {
   const int64_t m = rows.size(0);
   at::Tensor grad = at::zeros_like(rows);
+  const bool bounded = logit_bound_usable<C>(scale, normalize);
+  const C bound = std::abs(scale);
+  std::vector<C> factor(bounded ? m : 0);
+  for (size_t i = 0; i < factor.size(); ++i) factor[i] = std::exp(bound - lse[i]);
+  const bool avx2 = cpu_has_avx2_fma();
+  auto* pass2 = bounded ? (avx2 ? &pass2_tile_avx2<C, true> : &pass2_tile<C, true>)
+                        : (avx2 ? &pass2_tile_avx2<C, false> : &pass2_tile<C, false>);
   for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(rows, i0, bi, k0, bk);
-    auto* pass2 = cpu_has_avx2_fma() ? &pass2_tile_avx2<C> : &pass2_tile<C>;
-    pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, lse, inv_positives, weight, scale, diagonal);
+    pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, lse, factor.data(), bound, inv_positives, weight, scale,
+          diagonal);
     at::Tensor grad_i = grad.narrow(0, i0, bi);
     grad_i.addmm_(tile, rows.narrow(0, k0, bk), 1, scale);
     if (!diagonal) {
@@ -226,10 +306,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
 
   RowStats<C> stats(m);
+  const bool bounded = logit_bound_usable<C>(scale_d, normalize);
+  const C bound = static_cast<C>(std::abs(scale_d));
+  const bool avx2 = cpu_has_avx2_fma();
   for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(n.rows, i0, bi, k0, bk);
-    auto* pass1 = cpu_has_avx2_fma() ? &pass1_tile_avx2<C> : &pass1_tile<C>;
-    pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, diagonal, stats);
+    if (bounded) {
+      auto* pass1 = avx2 ? &pass1_tile_bounded_avx2<C> : &pass1_tile_bounded<C>;
+      pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, bound, diagonal, stats);
+    } else {
+      auto* pass1 = avx2 ? &pass1_tile_avx2<C> : &pass1_tile<C>;
+      pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, diagonal, stats);
+    }
   });
 
   const auto opts = z.options().dtype(compute);
@@ -259,7 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
     const std::vector<C> weight = row_weights<C>(count_p, m, reduction, at::ones({}, opts));
     const std::vector<C> inv = inverse_counts<C>(count_p, m);
     grad = normalize_rows_backward(
-        n, gradient_pass<C>(n.rows, anchors, label_ptr, lse_p, inv.data(), weight.data(), scale), z.scalar_type());
+        n, gradient_pass<C>(n.rows, anchors, label_ptr, lse_p, inv.data(), weight.data(), scale, normalize),
+        z.scalar_type());
   }
   return {loss, lse, positive_count, grad};
 }
@@ -278,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
 
 template <typename C>
 at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels_in,
-                             AnchorRange anchors, const at::Tensor& lse_in, const at::Tensor& positive_count_in, double scale,
-                             double eps, bool normalize, Reduction reduction) {
+                             AnchorRange anchors, const at::Tensor& lse_in, const at::Tensor& positive_count_in,
+                             double scale, double eps, bool normalize, Reduction reduction) {
   const int64_t m = z.size(0);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
   const NormalizedRows n = normalize_rows(z, eps, normalize, compute);
@@ -291,7 +380,7 @@ at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, c
   const std::vector<C> inv = inverse_counts<C>(count_p, m);
   const at::Tensor grad_rows = gradient_pass<C>(
       n.rows, anchors, labels.const_data_ptr<int64_t>(), lse.const_data_ptr<C>(), inv.data(), weight.data(),
-      static_cast<C>(scale));
+      static_cast<C>(scale), normalize);
   return normalize_rows_backward(n, grad_rows, z.scalar_type());
 }
 
