@@ -85,8 +85,33 @@ def child(case):
     print(json.dumps({"peak_extra_bytes": extra}))
 
 
+def model_flops(case):
+    """Matrix-multiply FLOPs of the eager computation: S = Q K^T forward; with
+    the backward also dQ = G K and (NT-Xent) dK = G^T Q. The fused NT-Xent does
+    fewer (each symmetric tile once), so its figure is an effective rate."""
+    if case["loss"] == "nt_xent":
+        one = 2 * case["rows"] ** 2 * case["d"]
+        return one * (1 if case["mode"] == "forward" else 3)
+    one = 2 * case["rows"] * case["queue"] * case["d"]
+    return one * (1 if case["mode"] == "forward" else 2)
+
+
+def matmul_tflops(case, min_run_time):
+    """The rate of one plain matmul of the loss's shape, in the same run: what
+    the hardware gives at that size."""
+    g = torch.Generator().manual_seed(1)
+    device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
+    cols = case["rows"] if case["loss"] == "nt_xent" else case["queue"]
+    a = torch.randn(case["rows"], case["d"], generator=g).to(device, dtype)
+    b = torch.randn(cols, case["d"], generator=g).to(device, dtype)
+    seconds = median_seconds(lambda: a @ b.t(), min_run_time, device)
+    return 2 * case["rows"] * cols * case["d"] / seconds / 1e12
+
+
 def measure(case, min_run_time, impls):
     row = dict(case)
+    row["model_flops"] = model_flops(case)
+    row["matmul_tflops"] = matmul_tflops(case, min_run_time)
     for impl in impls:
         if case.get("device", "cpu") == "cuda":
             memory = cuda_peak_extra(
@@ -100,7 +125,8 @@ def measure(case, min_run_time, impls):
             continue
         inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
         seconds = median_seconds(lambda: run_once(case, impl, inputs), min_run_time, case.get("device", "cpu"))
-        row[impl] = {"median_s": seconds, "peak_extra_bytes": memory["peak_extra_bytes"]}
+        row[impl] = {"median_s": seconds, "peak_extra_bytes": memory["peak_extra_bytes"],
+                     "tflops": row["model_flops"] / seconds / 1e12}
     if "median_s" in row["fused"] and "median_s" in row["eager"]:
         row["speedup"] = row["eager"]["median_s"] / row["fused"]["median_s"]
         row["memory_ratio"] = row["eager"]["peak_extra_bytes"] / max(1, row["fused"]["peak_extra_bytes"])
@@ -143,8 +169,8 @@ def fmt_mem(entry):
 def markdown(rows):
     lines = [
         "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | compiled ms "
-        "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio | fused TFLOP/s | matmul TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
@@ -155,7 +181,9 @@ def markdown(rows):
             f"| {r.get('queue', '-')} | {r['d']} | {r['mode']} "
             f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {fmt_time(r.get('compiled'))} | {speed} "
             f"| {vs_compiled} "
-            f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} |"
+            f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} "
+            f"| {r['fused']['tflops']:.3f} | {r['matmul_tflops']:.3f} |" if "tflops" in r["fused"] else
+            f"| - | {r['matmul_tflops']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -186,7 +214,8 @@ def main():
         json.dump({"machine": machine(), "temperature": TEMPERATURE, "rows": rows}, f, indent=2)
     print(markdown(rows))
     print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
-          f"memory of a fresh process (CUDA: max_memory_allocated); JSON: {path}")
+          f"memory of a fresh process (CUDA: max_memory_allocated); TFLOP/s = the eager computation's "
+          f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; JSON: {path}")
     try:
         from .plots import plot_file
 
