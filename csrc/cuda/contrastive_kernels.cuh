@@ -29,14 +29,16 @@
 // FMA path in fp32, so gradients never round T to 16 bits. grad_kernel
 // recomputes S once per 64-wide feature chunk.
 //
-// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block):
-//   lse_kernel   tensor cores: 100 registers (fp16/bf16), 112 (TF32), 17-18 KB
-//                shared memory, no spills; FMA fp32: 80 registers, 18 KB, 80 bytes
-//                spilled; fp64: 90 registers, 18 KB, no spills.
-//   grad_kernel  126-128 registers, 34-35 KB shared memory (fp64: 27 KB); the
-//                TF32 version spills 16 bytes, the others none.
-// At 128 registers two blocks fit an SM; spills and occupancy are first on the
-// list once a GPU is available to measure.
+// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block; 2026-11-28,
+// after the row/column offsets for gathered batches):
+//   lse_kernel   tensor cores: 100 registers (fp16/bf16), 106 (TF32); FMA: 104
+//                (fp32), 90 (fp64); 17-18 KB shared memory; no spills.
+//   grad_kernel  kParts 1: 123-163 registers (bf16 and TF32 spill 16 bytes);
+//                kParts 2: 128-255; kParts 4: 168-254 (TF32 at 254-255);
+//                34-35 KB shared memory (fp64: 27 KB).
+// With 64K registers per SM, two 256-thread blocks fit at up to 128
+// registers, one above that (8 warps). Register pressure, spills and
+// occupancy are first on the list once a GPU is available to measure.
 #include <cstdint>
 #include <limits>
 #include <type_traits>
