@@ -65,7 +65,7 @@ void check_sym_contrastive_args(
 
 void check_asym_contrastive_args(
     const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key,
-    double scale, double eps, int64_t reduction) {
+    int64_t positive_offset, double scale, double eps, int64_t reduction) {
   constexpr const char* op = "ssl_ops.contrastive_asym_loss";
   check_matrix(query, op, "query");
   check_matrix(key, op, "key");
@@ -77,10 +77,13 @@ void check_asym_contrastive_args(
     TORCH_CHECK_VALUE(
         positive_key->size(0) == query.size(0), op, ": positive_key has ", positive_key->size(0),
         " rows but query has ", query.size(0));
+    TORCH_CHECK_VALUE(
+        positive_offset == 0, op, ": positive_offset must be 0 with a positive_key, got ", positive_offset);
   } else {
     TORCH_CHECK_VALUE(
-        key.size(0) == query.size(0), op, ": without positive_key, key row i is the positive of "
-        "query row i, so key needs ", query.size(0), " rows, got ", key.size(0));
+        positive_offset >= 0 && query.size(0) + positive_offset <= key.size(0), op,
+        ": without positive_key, key row i + positive_offset is the positive of query row i, so key "
+        "needs ", query.size(0), " + ", positive_offset, " rows, got ", key.size(0));
   }
 }
 

@@ -17,11 +17,12 @@ void check_sym_contrastive_args(
     double eps, int64_t reduction);
 
 // Throws unless query (M, D), key (L, D) and positive_key (M, D), when given,
-// are non-empty floating matrices of one dtype and device, with M == L when
-// there is no positive_key (the positive of query i is key i).
+// are non-empty floating matrices of one dtype and device; without
+// positive_key the positive of query i is key i + positive_offset, so
+// 0 <= positive_offset and M + positive_offset <= L; with it the offset is 0.
 void check_asym_contrastive_args(
     const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key,
-    double scale, double eps, int64_t reduction);
+    int64_t positive_offset, double scale, double eps, int64_t reduction);
 
 // The type losses and log-sum-exps are returned in: float64 for float64
 // inputs (so gradcheck runs in double), float32 otherwise.

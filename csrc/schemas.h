@@ -19,7 +19,8 @@
 // contrastive_sym_backward: the gradient for any grad_loss, from the saved lse.
 // contrastive_asym_loss / _backward: InfoNCE of query rows against key rows,
 // the positive being positive_key[i] when given (MoCo, key = queue), else
-// key[i] (MoCo v3, CLIP); csrc/cpu/contrastive_asym.cpp has the math.
+// key[i + positive_offset] (MoCo v3, CLIP; the offset places this process's
+// queries among gathered keys); csrc/cpu/contrastive_asym.cpp has the math.
 // grad_mask: which of (query, key, positive_key) get gradients.
 //
 // cosine_rows: cos of each row pair, F.cosine_similarity's eps rule
@@ -43,13 +44,14 @@
       "-> Tensor");                                                                    \
   m.def(                                                                               \
       "contrastive_asym_loss(Tensor query, Tensor key, Tensor? positive_key, "        \
+      "int positive_offset, "                                                         \
       "float scale, float eps, bool normalize, int reduction, bool[3] grad_mask) -> " \
       "(Tensor loss, Tensor lse, Tensor grad_query, Tensor grad_key, "                \
       "Tensor grad_positive_key)");                                                    \
   m.def(                                                                               \
       "contrastive_asym_backward(Tensor grad_loss, Tensor query, Tensor key, "        \
-      "Tensor? positive_key, Tensor lse, float scale, float eps, bool normalize, "    \
-      "int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");              \
+      "Tensor? positive_key, int positive_offset, Tensor lse, float scale, float eps, " \
+      "bool normalize, int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)"); \
   m.def("cosine_rows(Tensor x0, Tensor x1, float eps) -> Tensor");                     \
   m.def(                                                                               \
       "cosine_rows_backward(Tensor grad, Tensor x0, Tensor x1, float eps, "            \

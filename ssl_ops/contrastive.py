@@ -89,7 +89,7 @@ def _grad_shapes(query, key, positive_key, grad_mask, computed=True):
 
 
 @torch.library.register_fake("ssl_ops::contrastive_asym_loss")
-def _asym_loss_fake(query, key, positive_key, scale, eps, normalize, reduction, grad_mask):
+def _asym_loss_fake(query, key, positive_key, positive_offset, scale, eps, normalize, reduction, grad_mask):
     rows = query.shape[0]
     loss_dtype = _loss_dtype(query.dtype)
     loss = query.new_empty((rows,) if reduction == 0 else (), dtype=loss_dtype)
@@ -99,15 +99,17 @@ def _asym_loss_fake(query, key, positive_key, scale, eps, normalize, reduction, 
 
 
 @torch.library.register_fake("ssl_ops::contrastive_asym_backward")
-def _asym_backward_fake(grad_loss, query, key, positive_key, lse, scale, eps, normalize, reduction, grad_mask):
+def _asym_backward_fake(grad_loss, query, key, positive_key, positive_offset, lse, scale, eps, normalize, reduction,
+                        grad_mask):
     gq, gk, gp = _grad_shapes(query, key, positive_key, grad_mask)
     return query.new_empty(gq), key.new_empty(gk), query.new_empty(gp)
 
 
 def _asym_setup_context(ctx, inputs, output):
-    query, key, positive_key, scale, eps, normalize, reduction, _ = inputs
+    query, key, positive_key, positive_offset, scale, eps, normalize, reduction, _ = inputs
     _, lse, gq, gk, gp = output
     ctx.save_for_backward(query, key, positive_key, lse, gq, gk, gp)
+    ctx.positive_offset = positive_offset
     ctx.options = (scale, eps, normalize, reduction)
 
 
@@ -125,10 +127,10 @@ def _asym_backward(ctx, grad_loss, *_unused):
         grads = [g * grad_loss if n else None for n, g in zip(needs, stored)]
     else:
         grads = torch.ops.ssl_ops.contrastive_asym_backward(
-            grad_loss, query, key, positive_key, lse, scale, eps, normalize, reduction, needs
+            grad_loss, query, key, positive_key, ctx.positive_offset, lse, scale, eps, normalize, reduction, needs
         )
         grads = [g if n else None for n, g in zip(needs, grads)]
-    return grads[0], grads[1], grads[2], None, None, None, None, None
+    return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -255,7 +257,7 @@ def _gathered_sym_loss(z, group_all, temperature, reduction, normalize):
     return loss.narrow(0, anchors[0], rows) if reduction == "none" else loss
 
 
-def _asym_loss(query, key, positive_key, temperature, reduction, normalize):
+def _asym_loss(query, key, positive_key, temperature, reduction, normalize, positive_offset=0):
     grad_enabled = torch.is_grad_enabled()
     grad_mask = [
         grad_enabled and query.requires_grad,
@@ -263,12 +265,14 @@ def _asym_loss(query, key, positive_key, temperature, reduction, normalize):
         grad_enabled and positive_key is not None and positive_key.requires_grad,
     ]
     loss, _, _, _, _ = torch.ops.ssl_ops.contrastive_asym_loss(
-        query, key, positive_key, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction), grad_mask
+        query, key, positive_key, positive_offset, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction),
+        grad_mask,
     )
     return loss
 
 
-def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean", symmetric=False, normalize=True):
+def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean", symmetric=False, normalize=True,
+                  gather_distributed=False):
     """InfoNCE without storing the logits matrix.
 
     * With ``queue`` (K, D), rows of negatives: MoCo (v2). Row i scores
@@ -282,6 +286,13 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean",
     ``normalize=False`` (solo-learn's MoCo functions expect normalised inputs).
     Gradients flow to whichever inputs require grad (in MoCo, only the query).
     ``reduction``: "mean" (default), "sum" or "none".
+
+    ``gather_distributed=True`` (in-batch form, torch.distributed with more than
+    one process): this rank's queries are scored against every rank's keys,
+    the positive of query i being this rank's key i (solo-learn's MoCo v3
+    labels ``arange(B) + B * rank``); keys are gathered with gradient when they
+    require it (CLIP), and ``symmetric`` gathers the queries too. A queue is not
+    gathered here: ``MemoryBank(gather_distributed=True)`` gathers it on enqueue.
     """
     _check_temperature(temperature)
     _check_view("query", query)
@@ -293,6 +304,9 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean",
                 f"and {query.dtype} on {query.device}"
             )
     if queue is not None:
+        if gather_distributed:
+            raise ValueError("gather_distributed is for the in-batch loss; a MoCo queue is gathered on enqueue "
+                             "(MemoryBank(gather_distributed=True))")
         if symmetric:
             raise ValueError("symmetric=True is the in-batch (MoCo v3 / CLIP) loss; it takes no queue")
         if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or queue.shape[0] == 0:
@@ -300,6 +314,16 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean",
         if queue.shape[1] != query.shape[1]:
             raise ValueError(f"queue has {queue.shape[1]} features but query has {query.shape[1]}")
         return _asym_loss(query, queue, key, temperature, reduction, normalize)
+    if gather_distributed and distributed.world_size() > 1:
+        offset = distributed.rank() * query.shape[0]
+
+        def gathered(t):
+            return distributed.gather_with_grad(t) if t.requires_grad else distributed.gather(t)
+
+        loss = _asym_loss(query, gathered(key), None, temperature, reduction, normalize, offset)
+        if symmetric:
+            loss = (loss + _asym_loss(key, gathered(query), None, temperature, reduction, normalize, offset)) / 2
+        return loss
     loss = _asym_loss(query, key, None, temperature, reduction, normalize)
     if symmetric:
         loss = (loss + _asym_loss(key, query, None, temperature, reduction, normalize)) / 2

@@ -125,16 +125,19 @@ class NTXentLoss(nn.Module):
 
 class InfoNCELoss(nn.Module):
     """``ssl_ops.info_nce_loss`` as a module: MoCo with ``forward(query, key, queue)``,
-    MoCo v3 / CLIP with ``forward(query, key)`` (``symmetric`` averages both ways)."""
+    MoCo v3 / CLIP with ``forward(query, key)`` (``symmetric`` averages both ways;
+    ``gather_distributed`` scores against every rank's keys)."""
 
     def __init__(self, temperature: float = 0.07, reduction: str = "mean", symmetric: bool = False,
-                 normalize: bool = True):
+                 normalize: bool = True, gather_distributed: bool = False):
         super().__init__()
         self.temperature, self.reduction, self.symmetric, self.normalize = temperature, reduction, symmetric, normalize
+        self.gather_distributed = gather_distributed
 
     def forward(self, query: Tensor, key: Tensor, queue: Optional[Tensor] = None) -> Tensor:
         return info_nce_loss(query, key, queue, self.temperature, reduction=self.reduction,
-                             symmetric=self.symmetric, normalize=self.normalize)
+                             symmetric=self.symmetric, normalize=self.normalize,
+                             gather_distributed=self.gather_distributed)
 
 
 class NegativeCosineSimilarity(nn.Module):

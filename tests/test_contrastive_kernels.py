@@ -6,6 +6,7 @@ partial tiles, one row, one feature and several blocks."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssl_ops import reference
 
@@ -106,7 +107,7 @@ def test_asym_op(backend, dtype, batch, queue, d, with_queue):
     candidates, positive = (qu, k) if with_queue else (k, None)
     scale = 1 / 0.2
     mask = [True, True, True]
-    loss, lse, gq, gk, gp = backend.ops.contrastive_asym_loss(q, candidates, positive, scale, EPS, True, 1, mask)
+    loss, lse, gq, gk, gp = backend.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, 1, mask)
     inputs = [t.detach().double().cpu().requires_grad_() for t in (q, k) + ((qu,) if with_queue else ())]
     ref = reference.info_nce_loss(*inputs, temperature=0.2)
     ref_grads = torch.autograd.grad(ref, inputs)
@@ -119,18 +120,44 @@ def test_asym_op(backend, dtype, batch, queue, d, with_queue):
         close(gk, ref_grads[1], dtype, "grad key")
         assert gp.numel() == 0
     # reduction none and the backward op with row weights
-    rows_loss, lse, *_ = backend.ops.contrastive_asym_loss(q, candidates, positive, scale, EPS, True, 0, mask)
+    rows_loss, lse, *_ = backend.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, 0, mask)
     weight = rand((batch,), torch.float64, "cpu", 8)
     ref_rows = reference.info_nce_loss(*inputs, temperature=0.2, reduction="none")
     ref_grads = torch.autograd.grad((ref_rows * weight).sum(), inputs)
     close(rows_loss, ref_rows.detach(), dtype, "row losses")
     grads = backend.ops.contrastive_asym_backward(
-        weight.to(lse.dtype).to(backend.device), q, candidates, positive, lse, scale, EPS, True, 0, mask
+        weight.to(lse.dtype).to(backend.device), q, candidates, positive, 0, lse, scale, EPS, True, 0, mask
     )
     close(grads[0], ref_grads[0], dtype, "backward grad query")
     close(grads[1], ref_grads[2] if with_queue else ref_grads[1], dtype, "backward grad key")
     if with_queue:
         close(grads[2], ref_grads[1], dtype, "backward grad positive key")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,keys,offset", [(1, 3, 2), (5, 20, 10), (70, 140, 70), (66, 200, 67)])
+def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):
+    """Queries against keys gathered from several processes: the positive of
+    query i is key i + offset (MoCo v3 / CLIP with gather_distributed)."""
+    q = rand((batch, 24), dtype, backend.device, 13)
+    k = rand((keys, 24), dtype, backend.device, 14)
+    scale = 1 / 0.2
+    mask = [True, True, False]
+    loss, lse, gq, gk, _ = backend.ops.contrastive_asym_loss(q, k, None, offset, scale, EPS, True, 1, mask)
+    q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
+    logits = F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).t() * scale
+    ref_rows = F.cross_entropy(logits, torch.arange(batch) + offset, reduction="none")
+    ref_grads = torch.autograd.grad(ref_rows.mean(), [q64, k64], retain_graph=True)
+    close(loss, ref_rows.mean().detach(), dtype, "mean loss")
+    close(gq, ref_grads[0], dtype, "grad query")
+    close(gk, ref_grads[1], dtype, "grad key")
+    weight = rand((batch,), torch.float64, "cpu", 15)
+    ref_grads = torch.autograd.grad((ref_rows * weight).sum(), [q64, k64])
+    grads = backend.ops.contrastive_asym_backward(
+        weight.to(lse.dtype).to(backend.device), q, k, None, offset, lse, scale, EPS, True, 0, mask
+    )
+    close(grads[0], ref_grads[0], dtype, "backward grad query")
+    close(grads[1], ref_grads[1], dtype, "backward grad key")
 
 
 def test_zero_rows_and_unnormalised_inputs(backend):

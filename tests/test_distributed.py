@@ -1,6 +1,7 @@
 """gather_distributed across 2 CPU processes over gloo: every rank's loss and
 gradients against one process on the whole batch, against lightly's
-distributed NTXentLoss, and the memory bank's gather-before-enqueue."""
+distributed NTXentLoss and solo-learn's MoCo v3 formula, and the memory bank's
+gather-before-enqueue."""
 
 import importlib.util
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 import ssl_ops
@@ -83,6 +85,35 @@ def check_multi_positive(rank):
     torch.testing.assert_close(zr.grad, shard(zf.grad, rank).detach())
 
 
+def check_info_nce(rank):
+    """MoCo v3 (keys without gradient; solo-learn's labels arange(B) + B * rank)
+    and CLIP (symmetric, both sides with gradient) against one process."""
+    query_all, key_all = whole_batch(seed=3)
+    q = shard(query_all, rank)
+    k = key_all[rank * BATCH : (rank + 1) * BATCH]
+    loss = ssl_ops.InfoNCELoss(temperature=0.2, gather_distributed=True)(q, k)
+    loss.backward()
+    # solo-learn's mocov3_loss_func on this rank, without its 2 * temperature factor.
+    logits = F.normalize(q.detach(), dim=1) @ F.normalize(key_all, dim=1).t() / 0.2
+    expected = F.cross_entropy(logits, torch.arange(BATCH) + BATCH * rank)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    full_q = query_all.clone().requires_grad_()
+    ssl_ops.info_nce_loss(full_q, key_all, temperature=0.2).backward()
+    torch.testing.assert_close(q.grad / WORLD, shard(full_q.grad, rank).detach(), rtol=1e-5, atol=1e-7)
+
+    qa, ka = shard(query_all, rank), shard(key_all, rank)
+    clip = ssl_ops.info_nce_loss(qa, ka, temperature=0.1, symmetric=True, gather_distributed=True)
+    clip.backward()
+    fq, fk = query_all.clone().requires_grad_(), key_all.clone().requires_grad_()
+    full = ssl_ops.info_nce_loss(fq, fk, temperature=0.1, symmetric=True)
+    full.backward()
+    total = clip.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / WORLD, full.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(qa.grad / WORLD, shard(fq.grad, rank).detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ka.grad / WORLD, shard(fk.grad, rank).detach(), rtol=1e-5, atol=1e-7)
+
+
 def check_bank_order(rank):
     """Every rank's batch lands in the bank, in rank order."""
     bank = ssl_ops.nn.MemoryBank(size=(8, DIM), gather_distributed=True, feature_dim_first=False)
@@ -125,6 +156,7 @@ def _worker(rank, store_path):
     try:
         check_nt_xent(rank)
         check_multi_positive(rank)
+        check_info_nce(rank)
         check_memory_bank(rank)
     finally:
         dist.destroy_process_group()

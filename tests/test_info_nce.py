@@ -133,11 +133,12 @@ def test_opcheck():
         for reduction in (0, 1, 2):
             for mask in ([True, False, False], [True, True, True]):
                 q = query.clone().requires_grad_(mask[0])
-                torch.library.opcheck(op, (q, candidates, positive, 2.0, 1e-12, True, reduction, mask))
-    _, lse, _, _, _ = op(query, queue, key, 2.0, 1e-12, True, 0, [False, False, False])
+                torch.library.opcheck(op, (q, candidates, positive, 0, 2.0, 1e-12, True, reduction, mask))
+    torch.library.opcheck(op, (query, queue, None, 2, 2.0, 1e-12, True, 1, [True, True, False]))  # gathered keys
+    _, lse, _, _, _ = op(query, queue, key, 0, 2.0, 1e-12, True, 0, [False, False, False])
     torch.library.opcheck(
         torch.ops.ssl_ops.contrastive_asym_backward.default,
-        (torch.randn(6), query, queue, key, lse, 2.0, 1e-12, True, 0, [True, True, True]),
+        (torch.randn(6), query, queue, key, 0, lse, 2.0, 1e-12, True, 0, [True, True, True]),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -179,7 +180,14 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="queue must share query's dtype and device"):
         ssl_ops.info_nce_loss(q, q, torch.randn(3, 8, dtype=torch.float64))
     op = torch.ops.ssl_ops.contrastive_asym_loss
-    with pytest.raises(ValueError, match="without positive_key, key row i is the positive of query row i"):
-        op(q, torch.randn(5, 8), None, 2.0, 1e-12, True, 1, [False, False, False])
+    with pytest.raises(ValueError, match=r"key row i \+ positive_offset is the positive of query row i, so key needs "
+                                         r"4 \+ 0 rows, got 3"):
+        op(q, torch.randn(3, 8), None, 0, 2.0, 1e-12, True, 1, [False, False, False])
+    with pytest.raises(ValueError, match=r"so key needs 4 \+ 2 rows, got 5"):
+        op(q, torch.randn(5, 8), None, 2, 2.0, 1e-12, True, 1, [False, False, False])
+    with pytest.raises(ValueError, match="positive_offset must be 0 with a positive_key, got 1"):
+        op(q, torch.randn(5, 8), q, 1, 2.0, 1e-12, True, 1, [False, False, False])
+    with pytest.raises(ValueError, match="gather_distributed is for the in-batch loss"):
+        ssl_ops.info_nce_loss(q, q, torch.randn(3, 8), gather_distributed=True)
     with pytest.raises(TypeError, match="key has dtype Double but query has dtype Float"):
-        op(q, q.double(), None, 2.0, 1e-12, True, 1, [False, False, False])
+        op(q, q.double(), None, 0, 2.0, 1e-12, True, 1, [False, False, False])

@@ -5,10 +5,12 @@
 // by tile and never stored whole.
 //   with p:    row i scores [scale qh_i . ph_i, S_i1 .. S_iL]; the positive is the
 //              first (MoCo: k is the queue, p the momentum keys);
-//   without p: row i scores S_i1 .. S_iL; the positive is S_ii (M == L; MoCo v3, CLIP).
+//   without p: row i scores S_i1 .. S_iL; the positive is S_i,i+o (M + o <= L;
+//              MoCo v3, CLIP; o = positive_offset places this process's queries
+//              among keys gathered from every process, else 0).
 //   loss_i = logsumexp(row i) - positive_i; reduction none, mean or sum.
 // For row weights w_i = d(total) / d(loss_i), with P the softmax of row i:
-//   G_ij = w_i (P_ij - 1[no p and j == i]),  g_i = w_i (P_i,positive - 1) (with p)
+//   G_ij = w_i (P_ij - 1[no p and j == i + o]),  g_i = w_i (P_i,positive - 1) (with p)
 //   d qh = scale (G kh + g ph),  d kh = scale G^T qh,  d ph = scale g qh
 // then through the normalisation.
 //
@@ -116,11 +118,13 @@ constexpr int64_t kColumnTile = 512;
 struct Inputs {
   NormalizedRows q, k;
   std::optional<NormalizedRows> p;
+  int64_t offset;  // without p: the positive of query i is key i + offset
 };
 
 Inputs normalize_inputs(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive,
-                        double eps, bool normalize, at::ScalarType compute) {
-  Inputs in{normalize_rows(query, eps, normalize, compute), normalize_rows(key, eps, normalize, compute), std::nullopt};
+                        int64_t offset, double eps, bool normalize, at::ScalarType compute) {
+  Inputs in{normalize_rows(query, eps, normalize, compute), normalize_rows(key, eps, normalize, compute), std::nullopt,
+            offset};
   if (positive.has_value()) in.p = normalize_rows(*positive, eps, normalize, compute);
   return in;
 }
@@ -130,7 +134,8 @@ at::Tensor tile_G(const Inputs& in, int64_t i0, int64_t bi, int64_t j0, int64_t 
                   const C* weight) {
   at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
   auto* pass2 = cpu_has_avx2_fma() ? &asym_pass2_tile_avx2<C> : &asym_pass2_tile<C>;
-  pass2(tile.data_ptr<C>(), bi, bj, i0, j0, scale, lse, weight, !in.p.has_value());
+  // The tile kernels find the positive on the diagonal: shift the columns' origin by the offset.
+  pass2(tile.data_ptr<C>(), bi, bj, i0, j0 - in.offset, scale, lse, weight, !in.p.has_value());
   return tile;
 }
 
@@ -217,11 +222,11 @@ at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
 
 template <typename C>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss_impl(
-    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive, double scale_d,
-    double eps, bool normalize, Reduction reduction, std::array<bool, 3> grad_mask) {
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive, int64_t offset,
+    double scale_d, double eps, bool normalize, Reduction reduction, std::array<bool, 3> grad_mask) {
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
   const C scale = static_cast<C>(scale_d);
-  const Inputs in = normalize_inputs(query, key, positive, eps, normalize, compute);
+  const Inputs in = normalize_inputs(query, key, positive, offset, eps, normalize, compute);
   const int64_t m = query.size(0), l = key.size(0);
   const auto opts = query.options().dtype(compute);
 
@@ -247,7 +252,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
       for (int64_t j0 = 0; j0 < l; j0 += kColumnTile) {
         const int64_t bj = std::min(kColumnTile, l - j0);
         at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
-        pass1(tile.data_ptr<C>(), bi, bj, i0, j0, scale, bounded, bound, running.data(), in.p ? nullptr : pos_p,
+        pass1(tile.data_ptr<C>(), bi, bj, i0, j0 - in.offset, scale, bounded, bound, running.data(),
+              in.p ? nullptr : pos_p,
               online ? alpha.data_ptr<C>() : nullptr);
         if (online) {
           at::Tensor acc = weighted_keys.narrow(0, i0, bi);
@@ -281,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
       for (int64_t i = 0; i < m; ++i) norm.data_ptr<C>()[i] = weight[i] / running[i].sum;
       g_times_key = weighted_keys * norm;
       // The forward's weights are one value for every row (mean or sum).
-      if (!in.p.has_value()) g_times_key.sub_(in.k.rows, weight[0]);
+      if (!in.p.has_value()) g_times_key.sub_(in.k.rows.narrow(0, in.offset, m), weight[0]);
     }
     grads = gradient_pass<C>(in, scale, lse_p, pos_p, weight.data(), grad_mask, input_dtypes(query, key, positive),
                              g_times_key);
@@ -290,23 +296,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_asym_loss(
-    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key, double scale,
-    double eps, bool normalize, int64_t reduction, std::array<bool, 3> grad_mask) {
-  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction);
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key,
+    int64_t positive_offset, double scale, double eps, bool normalize, int64_t reduction,
+    std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction);
   const auto r = static_cast<Reduction>(reduction);
   if (query.scalar_type() == at::kDouble) {
-    return asym_loss_impl<double>(query, key, positive_key, scale, eps, normalize, r, grad_mask);
+    return asym_loss_impl<double>(query, key, positive_key, positive_offset, scale, eps, normalize, r, grad_mask);
   }
-  return asym_loss_impl<float>(query, key, positive_key, scale, eps, normalize, r, grad_mask);
+  return asym_loss_impl<float>(query, key, positive_key, positive_offset, scale, eps, normalize, r, grad_mask);
 }
 
 template <typename C>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> asym_backward_impl(
     const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
-    const std::optional<at::Tensor>& positive, const at::Tensor& lse_in, double scale_d, double eps, bool normalize,
-    Reduction reduction, std::array<bool, 3> grad_mask) {
+    const std::optional<at::Tensor>& positive, int64_t offset, const at::Tensor& lse_in, double scale_d, double eps,
+    bool normalize, Reduction reduction, std::array<bool, 3> grad_mask) {
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
-  const Inputs in = normalize_inputs(query, key, positive, eps, normalize, compute);
+  const Inputs in = normalize_inputs(query, key, positive, offset, eps, normalize, compute);
   const int64_t m = query.size(0);
   const at::Tensor lse = lse_in.to(compute).contiguous();
   at::Tensor positive_logit = at::zeros({m}, query.options().dtype(compute));
@@ -320,14 +327,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> asym_backward_impl(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
     const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
-    const std::optional<at::Tensor>& positive_key, const at::Tensor& lse, double scale, double eps, bool normalize,
-    int64_t reduction, std::array<bool, 3> grad_mask) {
-  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction);
+    const std::optional<at::Tensor>& positive_key, int64_t positive_offset, const at::Tensor& lse, double scale,
+    double eps, bool normalize, int64_t reduction, std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction);
   const auto r = static_cast<Reduction>(reduction);
+  const int64_t offset = positive_offset;
   if (query.scalar_type() == at::kDouble) {
-    return asym_backward_impl<double>(grad_loss, query, key, positive_key, lse, scale, eps, normalize, r, grad_mask);
+    return asym_backward_impl<double>(grad_loss, query, key, positive_key, offset, lse, scale, eps, normalize, r,
+                                      grad_mask);
   }
-  return asym_backward_impl<float>(grad_loss, query, key, positive_key, lse, scale, eps, normalize, r, grad_mask);
+  return asym_backward_impl<float>(grad_loss, query, key, positive_key, offset, lse, scale, eps, normalize, r,
+                                   grad_mask);
 }
 
 }  // namespace

@@ -228,13 +228,15 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
 template <typename T>
 struct AsymInputs {
   at::Tensor q, k, p, denom_q, denom_k, denom_p, positive_logit;
+  int64_t offset = 0;  // without p: the positive of query r is key r + offset
 };
 
 template <typename T>
 AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive,
-                          double scale, double eps, bool normalize, cudaStream_t stream) {
+                          int64_t offset, double scale, double eps, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
   AsymInputs<T> in;
+  in.offset = offset;
   in.q = query.contiguous();
   in.k = key.contiguous();
   in.denom_q = row_denoms<T>(in.q, eps, normalize, stream);
@@ -260,7 +262,7 @@ std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tens
   GradParams<T> base{};
   base.features = in.q.size(1);
   base.scale = static_cast<A>(scale);
-  base.has_positives = !with_p;  // without a positive key, column r is row r's positive
+  base.has_positives = !with_p;  // without a positive key, column r + offset is row r's positive
   at::Tensor coef;  // scale * w_r (softmax of the positive key - 1)
   if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
   if (mask[0]) {
@@ -271,6 +273,7 @@ std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tens
     p.col_denom = data<A>(in.denom_k);
     p.n_rows = in.q.size(0);
     p.n_cols = in.k.size(0);
+    p.row_offset = in.offset;  // query r meets its positive at key r + offset
     p.row_term = true;
     p.row_lse = data<A>(lse);
     p.row_weight = data<A>(weight);
@@ -286,6 +289,7 @@ std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tens
     p.col_denom = data<A>(in.denom_q);
     p.n_rows = in.k.size(0);
     p.n_cols = in.q.size(0);
+    p.col_offset = in.offset;
     p.col_term = true;
     p.col_lse = data<A>(lse);
     p.col_weight = data<A>(weight);
@@ -303,20 +307,23 @@ at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_asym_loss(
-    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key, double scale,
-    double eps, bool normalize, int64_t reduction_in, std::array<bool, 3> grad_mask) {
-  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction_in);
+    const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive_key,
+    int64_t positive_offset, double scale, double eps, bool normalize, int64_t reduction_in,
+    std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction_in);
   const DeviceGuard guard(query.device());
   const cudaStream_t stream = current_stream(query.device());
   const auto reduction = static_cast<Reduction>(reduction_in);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_loss", [&] {
     using A = acc_t<scalar_t>;
-    AsymInputs<scalar_t> in = asym_inputs<scalar_t>(query, key, positive_key, scale, eps, normalize, stream);
+    AsymInputs<scalar_t> in =
+        asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, stream);
     at::Tensor lse = at::empty({in.q.size(0)}, in.denom_q.options());
     LseParams<scalar_t> p{data<scalar_t>(in.q), data<scalar_t>(in.k), data<A>(in.denom_q), data<A>(in.denom_k),
                           in.q.size(0), in.k.size(0), in.q.size(1), static_cast<A>(scale), nullptr,
-                          /*row_offset=*/0, /*exclude_self=*/false, in.p.defined() ? data<A>(in.positive_logit) : nullptr,
+                          /*row_offset=*/positive_offset, /*exclude_self=*/false,
+                          in.p.defined() ? data<A>(in.positive_logit) : nullptr,
                           mutable_data<A>(lse), nullptr, nullptr,
                           in.p.defined() ? nullptr : mutable_data<A>(in.positive_logit)};
     launch_lse(p, stream);
@@ -335,14 +342,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
     const at::Tensor& grad_loss, const at::Tensor& query, const at::Tensor& key,
-    const std::optional<at::Tensor>& positive_key, const at::Tensor& lse, double scale, double eps, bool normalize,
-    int64_t reduction, std::array<bool, 3> grad_mask) {
-  check_asym_contrastive_args(query, key, positive_key, scale, eps, reduction);
+    const std::optional<at::Tensor>& positive_key, int64_t positive_offset, const at::Tensor& lse, double scale,
+    double eps, bool normalize, int64_t reduction, std::array<bool, 3> grad_mask) {
+  check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction);
   const DeviceGuard guard(query.device());
   const cudaStream_t stream = current_stream(query.device());
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_backward", [&] {
-    AsymInputs<scalar_t> in = asym_inputs<scalar_t>(query, key, positive_key, scale, eps, normalize, stream);
+    AsymInputs<scalar_t> in =
+        asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, stream);
     const at::Tensor lse_acc = lse.to(in.denom_q.scalar_type()).contiguous();
     const at::Tensor all_rows = at::ones_like(lse_acc, lse_acc.options().dtype(at::kBool));
     const at::Tensor weight =

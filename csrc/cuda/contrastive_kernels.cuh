@@ -100,7 +100,7 @@ struct LseParams {
   acc_t<T>* lse;
   acc_t<T>* positive_sum;         // with labels
   int64_t* positive_count;        // with labels
-  acc_t<T>* diagonal_logit;       // S_rr, or null
+  acc_t<T>* diagonal_logit;       // S_r,r+row_offset, or null
 };
 
 template <typename T>
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
         const bool candidate = c < p.n_cols && !(p.exclude_self && c == r + p.row_offset);
         s[i][j] = candidate ? s[i][j] * row_factor / p.col_denom[c] : negative_infinity<A>();
         tile_max = s[i][j] > tile_max ? s[i][j] : tile_max;
-        if (p.diagonal_logit && c == r && r < p.n_rows) p.diagonal_logit[r] = s[i][j];
+        if (p.diagonal_logit && c == r + p.row_offset && r < p.n_rows) p.diagonal_logit[r] = s[i][j];
         if (p.labels && candidate && p.labels[c] == label[i]) {
           pos_sum[i] += s[i][j];
           ++pos_count[i];
