@@ -30,6 +30,16 @@ def shard(t, rank):
     return t[rank * BATCH : (rank + 1) * BATCH].clone().requires_grad_()
 
 
+def assert_ddp_update_is_one_process(rank, loss, full_loss, pairs):
+    """DDP averages the ranks' gradients: the mean of the ranks' losses and each
+    rank's gradient / WORLD equal one process's on the whole batch."""
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    torch.testing.assert_close(total / WORLD, full_loss.detach(), rtol=1e-5, atol=1e-6)
+    for local, full in pairs:
+        torch.testing.assert_close(local.grad / WORLD, shard(full.grad, rank).detach(), rtol=1e-5, atol=1e-7)
+
+
 def check_nt_xent(rank):
     """The update of DDP (mean of the ranks' gradients) equals one process's."""
     out0, out1 = whole_batch()
@@ -40,11 +50,7 @@ def check_nt_xent(rank):
     a, b = shard(out0, rank), shard(out1, rank)
     loss = ssl_ops.nn.NTXentLoss(temperature=0.3, gather_distributed=True)(a, b)
     loss.backward()
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    torch.testing.assert_close(mean_loss / WORLD, full_loss.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.grad / WORLD, shard(full0.grad, rank).detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(b.grad / WORLD, shard(full1.grad, rank).detach(), rtol=1e-5, atol=1e-7)
+    assert_ddp_update_is_one_process(rank, loss, full_loss, [(a, full0), (b, full1)])
 
     # lightly's own distributed loss, the drop-in oracle: this rank's value and gradients.
     if not HAVE_LIGHTLY:
@@ -107,11 +113,7 @@ def check_info_nce(rank):
     fq, fk = query_all.clone().requires_grad_(), key_all.clone().requires_grad_()
     full = ssl_ops.info_nce_loss(fq, fk, temperature=0.1, symmetric=True)
     full.backward()
-    total = clip.detach().clone()
-    dist.all_reduce(total)
-    torch.testing.assert_close(total / WORLD, full.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(qa.grad / WORLD, shard(fq.grad, rank).detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ka.grad / WORLD, shard(fk.grad, rank).detach(), rtol=1e-5, atol=1e-7)
+    assert_ddp_update_is_one_process(rank, clip, full, [(qa, fq), (ka, fk)])
 
 
 def check_bank_order(rank):
