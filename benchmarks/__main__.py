@@ -24,9 +24,11 @@ def main():
     full = ["--full"] if args.full else []
     runs = []
     for device in devices:
-        runs.append(["contrastive", "--device", device, *full, *(["--no-compile"] if args.no_compile else [])])
-        runs.append(["cosine", "--device", device, *full])
-    runs.append(["ema", "--devices", *devices, *([] if args.full else ["--quick"])])
+        no_compile = ["--no-compile"] if args.no_compile else []
+        runs.append(["contrastive", "--device", device, *full, *no_compile])
+        runs.append(["cosine", "--device", device, *full, *no_compile])
+    runs.append(["ema", "--devices", *devices, *([] if args.full else ["--quick"]),
+                 *(["--no-compile"] if args.no_compile else [])])
     failed = []
     for run in runs:
         print(f"\n## python -m benchmarks.{' '.join(run)}\n", flush=True)

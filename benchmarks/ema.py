@@ -6,6 +6,9 @@ code does it today, on the parameter sets of real timm models.
                (``e.data = m * e.data + (1 - m) * o.data``)
 * foreach    - lightly's update_momentum (``_foreach_mul_`` + ``_foreach_add_``)
 * lerp       - timm's ModelEmaV3 (``torch._foreach_lerp_``)
+* compiled   - torch.compile of ssl_ops.reference.ema_update_ (the in-place
+               per-parameter loop; compiled once before timing; --no-compile
+               leaves it out)
 * copy       - ``torch._foreach_copy_`` of the same tensors: the memory-bandwidth
                yardstick the EMA is measured against
 
@@ -58,14 +61,23 @@ def fused(ema, online, m):
 
 
 IMPLEMENTATIONS = {"ssl_ops": fused, "loop": solo_learn_loop, "foreach": lightly_foreach, "lerp": timm_lerp}
+_COMPILED_LOOP = []
 
 
-def run_case(model_name, device, ema_dtype, online_dtype, min_run_time):
+def compiled_loop(ema, online, m):
+    if not _COMPILED_LOOP:
+        from ssl_ops import reference
+
+        _COMPILED_LOOP.append(torch.compile(reference.ema_update_))
+    _COMPILED_LOOP[0](ema, online, m)
+
+
+def run_case(model_name, device, ema_dtype, online_dtype, min_run_time, implementations=IMPLEMENTATIONS):
     ema, online = parameter_set(model_name, device, ema_dtype, online_dtype)
     numel = sum(t.numel() for t in ema)
     ema_bytes = numel * (2 * ema[0].element_size() + online[0].element_size())
     results = {}
-    for name, impl in IMPLEMENTATIONS.items():
+    for name, impl in implementations.items():
         # Only ssl_ops takes a reduced-precision online model as it is; the
         # baselines need the cast their callers would write.
         cast = name != "ssl_ops" and online_dtype != ema_dtype
@@ -96,17 +108,17 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time):
 
 def markdown(rows):
     lines = [
-        "| model | device | ema/online | tensors | ssl_ops ms | loop ms | foreach ms | lerp ms "
-        "| vs loop | vs foreach | vs lerp | ssl_ops GB/s | copy GB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | device | ema/online | tensors | ssl_ops ms | loop ms | foreach ms | lerp ms | compiled ms "
+        "| vs loop | vs foreach | vs lerp | vs compiled | ssl_ops GB/s | copy GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, s = r["median_s"], r["speedup_vs"]
+        ms = " | ".join(f"{t[k] * 1e3:.2f}" if k in t else "-" for k in ("ssl_ops", "loop", "foreach", "lerp", "compiled"))
+        vs = " | ".join(f"{s[k]:.2f}x" if k in s else "-" for k in ("loop", "foreach", "lerp", "compiled"))
         lines.append(
             f"| {r['model']} | {r['device']} | {r['ema_dtype']}/{r['online_dtype']} | {r['tensors']} "
-            f"| {t['ssl_ops'] * 1e3:.2f} | {t['loop'] * 1e3:.2f} | {t['foreach'] * 1e3:.2f} "
-            f"| {t['lerp'] * 1e3:.2f} | {s['loop']:.2f}x | {s['foreach']:.2f}x | {s['lerp']:.2f}x "
-            f"| {r['ssl_ops_GBps']:.1f} | {r['copy_GBps']:.1f} |"
+            f"| {ms} | {vs} | {r['ssl_ops_GBps']:.1f} | {r['copy_GBps']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -117,7 +129,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda")
     parser.add_argument("--out", default="results", help="folder for ema.json")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     args = parser.parse_args()
+    implementations = dict(IMPLEMENTATIONS) if args.no_compile else {**IMPLEMENTATIONS, "compiled": compiled_loop}
     models = args.models or (["resnet50"] if args.quick else ["resnet50", "vit_base_patch16_224"])
     devices = args.devices or (["cpu", "cuda"] if ssl_ops.cuda_kernels_available() else ["cpu"])
     min_run_time = 0.5 if args.quick else 2.0
@@ -135,7 +149,7 @@ def main():
     rows = []
     iterator = tqdm(cases, desc="ema benchmark", unit="case") if tqdm else cases
     for model, device, ema_dtype, online_dtype in iterator:
-        rows.append(run_case(model, device, ema_dtype, online_dtype, min_run_time))
+        rows.append(run_case(model, device, ema_dtype, online_dtype, min_run_time, implementations))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ema.json")
     with open(path, "w") as f:

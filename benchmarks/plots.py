@@ -17,7 +17,7 @@ def _series(rows, impl, key):
     xs, ys, oom = [], [], []
     for r in rows:
         entry = r.get(impl)
-        if entry is None:
+        if entry is None or (key in entry and entry[key] is None):
             continue
         if entry.get("oom"):
             oom.append(r["rows"])
