@@ -19,9 +19,10 @@ def _cosine_rows_backward_fake(grad, x0, x1, eps, grad_mask):
     )
 
 
-def _cosine_setup_context(ctx, inputs, output):
-    x0, x1, eps = inputs
-    ctx.save_for_backward(x0, x1)
+def _save_pair_and_eps(ctx, inputs, output):
+    """setup_context of both ops: (x0, x1) or (a, b), then eps."""
+    first, second, eps = inputs
+    ctx.save_for_backward(first, second)
     ctx.eps = eps
 
 
@@ -34,7 +35,7 @@ def _cosine_backward(ctx, grad):
     return (g0 if mask[0] else None), (g1 if mask[1] else None), None
 
 
-torch.library.register_autograd("ssl_ops::cosine_rows", _cosine_backward, setup_context=_cosine_setup_context)
+torch.library.register_autograd("ssl_ops::cosine_rows", _cosine_backward, setup_context=_save_pair_and_eps)
 torch.library.register_autograd("ssl_ops::cosine_rows_backward", _no_double_backward, setup_context=_no_context)
 
 
@@ -103,12 +104,6 @@ def _cosine_matrix_backward_fake(grad, a, b, eps, grad_mask):
     )
 
 
-def _matrix_setup_context(ctx, inputs, output):
-    a, b, eps = inputs
-    ctx.save_for_backward(a, b)
-    ctx.eps = eps
-
-
 def _matrix_backward(ctx, grad):
     if torch.is_grad_enabled():
         _no_double_backward(ctx)
@@ -119,7 +114,7 @@ def _matrix_backward(ctx, grad):
 
 
 torch.library.register_autograd(
-    "ssl_ops::cosine_similarity_matrix", _matrix_backward, setup_context=_matrix_setup_context
+    "ssl_ops::cosine_similarity_matrix", _matrix_backward, setup_context=_save_pair_and_eps
 )
 torch.library.register_autograd(
     "ssl_ops::cosine_similarity_matrix_backward", _no_double_backward, setup_context=_no_context
