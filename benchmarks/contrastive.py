@@ -20,7 +20,9 @@ space is capped, so an implementation that would not fit reports OOM).
     python -m benchmarks.contrastive --device cuda   # 2N 2048 to 65536, fp32 and bf16, on the GPU
 
 On CUDA, memory is torch.cuda.max_memory_allocated over the inputs, measured
-in this process.
+in this process, and NT-Xent is also timed with deterministic algorithms on
+(the row-tile kernels instead of the symmetric tile pairs: the measurement
+that decides between them).
 """
 
 import argparse
@@ -67,6 +69,15 @@ def loss_fn(case, impl):
 
 
 def run_once(case, impl, inputs):
+    if impl == "row_tiles":
+        # The fused kernels as torch.use_deterministic_algorithms(True) runs them:
+        # on CUDA, NT-Xent forms every tile of S instead of each symmetric pair once.
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return run_once(case, "fused", inputs)
+        finally:
+            torch.use_deterministic_algorithms(previous)
     fn = loss_fn(case, impl)
     if case["mode"] == "forward":
         with torch.no_grad():
@@ -136,6 +147,8 @@ def measure(case, min_run_time, impls, compiled_memory=True):
         row["memory_ratio"] = row["eager"]["peak_extra_bytes"] / max(1, row["fused"]["peak_extra_bytes"])
     if "median_s" in row["fused"] and "median_s" in row.get("compiled", {}):
         row["speedup_vs_compiled"] = row["compiled"]["median_s"] / row["fused"]["median_s"]
+    if "median_s" in row["fused"] and "median_s" in row.get("row_tiles", {}):
+        row["speedup_vs_row_tiles"] = row["row_tiles"]["median_s"] / row["fused"]["median_s"]
     return row
 
 
@@ -173,8 +186,9 @@ def fmt_mem(entry):
 def markdown(rows):
     lines = [
         "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | compiled ms "
-        "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio | fused TFLOP/s | matmul TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio | fused TFLOP/s | matmul TFLOP/s "
+        "| row tiles ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
@@ -187,7 +201,7 @@ def markdown(rows):
             f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {fmt_time(r.get('compiled'))} | {speed} "
             f"| {vs_compiled} "
             f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} "
-            f"| {tflops} | {r['matmul_tflops']:.3f} |"
+            f"| {tflops} | {r['matmul_tflops']:.3f} | {fmt_time(r.get('row_tiles'))} |"
         )
     return "\n".join(lines)
 
@@ -211,6 +225,8 @@ def main():
     rows = []
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
+        if case["device"] == "cuda" and case["loss"] == "nt_xent":
+            impls += ("row_tiles",)
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls, compiled_memory=args.full))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"contrastive_{args.device}.json")
@@ -219,7 +235,9 @@ def main():
     print(markdown(rows))
     print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
           f"memory of a fresh process (CUDA: max_memory_allocated); TFLOP/s = the eager computation's "
-          f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; JSON: {path}")
+          f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; row tiles (CUDA "
+          f"NT-Xent) = the fused kernels under torch.use_deterministic_algorithms(True), every tile of S "
+          f"formed instead of each symmetric pair once; JSON: {path}")
     try:
         from .plots import plot_file
 

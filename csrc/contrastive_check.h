@@ -1,7 +1,9 @@
 #pragma once
-// Argument validation shared by the CPU and CUDA contrastive-loss kernels.
+// Argument validation and numeric rules shared by the CPU and CUDA
+// contrastive-loss kernels.
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <optional>
 
 namespace ssl_ops {
@@ -28,6 +30,18 @@ void check_asym_contrastive_args(
 // inputs (so gradcheck runs in double), float32 otherwise.
 inline at::ScalarType loss_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Unit rows bound every logit by |scale|. Shifting exp by that bound instead
+// of a running max saves a pass over each tile (and lets a symmetric tile feed
+// its row and column sums from one exp), as long as exp(S - bound) >=
+// exp(-2 |scale|) stays far from underflow: float |scale| <= 30 (temperature
+// >= 1/30), double <= 300. Otherwise a row whose logits all sit near -|scale|
+// would sum to 0.
+// C: the accumulation type (float, or double for float64 inputs).
+template <typename C>
+inline bool logit_bound_usable(double scale, bool normalize) {
+  return normalize && 2 * std::abs(scale) <= (sizeof(C) == 4 ? 60.0 : 600.0);
 }
 
 }  // namespace ssl_ops

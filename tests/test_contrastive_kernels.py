@@ -58,6 +58,46 @@ def test_sym_op(backend, dtype, rows, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,d,scale", [(300, 20, 2.0), (256, 33, 1 / 0.2), (70, 300, 1 / 0.01), (97, 7, -3.0)])
+def test_sym_op_tile_pairs_and_deterministic_route(cuda_source_backend, dtype, rows, d, scale):
+    """With every row an anchor the CUDA source forms each symmetric tile pair
+    once (atomics; log-sum-exps that way only where the logit bound holds, so
+    scale 100 takes the pairs for the gradient alone); with deterministic
+    algorithms it forms every tile, bit-identical run to run. Both against
+    the float64 reference, with enough row tiles that pair lists split over
+    blocks (odd and even tile counts) and SupCon labels with singletons."""
+    backend = cuda_source_backend
+    z = rand((rows, d), dtype, backend.device, 16)
+    labels = torch.randint(0, rows // 3, (rows,), generator=torch.Generator().manual_seed(17))
+    valid = (labels[:, None] == labels[None, :]).sum(1) > 1
+    weight = rand((rows,), torch.float64, "cpu", 18)
+    ref_rows, ref_grad = sym_reference(z, labels, scale, weight * valid)
+    dev_labels = labels.to(backend.device)
+
+    def run():
+        rows_loss, lse, count, _ = backend.ops.contrastive_sym_loss(z, dev_labels, 0, rows, scale, EPS, True, 0, False)
+        grad = backend.ops.contrastive_sym_backward(
+            weight.to(lse.dtype).to(backend.device), z, dev_labels, 0, rows, lse, count, scale, EPS, True, 0
+        )
+        assert count.cpu().tolist() == ((labels[:, None] == labels[None, :]).sum(1) - 1).tolist()
+        close(rows_loss, ref_rows, dtype, "row losses")
+        close(grad, ref_grad, dtype, "gradient")
+        return rows_loss, grad
+
+    pairs = run()
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        deterministic = run()
+        if backend.name == "cuda":  # the emulator runs every schedule the same way twice anyway
+            again = run()
+            assert all(torch.equal(a, b) for a, b in zip(deterministic, again))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    close(pairs[1], deterministic[1].double().cpu(), dtype, "tile pairs vs row tiles")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows,begin,end", [(9, 3, 6), (200, 0, 70), (200, 130, 200), (260, 65, 195), (140, 1, 2)])
 def test_sym_op_anchor_range(backend, dtype, rows, begin, end):
     """Anchors [begin, end) against all rows (the rows one process owns in a

@@ -75,17 +75,6 @@ struct RunningLse {
   C value() const { return max + std::log(sum); }
 };
 
-// Unit rows bound every logit by |scale|. Shifting exp by that bound instead
-// of a running max saves a pass over each tile (and lets a symmetric tile feed
-// its row and column sums from one exp), as long as exp(S - bound) >=
-// exp(-2 |scale|) stays far from underflow: float |scale| <= 30 (temperature
-// >= 1/30), double <= 300. Otherwise a row whose logits all sit near -|scale|
-// would sum to 0.
-template <typename C>
-inline bool logit_bound_usable(double scale, bool normalize) {
-  return normalize && 2 * std::abs(scale) <= (sizeof(C) == 4 ? 60.0 : 600.0);
-}
-
 // Every unordered pair of the n row blocks (and each block with itself) once,
 // grouped in rounds where no block appears twice, so the tasks of a round may
 // write their blocks' rows in parallel (the circle method of round-robin

@@ -4,7 +4,8 @@
 // against csrc/emu into the test-only ssl_ops._cuda_emu, where "CUDA" tensors
 // are CPU tensors and kernels run on the emulator. Kernel files use only what
 // this header provides for the host side: the launch wrapper, the stream and
-// device guard, the launch check and the registration macro.
+// device guard, the launch check, the multiprocessor count and the
+// registration macro.
 #include <c10/core/Device.h>
 
 #include <utility>
@@ -29,6 +30,9 @@ struct DeviceGuard {
 };
 inline cudaStream_t current_stream(c10::Device) { return nullptr; }
 inline void check_launch() { ::ssl_emu::check_launch(); }
+// Few multiprocessors, so that work meant to fill a GPU splits into several
+// blocks on the small shapes the emulated tests use.
+inline int multiprocessor_count(c10::Device) { return 4; }
 // Kernels register under the emulator's library, for CPU tensors.
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops_emu, CPU, m)
 #define SSL_DYNAMIC_SMEM(type, name) SSL_EMU_DYNAMIC_SMEM(type, name)
@@ -39,6 +43,11 @@ inline cudaStream_t current_stream(c10::Device device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 inline void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+inline int multiprocessor_count(c10::Device device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()));
+  return count;
+}
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m)
 #define SSL_DYNAMIC_SMEM(type, name)                             \
   extern __shared__ __align__(128) unsigned char name##_bytes[]; \

@@ -2,9 +2,11 @@
 // (asymmetric). The math is the CPU kernels' (csrc/cpu/contrastive_sym.cpp,
 // contrastive_asym.cpp); the tile kernels are in contrastive_kernels.cuh.
 //
-// Symmetric: row denominators -> lse_kernel over the anchor rows (self
-// excluded, positives by label) -> per-row loss; with a gradient, grad_kernel
-// with both terms (T = G + G^T) -> finish_rows_kernel. Asymmetric: the same with the
+// Symmetric: row denominators -> log-sum-exps of the anchor rows (self
+// excluded, positives by label) -> per-row loss; with a gradient, the rows of
+// (G + G^T) zh -> finish_rows_kernel. With every row an anchor, both run on
+// symmetric tile pairs (contrastive_pairs.cuh; Note [Tile pairs]), otherwise
+// lse_kernel and grad_kernel with both terms. Asymmetric: the same with the
 // positive-key logit as the first term of each row (MoCo) or the diagonal
 // (MoCo v3, CLIP); d key runs grad_kernel with rows and columns swapped.
 // Reductions and row weights are small ATen ops on the device, so nothing
@@ -17,14 +19,18 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/exp.h>
+#include <ATen/ops/log.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -32,6 +38,7 @@
 #include "../contrastive_check.h"
 #include "compat.cuh"
 #include "contrastive_kernels.cuh"
+#include "contrastive_pairs.cuh"
 #include "contrastive_rows.cuh"
 
 namespace ssl_ops::cuda {
@@ -56,23 +63,33 @@ void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
   });
 }
 
+// Feature chunks per gradient block: up to 256 features (S formed once per
+// tile); wider rows split over blocks.
+int feature_parts(int64_t features) { return features <= kChunk ? 1 : (features <= 2 * kChunk ? 2 : 4); }
+
+template <typename Launch>
+void with_parts(int parts, Launch&& launch) {
+  if (parts == 1) {
+    launch(std::integral_constant<int, 1>{});
+  } else if (parts == 2) {
+    launch(std::integral_constant<int, 2>{});
+  } else {
+    launch(std::integral_constant<int, 4>{});
+  }
+}
+
 template <typename T>
 at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStream_t stream) {
   using A = acc_t<T>;
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
   p.out = mutable_data<A>(out);
-  // Up to 256 features per block (S formed once per tile); wider rows split.
-  const int parts = p.features <= kChunk ? 1 : (p.features <= 2 * kChunk ? 2 : 4);
+  const int parts = feature_parts(p.features);
   const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, int64_t(kChunk) * parts));
   with_tile_path<T>([&](auto tensor_cores) {
-    constexpr bool kTc = decltype(tensor_cores)::value;
-    if (parts == 1) {
-      launch_kernel(grad_kernel<T, kTc, 1>, grid, dim3(kTileThreads), 0, stream, p);
-    } else if (parts == 2) {
-      launch_kernel(grad_kernel<T, kTc, 2>, grid, dim3(kTileThreads), 0, stream, p);
-    } else {
-      launch_kernel(grad_kernel<T, kTc, 4>, grid, dim3(kTileThreads), 0, stream, p);
-    }
+    with_parts(parts, [&](auto kParts) {
+      launch_kernel(grad_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,
+                    dim3(kTileThreads), 0, stream, p);
+    });
   });
   return out;
 }
@@ -108,14 +125,52 @@ struct Anchors {
   int64_t count() const { return end - begin; }
 };
 
+// Note [Tile pairs]: when every row is an anchor, the symmetric kernels of
+// contrastive_pairs.cuh form each tile pair once (the log-sum-exps only where
+// the logit bound is usable; the gradient always). Their atomics make the
+// last bits vary between runs, so torch.use_deterministic_algorithms(True)
+// keeps the row-tile kernels, which form every tile of S (twice the work).
+bool use_tile_pairs(int64_t rows, Anchors anchors) {
+  return anchors.begin == 0 && anchors.end == rows && !at::globalContext().deterministicAlgorithms();
+}
+
+constexpr int64_t kMinPairsPerBlock = 2;
+
+// Splits each row tile's pairs over enough blocks for about two waves of the
+// multiprocessors, with at least kMinPairsPerBlock pairs per block.
+template <typename T>
+PairSchedule pair_schedule(int64_t rows, int64_t feature_blocks, c10::Device device) {
+  PairSchedule s{ceil_div(rows, tile_size<T>()), 0};
+  const int64_t wanted_blocks = 2 * int64_t(multiprocessor_count(device));
+  const int64_t most = s.most_pairs();
+  const int64_t splits =
+      std::clamp<int64_t>(ceil_div(wanted_blocks, s.tiles * feature_blocks), 1, ceil_div(most, kMinPairsPerBlock));
+  s.pairs_per_block = ceil_div(most, splits);
+  return s;
+}
+
 template <typename T>
 SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::Tensor& labels, Anchors anchors,
-                        double scale, cudaStream_t stream) {
+                        double scale, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t m = z.size(0), d = z.size(1);
   const auto acc_opts = z.options().dtype(c10::CppTypeToScalarType<A>::value);
   // Rows outside the anchors keep 0: no positives, so no loss and no weight.
   SymSaved s{at::zeros({m}, acc_opts), at::zeros({m}, acc_opts), at::zeros({m}, z.options().dtype(at::kLong))};
+  if (use_tile_pairs(m, anchors) && logit_bound_usable<A>(scale, normalize)) {
+    const double bound = std::abs(scale);
+    const PairSchedule schedule = pair_schedule<T>(m, 1, z.device());
+    SymPairLseParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), static_cast<A>(bound),
+                          data<int64_t>(labels), schedule, mutable_data<A>(s.lse),
+                          mutable_data<A>(s.positive_sum), mutable_data<int64_t>(s.positive_count)};
+    const dim3 grid(schedule.tiles, ceil_div(schedule.most_pairs(), schedule.pairs_per_block));
+    with_tile_path<T>([&](auto tensor_cores) {
+      launch_kernel(sym_lse_pairs_kernel<T, decltype(tensor_cores)::value>, grid, dim3(kTileThreads), 0, stream,
+                    p);
+    });
+    s.lse.log_().add_(bound);  // the kernel left sum_c exp(S_rc - bound) there
+    return s;
+  }
   const int64_t a0 = anchors.begin;
   LseParams<T> p{data<T>(z) + a0 * d, data<T>(z), data<A>(denom) + a0, data<A>(denom), anchors.count(), m, d,
                  static_cast<A>(scale), data<int64_t>(labels), /*row_offset=*/a0, /*exclude_self=*/true, nullptr,
@@ -142,6 +197,23 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
   base.labels = data<int64_t>(labels);
   base.exclude_self = true;
   base.has_positives = true;
+  if (use_tile_pairs(m, anchors)) {
+    at::Tensor grad_hat = at::zeros({m, d}, lse.options());
+    const int parts = feature_parts(d);
+    const int64_t feature_blocks = ceil_div(d, int64_t(kChunk) * parts);
+    const PairSchedule schedule = pair_schedule<T>(m, feature_blocks, z.device());
+    SymPairGradParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), data<int64_t>(labels),
+                           data<A>(lse), data<A>(weight), data<A>(inv_positives), schedule,
+                           mutable_data<A>(grad_hat)};
+    const dim3 grid(schedule.tiles, ceil_div(schedule.most_pairs(), schedule.pairs_per_block), feature_blocks);
+    with_tile_path<T>([&](auto tensor_cores) {
+      with_parts(parts, [&](auto kParts) {
+        launch_kernel(sym_grad_pairs_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,
+                      dim3(kTileThreads), 0, stream, p);
+      });
+    });
+    return finish_rows<T>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+  }
   // Rows [r0, r1) against columns [c0, c1); every per-row array is sliced alike.
   auto block = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool row_term) {
     GradParams<T> p = base;
@@ -186,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
     const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
-    const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, anchors, scale, stream);
+    const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, anchors, scale, normalize, stream);
     const at::Tensor valid = s.positive_count > 0;
     const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
     const at::Tensor row_loss =

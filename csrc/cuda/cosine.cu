@@ -58,7 +58,8 @@ __global__ void __launch_bounds__(kRowThreads) cosine_rows_kernel(CosineRowsPara
   if (r >= p.rows) return;
   A dot, sq0, sq1;
   row_sums(p, r, lane, dot, sq0, sq1);
-  const A d0 = max(sqrt(sq0), p.eps), d1 = max(sqrt(sq1), p.eps);
+  const A n0 = sqrt(sq0), n1 = sqrt(sq1);
+  const A d0 = max(n0, p.eps), d1 = max(n1, p.eps);
   if (lane == 0) p.cos[r] = dot / (d0 * d1);
 }
 
