@@ -200,6 +200,34 @@ def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):
     close(grads[1], ref_grads[1], dtype, "backward grad key")
 
 
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 10.0, -0.2])
+@pytest.mark.parametrize("magnitude", [1e-6, 1e6])
+def test_sym_op_extreme_temperatures_and_magnitudes(backend, temperature, magnitude):
+    """Both log-sum-exp shifts (the logit bound up to |1/T| = 30, the running
+    max beyond) on rows scaled far from 1, against float64."""
+    z = rand((150, 16), torch.float32, backend.device, 19) * magnitude
+    labels = torch.arange(75).repeat(2)
+    scale = 1 / temperature
+    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 0, 150, scale, EPS, True, 1, True)
+    ref_rows, ref_grad = sym_reference(z, labels, scale, torch.full((150,), 1 / 150, dtype=torch.float64))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    close(loss, ref_rows.mean(), torch.float32, "mean loss")
+    # d z scales as 1 / magnitude: compare on the unit scale
+    close(grad * magnitude, ref_grad * magnitude, torch.float32, "gradient x magnitude")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sym_op_half_zero_rows(backend, dtype):
+    z = rand((70, 8), dtype, backend.device, 20)
+    z[3] = 0
+    z[40] = 1e-5  # below eps once squared in half precision; normalised in fp32
+    labels = torch.arange(35).repeat(2).to(backend.device)
+    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels, 0, 70, 1 / 0.1, EPS, True, 1, True)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    ref_rows, ref_grad = sym_reference(z, labels.cpu(), 1 / 0.1, torch.full((70,), 1 / 70, dtype=torch.float64))
+    close(loss, ref_rows.mean(), dtype, "mean loss")
+
+
 def test_zero_rows_and_unnormalised_inputs(backend):
     z = rand((20, 8), torch.float32, backend.device, 9)
     z[3] = 0

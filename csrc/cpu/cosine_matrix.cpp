@@ -117,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::T
                                                                      std::array<bool, 2> mask) {
   check_cosine_matrix_args(a, b, eps);
   const at::ScalarType compute = compute_type(a.scalar_type());
-  const at::Tensor g = grad.to(compute);
+  // Contiguous once: an expanded grad (from out.sum()) would be copied by each GEMM.
+  const at::Tensor g = grad.to(compute).contiguous();
   const NormalizedRows na = normalize_rows(a, eps, true, compute);
   at::Tensor ga = at::empty({0}, a.options()), gb = at::empty({0}, a.options());
   if (!b.has_value()) {
