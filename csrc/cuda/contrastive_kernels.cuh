@@ -29,13 +29,13 @@
 // FMA path in fp32, so gradients never round T to 16 bits. grad_kernel
 // recomputes S once per 64-wide feature chunk.
 //
-// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block; 2026-11-28,
-// after the row/column offsets for gathered batches):
+// Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block; 2026-11-28):
 //   lse_kernel   tensor cores: 100 registers (fp16/bf16), 106 (TF32); FMA: 104
 //                (fp32), 90 (fp64); 17-18 KB shared memory; no spills.
-//   grad_kernel  kParts 1: 123-163 registers (bf16 and TF32 spill 16 bytes);
-//                kParts 2: 128-255; kParts 4: 168-254 (TF32 at 254-255);
-//                34-35 KB shared memory (fp64: 27 KB).
+//   grad_kernel  kParts 1: 123-163 registers; kParts 2: 128-255; kParts 4:
+//                170-254 (TF32 at 254-255); no spills; 34-35 KB shared memory
+//                (fp64: 27 KB). (Re-measured after the chunk product became
+//                add_chunk_product, shared with contrastive_pairs.cuh.)
 // With 64K registers per SM, two 256-thread blocks fit at up to 128
 // registers, one above that (8 warps). Register pressure, spills and
 // occupancy are first on the list once a GPU is available to measure.
@@ -386,6 +386,27 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   }
 }
 
+// acc[i][offset + j] += sum over the tile's rows k of coef(k, ty R + i) * chunk[k][tx W + j]:
+// a staged feature chunk times the T tile, for the thread's R rows and W features.
+// coef is stored [k][row] (kCoefByColumn) or [row][k] (its transpose).
+template <bool kCoefByColumn, int R, int W, int N, typename A, int kTile>
+__device__ __forceinline__ void add_chunk_product(const A (&coef)[kTile][kTile + 1],
+                                                  const A (&chunk)[kTile][kChunk + 1], A (&acc)[R][N], int offset) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll 4
+  for (int k = 0; k < kTile; ++k) {
+    A a[R], b[W];
+#pragma unroll
+    for (int i = 0; i < R; ++i) a[i] = kCoefByColumn ? coef[k][ty * R + i] : coef[ty * R + i][k];
+#pragma unroll
+    for (int j = 0; j < W; ++j) b[j] = chunk[k][tx * W + j];
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc[i][offset + j] += a[i] * b[j];
+  }
+}
+
 template <typename T, bool kTensorCores, int kParts>
 __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
   using A = acc_t<T>;
@@ -458,18 +479,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
             ? static_cast<A>(p.cols[row * p.features + feature]) : A(0);
       }
       __syncthreads();
-#pragma unroll 4
-      for (int k = 0; k < kTile; ++k) {
-        A a[R], b[W];
-#pragma unroll
-        for (int i = 0; i < R; ++i) a[i] = coef[k][ty * R + i];
-#pragma unroll
-        for (int j = 0; j < W; ++j) b[j] = smem.chunk[k][tx * W + j];
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-#pragma unroll
-          for (int j = 0; j < W; ++j) out[i][part * W + j] += a[i] * b[j];
-      }
+      add_chunk_product<true, R, W>(coef, smem.chunk, out, part * W);
       __syncthreads();
     }
   }

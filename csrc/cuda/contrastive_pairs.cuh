@@ -30,9 +30,9 @@
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block; 2026-11-28):
 //   sym_lse_pairs_kernel   101-106 registers (fp16, bf16, exact fp32), 128
 //                          (TF32), 80 (fp64); 17-18 KB shared memory; no spills.
-//   sym_grad_pairs_kernel  kParts 1: 128 registers (fp16: 170), spilling 4-20
-//                          bytes; kParts 2: 128-246 (exact fp32 and fp64 at 128
-//                          spill 48-60 bytes); kParts 4: 207-254; 28-37 KB
+//   sym_grad_pairs_kernel  kParts 1: 128 registers (fp16: 173), spilling 4-24
+//                          bytes; kParts 2: 128-254 (exact fp32 and fp64 at 128
+//                          spill 20-60 bytes); kParts 4: 207-254; 28-37 KB
 //                          shared memory. With the row statistics in shared
 //                          memory rather than registers ptxas keeps most
 //                          kParts 1 variants at 128 (2 blocks per SM); the
@@ -279,18 +279,7 @@ __global__ void __launch_bounds__(kTileThreads) sym_grad_pairs_kernel(SymPairGra
       const int64_t chunk_d0 = d0 + part * kChunk;
       // out_I += coef . zh_K (the barrier in stage_unit_rows also publishes coef)
       stage_unit_rows<T, kTile>(p, c0, chunk_d0, smem.chunk);
-#pragma unroll 4
-      for (int k = 0; k < kTile; ++k) {
-        A a[R], b[W];
-#pragma unroll
-        for (int i = 0; i < R; ++i) a[i] = coef[k][ty * R + i];
-#pragma unroll
-        for (int j = 0; j < W; ++j) b[j] = smem.chunk[k][tx * W + j];
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-#pragma unroll
-          for (int j = 0; j < W; ++j) out[i][part * W + j] += a[i] * b[j];
-      }
+      add_chunk_product<true, R, W>(coef, smem.chunk, out, part * W);
       __syncthreads();
       if (col_tile == row_tile) continue;
       // out_K += coef^T . zh_I, flushed now: thread rows are the tile's columns.
@@ -300,18 +289,7 @@ __global__ void __launch_bounds__(kTileThreads) sym_grad_pairs_kernel(SymPairGra
       for (int i = 0; i < R; ++i)
 #pragma unroll
         for (int j = 0; j < W; ++j) flush[i][j] = 0;
-#pragma unroll 4
-      for (int k = 0; k < kTile; ++k) {
-        A a[R], b[W];
-#pragma unroll
-        for (int i = 0; i < R; ++i) a[i] = coef[ty * R + i][k];
-#pragma unroll
-        for (int j = 0; j < W; ++j) b[j] = smem.chunk[k][tx * W + j];
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-#pragma unroll
-          for (int j = 0; j < W; ++j) flush[i][j] += a[i] * b[j];
-      }
+      add_chunk_product<false, R, W>(coef, smem.chunk, flush, 0);
       __syncthreads();
 #pragma unroll
       for (int i = 0; i < R; ++i) {
