@@ -34,11 +34,16 @@ struct CosineRowsParams {
   T* grad1;
 };
 
+template <typename A>
+struct RowCosine {
+  A cos, denom0, denom1, norm0, norm1;
+};
+
+// The cosine of row r's pair, its norms and clamped denominators, in every lane of the warp.
 template <typename T>
-__device__ __forceinline__ void row_sums(const CosineRowsParams<T>& p, int64_t r, int lane, acc_t<T>& dot,
-                                         acc_t<T>& sq0, acc_t<T>& sq1) {
+__device__ __forceinline__ RowCosine<acc_t<T>> row_cosine(const CosineRowsParams<T>& p, int64_t r, int lane) {
   using A = acc_t<T>;
-  dot = sq0 = sq1 = 0;
+  A dot = 0, sq0 = 0, sq1 = 0;
   for (int64_t k = lane; k < p.features; k += 32) {
     const A a = static_cast<A>(p.x0[r * p.features + k]), b = static_cast<A>(p.x1[r * p.features + k]);
     dot += a * b;
@@ -46,21 +51,18 @@ __device__ __forceinline__ void row_sums(const CosineRowsParams<T>& p, int64_t r
     sq1 += b * b;
   }
   dot = warp_sum(dot);
-  sq0 = warp_sum(sq0);
-  sq1 = warp_sum(sq1);
+  const A n0 = sqrt(warp_sum(sq0)), n1 = sqrt(warp_sum(sq1));
+  const A d0 = max(n0, p.eps), d1 = max(n1, p.eps);
+  return {dot / (d0 * d1), d0, d1, n0, n1};
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads) cosine_rows_kernel(CosineRowsParams<T> p) {
-  using A = acc_t<T>;
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (r >= p.rows) return;
-  A dot, sq0, sq1;
-  row_sums(p, r, lane, dot, sq0, sq1);
-  const A n0 = sqrt(sq0), n1 = sqrt(sq1);
-  const A d0 = max(n0, p.eps), d1 = max(n1, p.eps);
-  if (lane == 0) p.cos[r] = dot / (d0 * d1);
+  if (r >= p.rows) return;  // whole warps leave together
+  const auto rc = row_cosine(p, r, lane);
+  if (lane == 0) p.cos[r] = rc.cos;
 }
 
 template <typename T>
@@ -69,14 +71,11 @@ __global__ void __launch_bounds__(kRowThreads) cosine_rows_backward_kernel(Cosin
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= p.rows) return;
-  A dot, sq0, sq1;
-  row_sums(p, r, lane, dot, sq0, sq1);
-  const A n0 = sqrt(sq0), n1 = sqrt(sq1);
-  const A d0 = max(n0, p.eps), d1 = max(n1, p.eps);
-  const A cos = dot / (d0 * d1);
+  const RowCosine<A> rc = row_cosine(p, r, lane);
+  const A d0 = rc.denom0, d1 = rc.denom1, cos = rc.cos;
   const A g = p.grad[r];
   const A inv0 = g / d0, inv1 = g / d1;
-  const A self0 = n0 >= p.eps ? cos / d0 : A(0), self1 = n1 >= p.eps ? cos / d1 : A(0);
+  const A self0 = rc.norm0 >= p.eps ? cos / d0 : A(0), self1 = rc.norm1 >= p.eps ? cos / d1 : A(0);
   for (int64_t k = lane; k < p.features; k += 32) {
     const A a = static_cast<A>(p.x0[r * p.features + k]), b = static_cast<A>(p.x1[r * p.features + k]);
     if (p.grad0) p.grad0[r * p.features + k] = to_output<T>(inv0 * (b / d1 - self0 * a));
