@@ -56,6 +56,24 @@ struct RowStats {
   explicit RowStats(int64_t m) : lse(m), positive_sum(m, 0), positive_count(m, 0) {}
 };
 
+// Positive logits of a tile's columns (summed and counted down the tile),
+// added to those rows' statistics once the tile is done.
+template <typename C>
+struct ColumnPositives {
+  std::array<C, kTileRows> sum;
+  std::array<int64_t, kTileRows> count;
+  ColumnPositives() {
+    sum.fill(0);
+    count.fill(0);
+  }
+  void add_to(RowStats<C>& stats, int64_t k0, int64_t bk) const {
+    for (int64_t k = 0; k < bk; ++k) {
+      stats.positive_sum[k0 + k] += sum[k];
+      stats.positive_count[k0 + k] += count[k];
+    }
+  }
+};
+
 // The raw dot products of rows [i0, i0 + bi) and [k0, k0 + bk).
 at::Tensor tile_dots(const at::Tensor& rows, int64_t i0, int64_t bi, int64_t k0, int64_t bk) {
   return at::mm(rows.narrow(0, i0, bi), rows.narrow(0, k0, bk).t());
@@ -67,11 +85,9 @@ template <typename C>
 SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                                      const int64_t* labels, C scale, C bound, bool diagonal,
                                                      RowStats<C>& stats) {
-  std::array<C, kTileRows> col_sum, col_pos_sum;
-  std::array<int64_t, kTileRows> col_pos_count;
+  std::array<C, kTileRows> col_sum;
   col_sum.fill(0);
-  col_pos_sum.fill(0);
-  col_pos_count.fill(0);
+  ColumnPositives<C> col_pos;
   const int64_t* col_labels = labels + k0;
   for (int64_t i = 0; i < bi; ++i) {
     C* row = s + i * bk;
@@ -95,8 +111,8 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
       const bool positive = (col_labels[k] == label) & !self;
       pos_sum += positive ? logit : C(0);
       pos_count += positive;
-      col_pos_sum[k] += positive ? logit : C(0);
-      col_pos_count[k] += positive;
+      col_pos.sum[k] += positive ? logit : C(0);
+      col_pos.count[k] += positive;
     }
     RunningLse<C>& lse = stats.lse[i0 + i];
     lse.merge(lse.next_max(bound), row_sum);
@@ -107,20 +123,17 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
   for (int64_t k = 0; k < bk; ++k) {
     RunningLse<C>& lse = stats.lse[k0 + k];
     lse.merge(lse.next_max(bound), col_sum[k]);
-    stats.positive_sum[k0 + k] += col_pos_sum[k];
-    stats.positive_count[k0 + k] += col_pos_count[k];
   }
+  col_pos.add_to(stats, k0, bk);
 }
 
 template <typename C>
 SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
                 C scale, bool diagonal, RowStats<C>& stats) {
-  std::array<C, kTileRows> col_max, col_sum, col_pos_sum;
-  std::array<int64_t, kTileRows> col_pos_count;
+  std::array<C, kTileRows> col_max, col_sum;
   col_max.fill(kNegInf<C>);
   col_sum.fill(0);
-  col_pos_sum.fill(0);
-  col_pos_count.fill(0);
+  ColumnPositives<C> col_pos;
   const int64_t* col_labels = labels + k0;
   for (int64_t i = 0; i < bi; ++i) {
     C* row = s + i * bk;
@@ -137,8 +150,8 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
       const bool positive = (col_labels[k] == label) & !(diagonal & (k == i));
       pos_sum += positive ? row[k] : C(0);
       pos_count += positive;
-      col_pos_sum[k] += positive ? row[k] : C(0);
-      col_pos_count[k] += positive;
+      col_pos.sum[k] += positive ? row[k] : C(0);
+      col_pos.count[k] += positive;
     }
     RunningLse<C>& lse = stats.lse[i0 + i];
     const C row_shift = lse.next_max(row_max);
@@ -156,11 +169,8 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
     const C* row = s + i * bk;
     for (int64_t k = 0; k < bk; ++k) col_sum[k] += tile_exp(row[k] - shift[k]);
   }
-  for (int64_t k = 0; k < bk; ++k) {
-    stats.lse[k0 + k].merge(shift[k], col_sum[k]);
-    stats.positive_sum[k0 + k] += col_pos_sum[k];
-    stats.positive_count[k0 + k] += col_pos_count[k];
-  }
+  for (int64_t k = 0; k < bk; ++k) stats.lse[k0 + k].merge(shift[k], col_sum[k]);
+  col_pos.add_to(stats, k0, bk);
 }
 
 // Overwrites the tile of dot products with H = G_IK + (G_KI)^T. kBounded:
