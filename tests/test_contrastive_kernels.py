@@ -34,7 +34,7 @@ def sym_reference(z, labels, scale, weight):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows,d", [(2, 1), (7, 3), (64, 64), (130, 65), (66, 130)])
+@pytest.mark.parametrize("rows,d", [(1, 4), (2, 1), (7, 3), (64, 64), (130, 65), (66, 130)])
 def test_sym_op(backend, dtype, rows, d):
     z = rand((rows, d), dtype, backend.device, 1)
     labels = torch.arange(rows).remainder((rows + 1) // 2).to(backend.device)  # pairs, one singleton if odd
