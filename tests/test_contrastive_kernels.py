@@ -174,6 +174,29 @@ def test_asym_op(backend, dtype, batch, queue, d, with_queue):
         close(grads[2], ref_grads[1], dtype, "backward grad positive key")
 
 
+@pytest.mark.parametrize("temperature", [0.01, 0.07, -0.5])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "unit-inputs"])
+@pytest.mark.parametrize("with_queue", [True, False], ids=["moco", "cross-view"])
+def test_asym_op_shifts(backend, temperature, normalize, with_queue):
+    """The log-sum-exp shifted by the logit bound (normalised rows, |1/T| <= 30)
+    and by a running max (T = 0.01, or rows the kernel does not normalise)."""
+    unit = lambda t: t if normalize else F.normalize(t, dim=1)  # noqa: E731
+    q = unit(rand((70, 24), torch.float64, "cpu", 21)).float().to(backend.device)
+    k = unit(rand((70, 24), torch.float64, "cpu", 22)).float().to(backend.device)
+    qu = unit(rand((300, 24), torch.float64, "cpu", 23)).float().to(backend.device) if with_queue else None
+    candidates, positive = (qu, k) if with_queue else (k, None)
+    mask = [True, True, with_queue]
+    loss, lse, gq, gk, gp = backend.ops.contrastive_asym_loss(
+        q, candidates, positive, 0, 1 / temperature, EPS, normalize, 1, mask
+    )
+    inputs = [t.detach().double().cpu().requires_grad_() for t in (q, k) + ((qu,) if with_queue else ())]
+    ref = reference.info_nce_loss(*inputs, temperature=temperature, normalize=normalize)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    close(loss, ref.detach(), torch.float32, "mean loss")
+    close(gq, ref_grads[0], torch.float32, "grad query")
+    close(gk, ref_grads[2] if with_queue else ref_grads[1], torch.float32, "grad key")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch,keys,offset", [(1, 3, 2), (5, 20, 10), (70, 140, 70), (66, 200, 67)])
 def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):

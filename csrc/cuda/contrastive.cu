@@ -57,9 +57,14 @@ T* mutable_data(at::Tensor& t) {
 
 template <typename T>
 void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
+  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()));
   with_tile_path<T>([&](auto tensor_cores) {
-    launch_kernel(lse_kernel<T, decltype(tensor_cores)::value>, dim3(ceil_div(p.n_rows, tile_size<T>())),
-                  dim3(kTileThreads), 0, stream, p);
+    constexpr bool kTc = decltype(tensor_cores)::value;
+    if (p.bounded) {
+      launch_kernel(lse_kernel<T, kTc, true>, grid, dim3(kTileThreads), 0, stream, p);
+    } else {
+      launch_kernel(lse_kernel<T, kTc, false>, grid, dim3(kTileThreads), 0, stream, p);
+    }
   });
 }
 
@@ -174,6 +179,7 @@ SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::
   const int64_t a0 = anchors.begin;
   LseParams<T> p{data<T>(z) + a0 * d, data<T>(z), data<A>(denom) + a0, data<A>(denom), anchors.count(), m, d,
                  static_cast<A>(scale), data<int64_t>(labels), /*row_offset=*/a0, /*exclude_self=*/true, nullptr,
+                 logit_bound_usable<A>(scale, normalize), static_cast<A>(std::abs(scale)),
                  mutable_data<A>(s.lse) + a0, mutable_data<A>(s.positive_sum) + a0,
                  mutable_data<int64_t>(s.positive_count) + a0, nullptr};
   launch_lse(p, stream);
@@ -396,6 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
                           in.q.size(0), in.k.size(0), in.q.size(1), static_cast<A>(scale), nullptr,
                           /*row_offset=*/positive_offset, /*exclude_self=*/false,
                           in.p.defined() ? data<A>(in.positive_logit) : nullptr,
+                          logit_bound_usable<A>(scale, normalize), static_cast<A>(std::abs(scale)),
                           mutable_data<A>(lse), nullptr, nullptr,
                           in.p.defined() ? nullptr : mutable_data<A>(in.positive_logit)};
     launch_lse(p, stream);

@@ -6,8 +6,9 @@
 // where denom = max(||x||, eps) (1 without normalisation); S is formed one
 // 64 x 64 tile at a time in registers and never stored.
 //
-// lse_kernel: one block per 64 rows walks all column tiles keeping an online
-//   log-sum-exp per row (and, with labels, the sum and count of positive
+// lse_kernel: one block per 64 rows walks all column tiles keeping a
+//   log-sum-exp per row, shifted by the logit bound of unit rows where it is
+//   usable, online otherwise (and, with labels, the sum and count of positive
 //   logits; with diagonal_logit, S_rr). Self (c == r + row_offset: the rows
 //   may be a slice of the columns) is skipped with exclude_self;
 //   initial_logit (MoCo's positive-key logit) starts the sum.
@@ -30,8 +31,9 @@
 // recomputes S once per 64-wide feature chunk.
 //
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block; 2026-11-28):
-//   lse_kernel   tensor cores: 100 registers (fp16/bf16), 106 (TF32); FMA: 104
-//                (fp32), 90 (fp64); 17-18 KB shared memory; no spills.
+//   lse_kernel   online shift: 101-106 registers (fp16, bf16, fp32 on either
+//                path), 94 (fp64); bounded shift: 101-126, 78 (fp64); 17-18 KB
+//                shared memory; no spills.
 //   grad_kernel  kParts 1: 123-163 registers; kParts 2: 128-255; kParts 4:
 //                170-254 (TF32 at 254-255); no spills; 34-35 KB shared memory
 //                (fp64: 27 KB). (Re-measured after the chunk product became
@@ -97,6 +99,8 @@ struct LseParams {
   int64_t row_offset;             // row r is column r + row_offset (labels, self)
   bool exclude_self;
   const acc_t<T>* initial_logit;  // per row, or null
+  bool bounded;                   // launch the kBounded kernel: logits lie in [-bound, bound]
+  acc_t<T> bound;
   acc_t<T>* lse;
   acc_t<T>* positive_sum;         // with labels
   int64_t* positive_count;        // with labels
@@ -317,22 +321,33 @@ __device__ __forceinline__ A row_max16(A v) {
   return v;
 }
 
-template <typename T, bool kTensorCores>
+// kBounded (unit rows, logit bound usable; contrastive_check.h): every logit
+// lies in [-bound, bound], so the shift is the fixed bound: each thread sums
+// exp(S - bound) over its columns of every tile and the row's 16 threads add
+// their sums once at the end. Otherwise an online log-sum-exp: the row's
+// maximum and rescaled sum, agreed by the 16 threads after every tile.
+template <typename T, bool kTensorCores, bool kBounded>
 __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16;
   __shared__ STileSmem<T> smem;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t r0 = int64_t(blockIdx.x) * kTile;
-  // Every thread of a row keeps the same running state for its R rows.
+  // Unbounded: every thread of a row keeps the same running state for its R rows.
   A run_max[R], run_sum[R], pos_sum[R];
   int64_t pos_count[R], label[R];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
     const int64_t r = r0 + ty * R + i;
     const bool valid = r < p.n_rows;
-    run_max[i] = (valid && p.initial_logit) ? p.initial_logit[r] : negative_infinity<A>();
-    run_sum[i] = (valid && p.initial_logit) ? A(1) : A(0);
+    const bool initial = valid && p.initial_logit;
+    if constexpr (kBounded) {
+      run_max[i] = p.bound;  // the initial term is added once, by the row's first thread
+      run_sum[i] = (initial && tx == 0) ? device_exp(p.initial_logit[r] - p.bound) : A(0);
+    } else {
+      run_max[i] = initial ? p.initial_logit[r] : negative_infinity<A>();
+      run_sum[i] = initial ? A(1) : A(0);
+    }
     pos_sum[i] = 0;
     pos_count[i] = 0;
     label[i] = (valid && p.labels) ? p.labels[r + p.row_offset] : -1;
@@ -357,6 +372,11 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
           ++pos_count[i];
         }
       }
+      if constexpr (kBounded) {
+#pragma unroll
+        for (int j = 0; j < R; ++j) run_sum[i] += device_exp(s[i][j] - p.bound);  // exp(-inf) = 0
+        continue;
+      }
       tile_max = row_max16(tile_max);
       const A new_max = tile_max > run_max[i] ? tile_max : run_max[i];
       A tile_sum = 0;
@@ -376,8 +396,9 @@ __global__ void __launch_bounds__(kTileThreads) lse_kernel(LseParams<T> p) {
     const int64_t r = r0 + ty * R + i;
     const A total_pos_sum = row_sum16(pos_sum[i]);
     const int64_t total_pos_count = row_sum16(pos_count[i]);
+    const A total_sum = kBounded ? row_sum16(run_sum[i]) : run_sum[i];
     if (tx == 0 && r < p.n_rows) {
-      p.lse[r] = run_max[i] + log(run_sum[i]);
+      p.lse[r] = run_max[i] + log(total_sum);
       if (p.labels) {
         p.positive_sum[r] = total_pos_sum;
         p.positive_count[r] = total_pos_count;
