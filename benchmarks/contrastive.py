@@ -72,12 +72,16 @@ def run_once(case, impl, inputs):
     if impl == "row_tiles":
         # The fused kernels as torch.use_deterministic_algorithms(True) runs them:
         # on CUDA, NT-Xent forms every tile of S instead of each symmetric pair once.
+        # (Without filling fresh tensors with NaN, which deterministic mode also does.)
         previous = torch.are_deterministic_algorithms_enabled()
+        previous_fill = torch.utils.deterministic.fill_uninitialized_memory
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         try:
             return run_once(case, "fused", inputs)
         finally:
             torch.use_deterministic_algorithms(previous)
+            torch.utils.deterministic.fill_uninitialized_memory = previous_fill
     fn = loss_fn(case, impl)
     if case["mode"] == "forward":
         with torch.no_grad():

@@ -54,6 +54,21 @@ def test_matrix_op(backend, dtype, m, n, d, symmetric):
         assert err <= TOL[dtype] * 8 * max(scale, 1.0) * max(1, d / 16)
 
 
+@pytest.mark.parametrize("m,n,d", [(200, 150, 8), (200, None, 8), (1100, None, 520), (300, None, 520)])
+def test_cpu_forward_routes(m, n, d):
+    """Every route of the CPU forward (csrc/cpu/cosine_matrix.cpp): normalised
+    copies when (M + N) D <= M N, else raw rows with the inverse norms in the
+    epilogue; with b = None and D >= 512 either one on symmetric tiles."""
+    a = rand((m, d), torch.float32, "cpu", 4)
+    b = None if n is None else rand((n, d), torch.float32, "cpu", 5)
+    out = torch.ops.ssl_ops.cosine_similarity_matrix(a, b, 1e-8)
+    a_hat = F.normalize(a.double(), dim=1)
+    ref = a_hat @ (a_hat if b is None else F.normalize(b.double(), dim=1)).t()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=TOL[torch.float32] * 4)
+    if b is None and d >= 512:  # symmetric tiles write each tile to both halves
+        assert torch.equal(out, out.t())
+
+
 def test_api_autograd_and_reference():
     a = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     b = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)

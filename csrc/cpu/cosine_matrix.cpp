@@ -25,12 +25,17 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/reciprocal.h>
 #include <torch/library.h>
 
 #include <array>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "../cosine_check.h"
 #include "contrastive_tiles.h"
@@ -66,29 +71,17 @@ void apply_inverse_norms(at::Tensor& out, int64_t r0, int64_t rows, int64_t c0, 
   fn(out.data_ptr<C>() + r0 * out.stride(0) + c0, rows, cols, out.stride(0), row_inv + r0, col_inv + c0);
 }
 
-at::Tensor inverse_norms(const NormalizedRows& n) { return (1 / n.denom).reshape({-1}).contiguous(); }
+// 1 / max(||x_i||, eps) for rows already in the compute type.
+at::Tensor inverse_norms(const at::Tensor& rows, double eps) {
+  return at::clamp_min(at::linalg_vector_norm(rows, 2, {1}), eps).reciprocal().contiguous();
+}
 
+// rows . rows^T on the tiles on and above the diagonal, each written to both
+// halves; inverse norms applied per tile unless null (rows already unit).
 template <typename C>
-at::Tensor matrix_impl(const at::Tensor& a, const std::optional<at::Tensor>& b, double eps) {
-  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
-  const NormalizedRows na = normalize_rows(a, eps, true, compute);
-  const int64_t m = a.size(0), n = b.has_value() ? b->size(0) : m;
-  const bool copies = (m + n) * a.size(1) <= m * n;  // the route (see the top of this file)
-  const at::Tensor ia = inverse_norms(na);
-  const at::Tensor rows_a = copies ? na.rows : a.to(compute).contiguous();
-  if (b.has_value() || a.size(1) < kSymmetricMinFeatures) {
-    if (!b.has_value() && copies) return at::mm(na.rows, na.rows.t());
-    const NormalizedRows nb = b.has_value() ? normalize_rows(*b, eps, true, compute) : na;
-    if (copies) return at::mm(na.rows, nb.rows.t());
-    const at::Tensor ib = inverse_norms(nb);
-    const at::Tensor rows_b = b.has_value() ? b->to(compute).contiguous() : rows_a;
-    at::Tensor out = at::mm(rows_a, rows_b.t());
-    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
-      apply_inverse_norms<C>(out, begin, end - begin, 0, n, ia.const_data_ptr<C>(), ib.const_data_ptr<C>());
-    });
-    return out;
-  }
-  at::Tensor out = at::empty({m, m}, a.options().dtype(compute));
+at::Tensor symmetric_tiles(const at::Tensor& rows, const C* inv) {
+  const int64_t m = rows.size(0);
+  at::Tensor out = at::empty({m, m}, rows.options());
   std::vector<std::pair<int64_t, int64_t>> pairs;
   const int64_t blocks = (m + kSymmetricTile - 1) / kSymmetricTile;
   for (int64_t k = 0; k < blocks; ++k)
@@ -98,10 +91,34 @@ at::Tensor matrix_impl(const at::Tensor& a, const std::optional<at::Tensor>& b, 
       const int64_t i0 = pairs[p].first * kSymmetricTile, k0 = pairs[p].second * kSymmetricTile;
       const int64_t bi = std::min(kSymmetricTile, m - i0), bk = std::min(kSymmetricTile, m - k0);
       at::Tensor block = out.narrow(0, i0, bi).narrow(1, k0, bk);
-      block.copy_(at::mm(rows_a.narrow(0, i0, bi), rows_a.narrow(0, k0, bk).t()));
-      if (!copies) apply_inverse_norms<C>(out, i0, bi, k0, bk, ia.const_data_ptr<C>(), ia.const_data_ptr<C>());
+      block.copy_(at::mm(rows.narrow(0, i0, bi), rows.narrow(0, k0, bk).t()));
+      if (inv) apply_inverse_norms<C>(out, i0, bi, k0, bk, inv, inv);
       if (i0 != k0) out.narrow(0, k0, bk).narrow(1, i0, bi).copy_(block.t());
     }
+  });
+  return out;
+}
+
+template <typename C>
+at::Tensor matrix_impl(const at::Tensor& a, const std::optional<at::Tensor>& b, double eps) {
+  const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
+  const int64_t m = a.size(0), n = b.has_value() ? b->size(0) : m;
+  const bool symmetric = !b.has_value() && a.size(1) >= kSymmetricMinFeatures;
+  if ((m + n) * a.size(1) <= m * n) {  // normalised copies (the route: see the top of this file)
+    const NormalizedRows na = normalize_rows(a, eps, true, compute);
+    if (symmetric) return symmetric_tiles<C>(na.rows, nullptr);
+    if (!b.has_value()) return at::mm(na.rows, na.rows.t());
+    return at::mm(na.rows, normalize_rows(*b, eps, true, compute).rows.t());
+  }
+  // Raw rows, inverse norms in the epilogue: no normalised copy.
+  const at::Tensor rows_a = a.to(compute).contiguous();
+  const at::Tensor ia = inverse_norms(rows_a, eps);
+  if (symmetric) return symmetric_tiles<C>(rows_a, ia.const_data_ptr<C>());
+  const at::Tensor rows_b = b.has_value() ? b->to(compute).contiguous() : rows_a;
+  const at::Tensor ib = b.has_value() ? inverse_norms(rows_b, eps) : ia;
+  at::Tensor out = at::mm(rows_a, rows_b.t());
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+    apply_inverse_norms<C>(out, begin, end - begin, 0, n, ia.const_data_ptr<C>(), ib.const_data_ptr<C>());
   });
   return out;
 }
