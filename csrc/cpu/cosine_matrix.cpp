@@ -22,6 +22,8 @@
 // Backward: with g = dC . b_hat, d a_i = (g_i - a_hat_i (a_hat_i . g_i)) / ||a_i||
 // (g_i / eps below eps), and the same for b with dC^T . a_hat; with b = None,
 // g = (dC + dC^T) . a_hat, formed as two products without a transposed copy.
+// a_hat and b_hat are written for the GEMMs: an (N, D) scaled copy costs less
+// than scaling the (M, N) dC.
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>

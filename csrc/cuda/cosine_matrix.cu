@@ -10,7 +10,9 @@
 // GEMM beats it for some shapes (and should take them, with our row kernels)
 // is to be measured on a GPU; until then there is no routing to claim.
 // Backward: g = dC . b_hat through the vendor GEMM (at::mm), then the
-// normalisation backward in finish_rows_kernel.
+// normalisation backward in finish_rows_kernel. b_hat (and a_hat) are written:
+// the GEMM needs scaled operands, and an (N, D) scaled copy costs less than
+// scaling the (M, N) dC.
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 58 registers on tensor
 // cores for fp16/bf16, 64 for TF32, 59 exact fp32, 44 double; 17-18 KB shared
 // memory; no spills.
