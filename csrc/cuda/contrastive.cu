@@ -72,6 +72,13 @@ void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
 // tile); wider rows split over blocks.
 int feature_parts(int64_t features) { return features <= kChunk ? 1 : (features <= 2 * kChunk ? 2 : 4); }
 
+// Gradient blocks along the features (a grid dimension, at most 65535).
+int64_t feature_blocks(int64_t features, int parts) {
+  const int64_t blocks = ceil_div(features, int64_t(kChunk) * parts);
+  TORCH_CHECK(blocks <= 65535, "contrastive loss on CUDA: at most ", 65535 * kChunk * 4, " features, got ", features);
+  return blocks;
+}
+
 template <typename Launch>
 void with_parts(int parts, Launch&& launch) {
   if (parts == 1) {
@@ -89,7 +96,7 @@ at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStr
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
   p.out = mutable_data<A>(out);
   const int parts = feature_parts(p.features);
-  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), ceil_div(p.features, int64_t(kChunk) * parts));
+  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), feature_blocks(p.features, parts));
   with_tile_path<T>([&](auto tensor_cores) {
     with_parts(parts, [&](auto kParts) {
       launch_kernel(grad_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,
@@ -144,12 +151,12 @@ constexpr int64_t kMinPairsPerBlock = 2;
 // Splits each row tile's pairs over enough blocks for about two waves of the
 // multiprocessors, with at least kMinPairsPerBlock pairs per block.
 template <typename T>
-PairSchedule pair_schedule(int64_t rows, int64_t feature_blocks, c10::Device device) {
+PairSchedule pair_schedule(int64_t rows, int64_t blocks_per_row_tile, c10::Device device) {
   PairSchedule s{ceil_div(rows, tile_size<T>()), 0};
   const int64_t wanted_blocks = 2 * int64_t(multiprocessor_count(device));
   const int64_t most = s.most_pairs();
   const int64_t splits =
-      std::clamp<int64_t>(ceil_div(wanted_blocks, s.tiles * feature_blocks), 1, ceil_div(most, kMinPairsPerBlock));
+      std::clamp<int64_t>(ceil_div(wanted_blocks, s.tiles * blocks_per_row_tile), 1, ceil_div(most, kMinPairsPerBlock));
   s.pairs_per_block = ceil_div(most, splits);
   return s;
 }
@@ -206,12 +213,12 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
   if (use_tile_pairs(m, anchors)) {
     at::Tensor grad_hat = at::zeros({m, d}, lse.options());
     const int parts = feature_parts(d);
-    const int64_t feature_blocks = ceil_div(d, int64_t(kChunk) * parts);
-    const PairSchedule schedule = pair_schedule<T>(m, feature_blocks, z.device());
+    const int64_t blocks_per_row_tile = feature_blocks(d, parts);
+    const PairSchedule schedule = pair_schedule<T>(m, blocks_per_row_tile, z.device());
     SymPairGradParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), data<int64_t>(labels),
                            data<A>(lse), data<A>(weight), data<A>(inv_positives), schedule,
                            mutable_data<A>(grad_hat)};
-    const dim3 grid(schedule.tiles, ceil_div(schedule.most_pairs(), schedule.pairs_per_block), feature_blocks);
+    const dim3 grid(schedule.tiles, ceil_div(schedule.most_pairs(), schedule.pairs_per_block), blocks_per_row_tile);
     with_tile_path<T>([&](auto tensor_cores) {
       with_parts(parts, [&](auto kParts) {
         launch_kernel(sym_grad_pairs_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,

@@ -34,8 +34,8 @@
 //   lse_kernel   online shift: 101-106 registers (fp16, bf16, fp32 on either
 //                path), 94 (fp64); bounded shift: 101-126, 78 (fp64); 17-18 KB
 //                shared memory; no spills.
-//   grad_kernel  kParts 1: 123-163 registers; kParts 2: 128-255; kParts 4:
-//                170-254 (TF32 at 254-255); no spills; 34-35 KB shared memory
+//   grad_kernel  kParts 1: 123-163 registers; kParts 2: 128-254; kParts 4:
+//                168-255 (TF32 at 254-255); no spills; 34-35 KB shared memory
 //                (fp64: 27 KB). (Re-measured after the chunk product became
 //                add_chunk_product, shared with contrastive_pairs.cuh.)
 // With 64K registers per SM, two 256-thread blocks fit at up to 128
@@ -428,16 +428,24 @@ __device__ __forceinline__ void add_chunk_product(const A (&coef)[kTile][kTile +
   }
 }
 
+// Shared memory of the gradient kernels: the S tile's stages, dead while a
+// feature chunk is in use, and the T tile they multiply it by.
+template <typename T>
+struct GradSmem {
+  static constexpr int kTile = tile_size<T>();
+  union {
+    STileSmem<T> tile;
+    acc_t<T> chunk[kTile][kChunk + 1];  // one feature chunk of a tile's rows
+  };
+  acc_t<T> coef[kTile][kTile + 1];  // [column][row]
+};
+
 template <typename T, bool kTensorCores, int kParts>
 __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16, W = kChunk / 16;
-  // The dot-product stages are dead while a feature chunk of cols is in use.
-  __shared__ union Smem {
-    STileSmem<T> tile;
-    A chunk[kTile][kChunk + 1];  // cols[c0 + k][d0 + c]
-  } smem;
-  __shared__ A coef[kTile][kTile + 1];  // [column k][row]: T_rc * scale / denom_c
+  __shared__ GradSmem<T> smem;  // chunk: cols[c0 + k][d0 + c]; coef: T_rc * scale / denom_c
+  auto& coef = smem.coef;
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   const int64_t r0 = int64_t(blockIdx.x) * kTile;
   const int64_t d0 = int64_t(blockIdx.y) * kChunk * kParts;

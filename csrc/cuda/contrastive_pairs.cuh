@@ -30,9 +30,10 @@
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads per block; 2026-11-28):
 //   sym_lse_pairs_kernel   101-106 registers (fp16, bf16, exact fp32), 128
 //                          (TF32), 80 (fp64); 17-18 KB shared memory; no spills.
-//   sym_grad_pairs_kernel  kParts 1: 128 registers (fp16: 173), spilling 4-24
-//                          bytes; kParts 2: 128-254 (exact fp32 and fp64 at 128
-//                          spill 20-60 bytes); kParts 4: 207-254; 28-37 KB
+//   sym_grad_pairs_kernel  kParts 1: 128 registers (fp16: 170, no spills),
+//                          spilling 4-20 bytes; kParts 2: 128-255 (exact fp32
+//                          and fp64 at 128 spill 40-60 bytes); kParts 4:
+//                          221-255, no spills; 28-37 KB
 //                          shared memory. With the row statistics in shared
 //                          memory rather than registers ptxas keeps most
 //                          kParts 1 variants at 128 (2 blocks per SM); the
@@ -211,11 +212,8 @@ template <typename T, bool kTensorCores, int kParts>
 __global__ void __launch_bounds__(kTileThreads) sym_grad_pairs_kernel(SymPairGradParams<T> p) {
   using A = acc_t<T>;
   constexpr int kTile = tile_size<T>(), R = kTile / 16, W = kChunk / 16;
-  __shared__ union Smem {
-    STileSmem<T> tile;
-    A chunk[kTile][kChunk + 1];  // unit rows of one tile, one feature chunk
-  } smem;
-  __shared__ A coef[kTile][kTile + 1];  // [column][row]: scale * T_rc
+  __shared__ GradSmem<T> smem;  // chunk: unit rows; coef: scale * T_rc
+  auto& coef = smem.coef;
   // The block's row statistics, read once per pair: in registers they would
   // stay live through every product.
   __shared__ struct {
