@@ -175,7 +175,7 @@ SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::
     SymPairLseParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), static_cast<A>(bound),
                           data<int64_t>(labels), schedule, mutable_data<A>(s.lse),
                           mutable_data<A>(s.positive_sum), mutable_data<int64_t>(s.positive_count)};
-    const dim3 grid(schedule.tiles, ceil_div(schedule.most_pairs(), schedule.pairs_per_block));
+    const dim3 grid(schedule.tiles, schedule.slices());
     with_tile_path<T>([&](auto tensor_cores) {
       launch_kernel(sym_lse_pairs_kernel<T, decltype(tensor_cores)::value>, grid, dim3(kTileThreads), 0, stream,
                     p);
@@ -218,7 +218,7 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
     SymPairGradParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), data<int64_t>(labels),
                            data<A>(lse), data<A>(weight), data<A>(inv_positives), schedule,
                            mutable_data<A>(grad_hat)};
-    const dim3 grid(schedule.tiles, ceil_div(schedule.most_pairs(), schedule.pairs_per_block), blocks_per_row_tile);
+    const dim3 grid(schedule.tiles, schedule.slices(), blocks_per_row_tile);
     with_tile_path<T>([&](auto tensor_cores) {
       with_parts(parts, [&](auto kParts) {
         launch_kernel(sym_grad_pairs_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,

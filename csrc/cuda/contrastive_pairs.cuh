@@ -56,6 +56,8 @@ struct PairSchedule {
     return tile < tiles / 2 ? tiles / 2 + 1 : tiles / 2;
   }
   __host__ __device__ int64_t most_pairs() const { return pairs_of(0); }
+  // Blocks sharing one row tile's pairs (blockIdx.y).
+  __host__ __device__ int64_t slices() const { return (most_pairs() + pairs_per_block - 1) / pairs_per_block; }
   // End of the slice of tile's pairs that starts at first.
   __host__ __device__ int64_t last_pair(int64_t tile, int64_t first) const {
     const int64_t end = first + pairs_per_block, count = pairs_of(tile);
