@@ -2,6 +2,7 @@
 host emulator under several thread orders, and the CUDA kernel on a GPU."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -53,20 +54,51 @@ def run(backend, ema, online, momentum, chunk_size=None):
         backend.ops._ema_update_chunked_(ema, online, momentum, chunk_size)
 
 
-def cpu_result(ema, online, momentum):
-    out = [e.detach().cpu().clone() for e in ema]
-    torch.ops.ssl_ops.ema_update_(out, [o.cpu() for o in online], momentum)
-    return out
+def fp32_fma_oracle(ema, online, momentum):
+    """The kernels' expression, fma(m, ema, w * online) in fp32 with m and w = 1 - m
+    rounded once from double, evaluated exactly here without a fused multiply-add:
+    m * ema is exact in double (24 + 24 bits); TwoSum gives the double sum s and
+    its error exactly; rounding s to fp32 is wrong only when s is a tie between
+    two floats, where the error's sign decides. Then one rounding to the EMA dtype."""
+    m = torch.tensor(momentum, dtype=torch.float32)
+    w = torch.tensor(1.0 - momentum, dtype=torch.float64).float()
+    t = (w * online.cpu().float()).double()  # fp32 product, rounded once
+    p = m.double() * ema.cpu().float().double()
+    s = p + t
+    t_virtual = s - p
+    err = (p - (s - t_virtual)) + (t - t_virtual)  # TwoSum: s + err == p + t exactly
+    r = s.float()
+    d = s - r.double()
+    neighbour = torch.nextafter(r, torch.where(d > 0, math.inf, -math.inf).float())
+    tie = (d != 0) & ((neighbour.double() - r.double()).abs() == 2 * d.abs())
+    r = torch.where(tie & (err != 0) & (torch.sign(err) == torch.sign(d)), neighbour, r)
+    return r.to(ema.dtype)
+
+
+def fp64_fma_oracle(ema, online, momentum):
+    """fma(m, ema, w * online) in double, exactly: Fractions hold m * ema + t
+    without rounding, and int / int (Fraction -> float) rounds correctly."""
+    m, w = Fraction(momentum), 1.0 - momentum
+    out = [float(m * Fraction(e) + Fraction(w * o)) for e, o in zip(ema.cpu().flatten().tolist(),
+                                                                   online.cpu().double().flatten().tolist())]
+    return torch.tensor(out, dtype=torch.float64).reshape(ema.shape)
+
+
+def expected_bits(ema, online, momentum):
+    """The kernels' expression evaluated independently of them."""
+    if ema.dtype == torch.float64:
+        return fp64_fma_oracle(ema, online, momentum)
+    return fp32_fma_oracle(ema, online, momentum)
 
 
 def check_case(backend, ema, online, momentum=MOMENTUM, chunk_size=None):
     before = [e.clone() for e in ema]
-    expected_bits = cpu_result(before, online, momentum)
+    want = [expected_bits(e, o, momentum) for e, o in zip(before, online)]
     run(backend, ema, online, momentum, chunk_size)
     assert_matches_float64(ema, before, online, momentum)
-    # The backends compute the same expression, so they agree bit for bit.
-    for got, want in zip(ema, expected_bits):
-        assert torch.equal(got.cpu(), want)
+    # Every backend computes the same expression, so each equals it bit for bit.
+    for got, expected in zip(ema, want):
+        assert torch.equal(got.cpu(), expected)
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=pair_id)

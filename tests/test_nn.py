@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssl_ops
 
@@ -64,7 +65,9 @@ def test_cosine_modules_match_lightly():
     byol = ssl_ops.BYOLLoss()(x0, x1.detach())
     torch.testing.assert_close(byol, 2 + 2 * theirs.detach(), rtol=1e-6, atol=1e-6)
     info = ssl_ops.InfoNCELoss(0.1)(x0, x1)
-    torch.testing.assert_close(info, ssl_ops.info_nce_loss(x0, x1, temperature=0.1))
+    # MoCo v3's formula (solo-learn's mocov3_loss_func without its 2T factor), in float64.
+    logits = F.normalize(x0.detach().double(), dim=1) @ F.normalize(x1.detach().double(), dim=1).t() / 0.1
+    torch.testing.assert_close(info.double(), F.cross_entropy(logits, torch.arange(9)), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(
