@@ -123,12 +123,13 @@ torch.library.register_autograd(
 
 def cosine_similarity_matrix(a, b=None, *, eps=1e-8):
     """``C[i, j] = a_i . b_j / (max(||a_i||, eps) * max(||b_j||, eps))``, shape (M, N);
-    ``b=None`` means ``b = a`` (then only half the products are computed).
+    ``b=None`` means ``b = a``.
 
-    This is exactly ``F.cosine_similarity(a[:, None], b[None], dim=-1, eps=eps)``,
-    which also clamps each norm on its own, without its (M, N, D) broadcast, and
-    ``F.normalize(a, eps=eps) @ F.normalize(b, eps=eps).T`` without the normalised
-    copies. fp16/bf16 inputs accumulate in fp32; the result has the input dtype.
+    The formula of ``F.cosine_similarity(a[:, None], b[None], dim=-1, eps=eps)``
+    (which also clamps each norm on its own) without its (M, N, D) broadcast,
+    equal to rounding, not bit for bit. Which products and copies each backend
+    forms: README, ``cosine_similarity_matrix``. fp16/bf16 inputs accumulate in
+    fp32; the result has the input dtype.
     """
     if not isinstance(a, torch.Tensor) or (b is not None and not isinstance(b, torch.Tensor)):
         raise TypeError("a and b must be tensors")
