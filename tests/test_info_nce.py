@@ -196,3 +196,28 @@ def test_bad_input_errors():
         ssl_ops.info_nce_loss(q, q, torch.randn(3, 8), gather_distributed=True)
     with pytest.raises(TypeError, match="key has dtype Double but query has dtype Float"):
         op(q, q.double(), None, 0, 2.0, 1e-12, True, 1, [False, False, False])
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_queue", [True, False])
+@pytest.mark.parametrize("key_grad", [False, True])
+def test_forward_computes_the_gradient_and_backward_only_scales_it(with_queue, key_grad):
+    """README: with inputs that require grad the gradient comes from the forward's
+    pass; backward runs no second kernel (a wrong grad_mask would make it)."""
+    query, key = rand((12, 8), torch.float32, 1), rand((12, 8), torch.float32, 2, requires_grad=key_grad)
+    queue = rand((30, 8), torch.float32, 3, requires_grad=False) if with_queue else None
+    loss = ssl_ops.info_nce_loss(query, key, queue)
+    log = _OpLog()
+    with log:
+        loss.backward()
+    assert "ssl_ops::contrastive_asym_backward" not in log.names
+    assert query.grad is not None and (key.grad is not None) == key_grad

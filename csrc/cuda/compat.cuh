@@ -54,6 +54,15 @@ inline int multiprocessor_count(c10::Device device) {
   type* name = reinterpret_cast<type*>(name##_bytes)
 #endif
 
+// Planted numeric bugs: under the emulator a test can switch one on
+// (ssl_emu::set_planted_bug) to prove that the kernel tests catch it; in the
+// real build the condition is the constant false and compiles away.
+#if defined(SSL_OPS_CUDA_EMU)
+#define SSL_OPS_PLANTED(bug) (::ssl_emu::planted_bug() == ::ssl_emu::PlantedBug::bug)
+#else
+#define SSL_OPS_PLANTED(bug) false
+#endif
+
 // The one place kernels are launched: <<<...>>> under nvcc, the emulator on the
 // host. Launch errors are checked here, so no call site can forget.
 template <typename... Params, typename... Args>

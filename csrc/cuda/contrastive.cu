@@ -321,7 +321,7 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
                           int64_t offset, double scale, double eps, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
   AsymInputs<T> in;
-  in.offset = offset;
+  in.offset = SSL_OPS_PLANTED(kPositiveOffByOne) ? offset + 1 : offset;
   in.q = query.contiguous();
   in.k = key.contiguous();
   in.denom_q = row_denoms<T>(in.q, eps, normalize, stream);

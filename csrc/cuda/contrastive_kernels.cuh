@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kTileThreads) grad_kernel(GradParams<T> p) {
           if (p.row_term && row_w[i] != A(0)) {
             t += row_w[i] * (device_exp(logit - row_lse[i]) - (positive ? row_inv[i] : A(0)));
           }
-          if (p.col_term && col_w != A(0)) {
+          if (p.col_term && col_w != A(0) && !SSL_OPS_PLANTED(kDropTransposedTerm)) {
             t += col_w * (device_exp(logit - col_lse) - (positive ? col_inv : A(0)));
           }
           t = t * p.scale / col_denom;

@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kTileThreads) sym_grad_pairs_kernel(SymPairGra
           if (row_w != A(0)) {
             t += row_w * (device_exp(logit - row_stats.lse[row]) - (positive ? row_stats.inv_positives[row] : A(0)));
           }
-          if (col_w != A(0)) t += col_w * (device_exp(logit - col_lse) - (positive ? col_inv : A(0)));
+          if (col_w != A(0) && !SSL_OPS_PLANTED(kDropTransposedTerm)) t += col_w * (device_exp(logit - col_lse) - (positive ? col_inv : A(0)));
           t *= p.scale;
         }
         coef[tx * R + j][ty * R + i] = t;

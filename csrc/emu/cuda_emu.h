@@ -85,6 +85,16 @@ void check_launch();
 void set_schedule_seed(uint64_t seed);  // 0: threads and blocks in index order
 uint64_t launch_count();
 
+// Numeric bugs a test can plant in the kernels it runs (SSL_OPS_PLANTED in
+// csrc/cuda/compat.cuh), to prove the kernel tests catch them. One at a time.
+enum class PlantedBug : int {
+  kNone = 0,
+  kDropTransposedTerm = 1,  // symmetric NT-Xent gradient without its G^T term
+  kPositiveOffByOne = 2,    // InfoNCE: the positive of query r taken at key r + offset + 1
+};
+PlantedBug planted_bug();
+void set_planted_bug(int bug);
+
 template <typename... Params, typename... Args>
 void launch(
     void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,

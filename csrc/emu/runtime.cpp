@@ -1,5 +1,6 @@
 // The emulator's scheduler: runs each block's CUDA threads as ucontext fibers,
 // switching only at synchronisation points, in an order drawn from the seed.
+#include <atomic>
 #include <c10/util/Exception.h>
 #include <ucontext.h>
 
@@ -350,5 +351,14 @@ void set_schedule_seed(uint64_t seed) {
 }
 
 uint64_t launch_count() { return emu().launches; }
+
+namespace {
+std::atomic<int> planted{0};
+}
+PlantedBug planted_bug() { return static_cast<PlantedBug>(planted.load(std::memory_order_relaxed)); }
+void set_planted_bug(int bug) {
+  TORCH_CHECK(bug >= 0 && bug <= static_cast<int>(PlantedBug::kPositiveOffByOne), "unknown planted bug ", bug);
+  planted.store(bug, std::memory_order_relaxed);
+}
 
 }  // namespace ssl_emu
