@@ -71,6 +71,45 @@ def pytest_report_header(config):
     ]
 
 
+# The contrastive ops have two CUDA routes (Note [Contrastive routes] in
+# csrc/cuda/contrastive.cu), picked by SSL_OPS_CUDA_CONTRASTIVE_ROUTE on each
+# call: the default GEMM route under every emulator seed, the hand-written
+# tile kernels under two.
+TILE_ROUTE_SEEDS = (1, 2)
+
+
+def _contrastive_params(cuda_source_only=False):
+    params = [] if cuda_source_only else [pytest.param(("cpu",), id="cpu")]
+    for seed in EMU_SEEDS:
+        params.append(pytest.param(("emu", seed), id=f"emu-s{seed}", marks=pytest.mark.emu))
+    for seed in TILE_ROUTE_SEEDS:
+        params.append(pytest.param(("emu", seed, "tiles"), id=f"emu-tiles-s{seed}", marks=pytest.mark.emu))
+    params.append(pytest.param(("cuda",), id="cuda", marks=pytest.mark.cuda))
+    params.append(pytest.param(("cuda", "tiles"), id="cuda-tiles", marks=pytest.mark.cuda))
+    return params
+
+
+def _with_route(request, monkeypatch):
+    spec = request.param
+    if spec[-1] == "tiles":
+        monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "tiles")
+        spec = spec[:-1]
+    else:
+        monkeypatch.delenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", raising=False)
+    return make_backend(spec)
+
+
+@pytest.fixture(params=_contrastive_params())
+def contrastive_backend(request, monkeypatch):
+    """Like `backend`, with the CUDA source under both contrastive routes."""
+    return _with_route(request, monkeypatch)
+
+
+@pytest.fixture(params=_contrastive_params(cuda_source_only=True))
+def contrastive_cuda_source_backend(request, monkeypatch):
+    return _with_route(request, monkeypatch)
+
+
 @pytest.fixture(autouse=True)
 def _seed_rng():
     torch.manual_seed(0)

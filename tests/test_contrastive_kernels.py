@@ -12,6 +12,18 @@ from ssl_ops import reference
 from tolerances import SAFETY, assert_close, cancellation_floor, rows_below, rtol
 
 EPS = 1e-12
+
+
+# Every case runs on the CPU kernels and on the CUDA source under both of its
+# routes (GEMM and tile kernels; conftest.py).
+@pytest.fixture
+def backend(contrastive_backend):
+    return contrastive_backend
+
+
+@pytest.fixture
+def cuda_source_backend(contrastive_cuda_source_backend):
+    return contrastive_cuda_source_backend
 TF32_ROUNDOFF = 2.0**-10  # 10 stored mantissa bits; the emulator truncates, so a full ulp
 
 
@@ -323,3 +335,31 @@ def test_tf32_only_where_torch_allows_it(cuda_source_backend):
     tf32_tol = rtol(torch.float32, length=70 + 48, logit_scale=10) + SAFETY * (1 + 10) * 2 * TF32_ROUNDOFF
     assert_close(tf32[0], ref_rows.mean(), tf32_tol, "TF32 loss")
     assert_close(tf32[3], ref_grad, tf32_tol, "TF32 gradient")
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 700, 7 * 700 + 5])
+def test_gemm_route_chunks(cuda_source_backend, monkeypatch, chunk_elements):
+    """The GEMM route takes the anchors in chunks of budget // candidates rows
+    (at least one): one row per chunk, and chunks that do not divide the
+    anchors, for both ops, forward and backward, against float64."""
+    import os
+
+    if os.environ.get("SSL_OPS_CUDA_CONTRASTIVE_ROUTE") == "tiles":
+        pytest.skip("the chunk budget is the GEMM route's")
+    monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", str(chunk_elements))
+    test_sym_op(cuda_source_backend, torch.float32, 66, 130)
+    test_sym_op_anchor_range(cuda_source_backend, torch.bfloat16, 260, 65, 195)
+    test_asym_op(cuda_source_backend, torch.float32, 65, 700, 64, True)
+    test_asym_op_positive_offset(cuda_source_backend, torch.float64, 66, 200, 67)
+
+
+def test_route_and_budget_settings_are_checked(cuda_source_backend, monkeypatch):
+    z = rand((6, 4), torch.float32, cuda_source_backend.device, 1)
+    labels = torch.arange(3).repeat(2).to(cuda_source_backend.device)
+    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "fast")
+    with pytest.raises(RuntimeError, match=r'SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be "gemm" or "tiles", got "fast"'):
+        cuda_source_backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, True)
+    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
+    monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", "0")
+    with pytest.raises(RuntimeError, match=r'SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got "0"'):
+        cuda_source_backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, True)

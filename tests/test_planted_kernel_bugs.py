@@ -27,10 +27,12 @@ def planted(bug):
         module.set_planted_bug(NONE)
 
 
-@pytest.fixture
-def emu():
+@pytest.fixture(params=["gemm", "tiles"])
+def emu(request, monkeypatch):
+    """The emulated CUDA source on each contrastive route."""
     if not emulation.available():
         pytest.skip("emulation module not built (SSL_OPS_BUILD_EMU=0)")
+    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", request.param)
     return make_backend(("emu", 1))
 
 
@@ -42,8 +44,9 @@ def assert_caught(bug, test, *args):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["tile-pairs", "row-tiles"])
 def test_dropped_transposed_gradient_term_is_caught(emu, deterministic):
-    """NT-Xent's gradient is (G + G^T) z_hat: both the tile-pair kernel and the
-    row-tile kernel (deterministic mode) lose their G^T term."""
+    """NT-Xent's gradient is (G + G^T) z_hat: the GEMM route loses its d K_hat
+    GEMM, the tile route both the tile-pair kernel's and the row-tile kernel's
+    (deterministic mode) G^T term."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:

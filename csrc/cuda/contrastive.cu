@@ -37,6 +37,7 @@
 
 #include "../contrastive_check.h"
 #include "compat.cuh"
+#include "contrastive_gemm.h"
 #include "contrastive_kernels.cuh"
 #include "contrastive_pairs.cuh"
 #include "contrastive_rows.cuh"
@@ -124,6 +125,16 @@ at::Tensor reduce(const at::Tensor& row_loss, Reduction reduction, const at::Ten
   return total / at::clamp_min(valid.sum(), 1).to(row_loss.scalar_type());
 }
 
+// ---- The GEMM route (contrastive_gemm.h; Note [Contrastive routes]) ---------------------
+
+// The rows the GEMMs multiply: x / denom in x's dtype (x itself without normalisation).
+at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& denom, bool normalize) {
+  if (!normalize) return x;
+  return (x.to(denom.scalar_type()) / denom.unsqueeze(1)).to(x.scalar_type());
+}
+
+bool use_gemm_route() { return contrastive_route() == ContrastiveRoute::kGemm; }
+
 // ---- Symmetric: NT-Xent, multi-view, SupCon -----------------------------------------
 
 struct SymSaved {
@@ -136,6 +147,28 @@ struct Anchors {
   int64_t begin, end;
   int64_t count() const { return end - begin; }
 };
+
+template <typename T>
+GemmLossSpec<T> sym_gemm_spec(const at::Tensor& z_hat, const at::Tensor& labels, Anchors anchors, double scale,
+                              bool normalize) {
+  GemmLossSpec<T> spec;
+  spec.q_hat = z_hat.narrow(0, anchors.begin, anchors.count());
+  spec.k_hat = z_hat;
+  spec.first_row = anchors.begin;
+  spec.labels = data<int64_t>(labels);
+  spec.exclude_self = true;
+  spec.rows_need_positives = true;
+  spec.scale = scale;
+  spec.bounded = logit_bound_usable<acc_t<T>>(scale, normalize);
+  return spec;
+}
+
+// d z_hat = (G + G^T) z_hat: d K_hat over every row, plus d Q_hat at the anchors.
+template <typename T>
+at::Tensor sym_gemm_grad_hat(GemmLossResult<T>& r, Anchors anchors) {
+  r.grad_k_hat.narrow(0, anchors.begin, anchors.count()).add_(r.grad_q_hat);
+  return r.grad_k_hat;
+}
 
 // Note [Tile pairs]: when every row is an anchor, the symmetric kernels of
 // contrastive_pairs.cuh form each tile pair once (the log-sum-exps only where
@@ -271,6 +304,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
     const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
+    const bool with_grad = compute_grad && reduction != Reduction::None;
+    if (use_gemm_route()) {
+      GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
+                                                            scale, normalize);
+      spec.grad_q = spec.grad_k = with_grad;  // weights: 1 where the row has positives
+      GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
+      const int64_t m = z.size(0);
+      // Rows outside the anchors keep 0: no positives, so no loss and no weight.
+      SymSaved s{at::zeros({m}, r.lse.options()), at::zeros({m}, r.lse.options()),
+                 at::zeros({m}, r.positive_count.options())};
+      s.lse.narrow(0, anchors.begin, anchors.count()).copy_(r.lse);
+      s.positive_sum.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_sum);
+      s.positive_count.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_count);
+      const at::Tensor valid = s.positive_count > 0;
+      const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
+      const at::Tensor row_loss =
+          at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
+      at::Tensor grad = at::empty({0}, z.options());
+      if (with_grad) {
+        at::Tensor grad_hat = sym_gemm_grad_hat(r, anchors);
+        if (reduction == Reduction::Mean) grad_hat.div_(at::clamp_min(valid.sum(), 1));
+        grad = finish_rows<scalar_t>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+      }
+      result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad};
+      return;
+    }
     const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, anchors, scale, normalize, stream);
     const at::Tensor valid = s.positive_count > 0;
     const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
@@ -302,6 +361,20 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
     const at::Tensor lse_acc = lse.to(denom.scalar_type()).contiguous();
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), positive_count > 0, denom.scalar_type());
+    const Anchors anchors{anchor_begin, anchor_end};
+    if (use_gemm_route()) {
+      GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
+                                                            scale, normalize);
+      const at::Tensor count = positive_count.narrow(0, anchors.begin, anchors.count()).to(lse_acc.scalar_type());
+      spec.given_lse = lse_acc.narrow(0, anchors.begin, anchors.count()).contiguous();
+      spec.given_weight = weight.narrow(0, anchors.begin, anchors.count()).contiguous();
+      spec.given_inv_count = at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count)).contiguous();
+      spec.grad_q = spec.grad_k = true;
+      GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
+      at::Tensor grad_hat = sym_gemm_grad_hat(r, anchors);
+      grad = finish_rows<scalar_t>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+      return;
+    }
     grad = sym_gradient<scalar_t>(z, denom, labels, Anchors{anchor_begin, anchor_end}, lse_acc,
                                   positive_count.contiguous(), weight.contiguous(), scale, eps, normalize, stream);
   });
@@ -387,6 +460,53 @@ std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tens
   return out;
 }
 
+// The GEMM route of both asymmetric ops: queries against keys (or the queue),
+// the positive a separate key (MoCo; its logit starts each row) or key
+// r + offset. `lse` given (the backward op): only the gradient is formed.
+// Returns the log-sum-exps (forward) and the gradients `mask` asks for.
+template <typename T>
+std::pair<at::Tensor, std::array<at::Tensor, 3>> asym_gemm(AsymInputs<T>& in, const at::Tensor& given_lse,
+                                                          const at::Tensor& weight, double scale, double eps,
+                                                          bool normalize, std::array<bool, 3> mask,
+                                                          cudaStream_t stream) {
+  const bool with_p = in.p.defined();
+  GemmLossSpec<T> spec;
+  spec.q_hat = normalized_rows(in.q, in.denom_q, normalize);
+  spec.k_hat = normalized_rows(in.k, in.denom_k, normalize);
+  spec.offset_positive = !with_p;
+  spec.positive_offset = in.offset;
+  if (with_p) spec.initial_logit = in.positive_logit;
+  spec.scale = scale;
+  spec.bounded = logit_bound_usable<acc_t<T>>(scale, normalize);
+  spec.grad_q = weight.defined() && mask[0];
+  spec.grad_k = weight.defined() && mask[1];
+  if (given_lse.defined()) {
+    spec.given_lse = given_lse;
+    spec.given_weight = weight;
+    spec.given_inv_count = at::ones_like(given_lse);  // one positive per row (unused with a positive key)
+  } else {
+    spec.weight = weight;
+  }
+  GemmLossResult<T> r = gemm_contrastive(spec, in.q.device(), stream);
+  const at::Tensor lse = given_lse.defined() ? given_lse : r.lse;
+  if (!with_p && r.positive_sum.defined()) in.positive_logit = r.positive_sum;  // S_r,r+offset
+  std::array<at::Tensor, 3> out;
+  if (!weight.defined()) return {lse, out};
+  at::Tensor coef;  // scale * w_r (softmax of the positive key - 1)
+  if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
+  if (mask[0]) {
+    out[0] = with_p ? finish_rows<T>(in.q, in.denom_q, &r.grad_q_hat, &coef, &in.p, &in.denom_p, eps, normalize,
+                                     stream)
+                    : finish_rows<T>(in.q, in.denom_q, &r.grad_q_hat, nullptr, nullptr, nullptr, eps, normalize,
+                                     stream);
+  }
+  if (mask[1]) out[1] = finish_rows<T>(in.k, in.denom_k, &r.grad_k_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+  if (mask[2] && with_p) {
+    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream);
+  }
+  return {lse, out};
+}
+
 at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
   return t.defined() ? t : at::empty({0}, like.options());
 }
@@ -404,6 +524,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     using A = acc_t<scalar_t>;
     AsymInputs<scalar_t> in =
         asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, stream);
+    if (use_gemm_route()) {
+      const at::Tensor all_rows = at::ones({in.q.size(0)}, in.denom_q.options().dtype(at::kBool));
+      at::Tensor weight;  // undefined: no gradient
+      if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
+        weight = row_weights(at::ones({}, in.denom_q.options()), reduction, all_rows, in.denom_q.scalar_type());
+      }
+      auto [lse, grads] = asym_gemm<scalar_t>(in, at::Tensor(), weight, scale, eps, normalize, grad_mask, stream);
+      result = {reduce(lse - in.positive_logit, reduction, all_rows), lse, or_empty(grads[0], query),
+                or_empty(grads[1], key), or_empty(grads[2], query)};
+      return;
+    }
     at::Tensor lse = at::empty({in.q.size(0)}, in.denom_q.options());
     LseParams<scalar_t> p{data<scalar_t>(in.q), data<scalar_t>(in.k), data<A>(in.denom_q), data<A>(in.denom_k),
                           in.q.size(0), in.k.size(0), in.q.size(1), static_cast<A>(scale), nullptr,
@@ -441,7 +572,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
     const at::Tensor all_rows = at::ones_like(lse_acc, lse_acc.options().dtype(at::kBool));
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), all_rows, lse_acc.scalar_type()).contiguous();
-    const auto grads = asym_gradients<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream);
+    const auto grads =
+        use_gemm_route()
+            ? asym_gemm<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream).second
+            : asym_gradients<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream);
     result = {or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
   });
   return result;

@@ -89,7 +89,7 @@ uint64_t launch_count();
 // csrc/cuda/compat.cuh), to prove the kernel tests catch them. One at a time.
 enum class PlantedBug : int {
   kNone = 0,
-  kDropTransposedTerm = 1,  // symmetric NT-Xent gradient without its G^T term
+  kDropTransposedTerm = 1,  // the contrastive gradient without its G^T term (d K_hat on the GEMM route)
   kPositiveOffByOne = 2,    // InfoNCE: the positive of query r taken at key r + offset + 1
 };
 PlantedBug planted_bug();

@@ -1,0 +1,240 @@
+#pragma once
+// The GEMM route of the contrastive losses on CUDA (Note [Contrastive routes]
+// in contrastive.cu): anchor rows in chunks of c, each chunk's similarities
+//   S_c = Q_hat_c K_hat^T            (vendor GEMM, fp32 output: logits never rounded to 16 bits)
+// read by the row kernels of contrastive_gemm_rows.cuh (log-sum-exp, positives,
+// then the coefficients G_c in the input dtype), and the gradient as two more
+// vendor GEMMs per chunk:
+//   d Q_hat_c  = G_c K_hat           (fresh rows of the output)
+//   d K_hat   += G_c^T Q_hat_c       (accumulated in fp32 over the chunks)
+// No buffer is ever n x n: S_c and G_c hold c x n elements, with c chosen so
+// that S_c stays within the chunk budget (contrastive_chunk_elements()).
+// The symmetric op passes Q_hat = the anchor rows of z_hat and K_hat = z_hat
+// (d z_hat = d K_hat plus d Q_hat at the anchors: (G + G^T) z_hat); the
+// asymmetric op passes the queries and the keys (or queue).
+//
+// The same algorithm runs on the CPU (csrc/cpu/contrastive_*.cpp), with its
+// own fused tile loops instead of row kernels over a stored chunk: there the
+// tiles stay in cache, so nothing is written between the product and the
+// exps. Here the product is cuBLAS's, at tensor-core speed, and S_c makes one
+// round trip through L2.
+//
+// Under the emulator (SSL_OPS_CUDA_EMU) the GEMMs are at::mm on the CPU with
+// the same operand types: half operands widened exactly to fp32, fp32
+// operands truncated to TF32 where torch allows TF32 for matmuls.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "compat.cuh"
+#include "contrastive_gemm_rows.cuh"
+
+namespace ssl_ops::cuda {
+
+enum class ContrastiveRoute { kGemm, kTiles };
+
+// SSL_OPS_CUDA_CONTRASTIVE_ROUTE: "gemm" (default) or "tiles" (the hand-written
+// tile kernels of contrastive_kernels.cuh and contrastive_pairs.cuh). Read on
+// every call, so tests and benchmarks can time and check both.
+inline ContrastiveRoute contrastive_route() {
+  const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "gemm") == 0) return ContrastiveRoute::kGemm;
+  TORCH_CHECK(std::strcmp(value, "tiles") == 0,
+              "SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"gemm\" or \"tiles\", got \"", value, "\"");
+  return ContrastiveRoute::kTiles;
+}
+
+// Note [Chunk budget]: S_c holds at most this many elements (fp32: 32 MB by
+// default). S_c is written by the GEMM and read back by two row kernels and
+// (as G_c) by two GEMMs; at 32 MB it stays within the 50 MB L2 of an H100/H200
+// (40 MB on an A100), so the re-reads hit L2 instead of HBM. Larger chunks
+// would only save launches: at 2N = 16384 rows the default gives 512-row
+// chunks, 32 of them, each of whose GEMMs still fills the GPU (512 x 16384
+// outputs = 512 tiles of 128 x 128). SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS
+// changes it (tests force it small, for many chunks).
+constexpr int64_t kDefaultChunkElements = int64_t(1) << 23;
+
+inline int64_t contrastive_chunk_elements() {
+  const char* value = std::getenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS");
+  if (value == nullptr || *value == '\0') return kDefaultChunkElements;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && parsed > 0,
+              "SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got \"", value, "\"");
+  return parsed;
+}
+
+// ---- GEMMs in the accumulation type ----------------------------------------------------
+
+#if defined(SSL_OPS_CUDA_EMU)
+// What the tensor cores read: half operands exactly, fp32 truncated to TF32 when allowed.
+inline at::Tensor gemm_operand(const at::Tensor& x, at::ScalarType acc) {
+  at::Tensor wide = x.to(acc);
+  if (x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
+    wide = at::bitwise_and(wide.view(at::kInt), int32_t(0xFFFFE000)).view(at::kFloat);
+  }
+  return wide;
+}
+inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, gemm_operand(a, out.scalar_type()), gemm_operand(b, out.scalar_type()));
+}
+inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  acc.addmm_(gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
+}
+#else
+// out = a @ b: fp16/bf16 operands with an fp32 result (aten::mm.dtype_out:
+// cuBLAS accumulates and stores fp32); fp32 (TF32 per torch's setting) and fp64 as they are.
+inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+// acc += a @ b. Half operands: the product in fp32, then one add (addmm.dtype
+// wants its bias in the operands' dtype).
+inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == acc.scalar_type()) {
+    acc.addmm_(a, b);
+  } else {
+    acc.add_(at::mm(a, b, acc.scalar_type()));
+  }
+}
+#endif
+
+// ---- The chunk loop --------------------------------------------------------------------
+
+template <typename T>
+struct GemmLossSpec {
+  at::Tensor q_hat, k_hat;      // anchors (na x D) and candidates (n x D), input dtype
+  int64_t first_row = 0;        // global index of anchor 0 (labels, self, offset positive)
+  const int64_t* labels = nullptr;
+  bool exclude_self = false;
+  bool offset_positive = false;
+  int64_t positive_offset = 0;
+  bool rows_need_positives = false;
+  at::Tensor initial_logit;     // MoCo's positive-key logits (na), or undefined
+  double scale = 1;
+  bool bounded = false;
+  // Given statistics (the backward op): lse and the per-row weight (0 for rows
+  // that do not count) and 1 / |P(r)|; the stats kernels are skipped.
+  at::Tensor given_lse, given_weight, given_inv_count;
+  // Forward with a gradient: per-row weights, or undefined for 1 where the row counts.
+  at::Tensor weight;
+  bool grad_q = false, grad_k = false;
+};
+
+template <typename T>
+struct GemmLossResult {
+  at::Tensor lse, positive_sum, positive_count;  // per anchor (statistics pass only)
+  at::Tensor grad_q_hat, grad_k_hat;              // accumulation type, G including scale and w
+};
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr auto acc_type = c10::CppTypeToScalarType<A>::value;
+  const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
+  const auto acc_opts = spec.q_hat.options().dtype(acc_type);
+  const bool stats = !spec.given_lse.defined();
+  const bool grad = spec.grad_q || spec.grad_k;
+  GemmLossResult<T> out;
+  if (stats) {
+    out.lse = at::empty({na}, acc_opts);
+    out.positive_sum = at::empty({na}, acc_opts);
+    out.positive_count = at::empty({na}, acc_opts.dtype(at::kLong));
+  }
+  if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
+  if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
+  if (na == 0 || (!grad && !stats)) return out;
+
+  const int64_t rows_per_chunk = std::clamp<int64_t>(contrastive_chunk_elements() / std::max<int64_t>(n, 1), 1, na);
+  // Column splits: about two waves of blocks, at least 1024 columns each.
+  const int64_t wanted_blocks = 2 * int64_t(multiprocessor_count(device));
+  const int64_t splits =
+      std::clamp<int64_t>(ceil_div64(wanted_blocks, rows_per_chunk), 1, std::max<int64_t>(ceil_div64(n, 1024), 1));
+  const int64_t cols_per_split = std::max<int64_t>(ceil_div64(n, splits), 1);
+  TORCH_CHECK(splits <= 65535, "contrastive loss on CUDA: too many column splits (", splits, ")");
+
+  at::Tensor s_buffer = at::empty({rows_per_chunk, n}, acc_opts);
+  at::Tensor g_buffer;
+  if (grad) g_buffer = std::is_same_v<T, A> ? s_buffer : at::empty({rows_per_chunk, n}, spec.q_hat.options());
+  at::Tensor parts = at::empty({3, splits, rows_per_chunk}, acc_opts);
+  at::Tensor part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
+  at::Tensor weight, inv_count;
+  if (grad) {
+    weight = stats ? at::empty({na}, acc_opts) : spec.given_weight;
+    inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
+  }
+  const at::Tensor k_hat_t = spec.k_hat.t();
+
+  for (int64_t r0 = 0; r0 < na; r0 += rows_per_chunk) {
+    const int64_t c = std::min(rows_per_chunk, na - r0);
+    at::Tensor s = s_buffer.narrow(0, 0, c);
+    const at::Tensor q_chunk = spec.q_hat.narrow(0, r0, c);
+    mm_acc_out(s, q_chunk, k_hat_t);
+
+    GemmRowParams<A> p{};
+    p.s = s.template const_data_ptr<A>();
+    p.rows = c;
+    p.cols = n;
+    p.cols_per_split = cols_per_split;
+    p.first_row = spec.first_row + r0;
+    p.scale = static_cast<A>(spec.scale);
+    p.bounded = spec.bounded;
+    p.labels = spec.labels;
+    p.exclude_self = spec.exclude_self;
+    p.offset_positive = spec.offset_positive;
+    p.positive_offset = spec.positive_offset;
+    if (stats) {
+      p.part_shift = parts[0].template data_ptr<A>();
+      p.part_sum = parts[1].template data_ptr<A>();
+      p.part_positive = parts[2].template data_ptr<A>();
+      p.part_count = part_count.template data_ptr<int64_t>();
+      // The partials are [split][row] with the chunk's row count as the stride.
+      launch_kernel(gemm_row_stats_kernel<A>, dim3(c, splits), dim3(kGemmRowThreads), 0, stream, p);
+      GemmMergeParams<A> m{};
+      m.part_shift = p.part_shift;
+      m.part_sum = p.part_sum;
+      m.part_positive = p.part_positive;
+      m.part_count = p.part_count;
+      m.rows = c;
+      m.splits = splits;
+      m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
+      m.weight_in = spec.weight.defined() ? spec.weight.template const_data_ptr<A>() + r0 : nullptr;
+      m.rows_need_positives = spec.rows_need_positives;
+      m.lse = out.lse.template data_ptr<A>() + r0;
+      m.positive_sum = out.positive_sum.template data_ptr<A>() + r0;
+      m.positive_count = out.positive_count.template data_ptr<int64_t>() + r0;
+      m.weight = grad ? weight.template data_ptr<A>() + r0 : nullptr;
+      m.inv_count = grad ? inv_count.template data_ptr<A>() + r0 : nullptr;
+      launch_kernel(gemm_row_merge_kernel<A>, dim3(ceil_div64(c, kGemmRowThreads)), dim3(kGemmRowThreads), 0,
+                    stream, m);
+    }
+    if (!grad) continue;
+    at::Tensor g = g_buffer.narrow(0, 0, c);
+    GemmCoefParams<T> q{p, (stats ? out.lse : spec.given_lse).template const_data_ptr<A>() + r0,
+                        weight.template const_data_ptr<A>() + r0, inv_count.template const_data_ptr<A>() + r0,
+                        reinterpret_cast<T*>(g.data_ptr())};
+    launch_kernel(gemm_row_coef_kernel<T>, dim3(c, splits), dim3(kGemmRowThreads), 0, stream, q);
+    if (spec.grad_q) {
+      at::Tensor rows = out.grad_q_hat.narrow(0, r0, c);
+      mm_acc_out(rows, g, spec.k_hat);
+    }
+    if (spec.grad_k && !SSL_OPS_PLANTED(kDropTransposedTerm)) addmm_acc_(out.grad_k_hat, g.t(), q_chunk);
+  }
+  return out;
+}
+
+}  // namespace ssl_ops::cuda

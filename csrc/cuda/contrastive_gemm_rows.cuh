@@ -1,0 +1,209 @@
+#pragma once
+// Row kernels of the GEMM route (host code: contrastive_gemm.h). The vendor
+// GEMM has written one chunk of the similarity matrix,
+//   S_rc = q_hat_r . k_hat_c        (c anchor rows x all n candidate columns, fp32; fp64 for double)
+// and these kernels read it once per pass:
+//
+// gemm_row_stats_kernel: block (row, column split) walks its columns, logit
+//   s = scale * S_rc, and keeps, per row and split: the shift (the logit bound
+//   |scale| where usable, else the largest logit), sum exp(s - shift) over the
+//   candidates (self excluded), and the sum and count of positive logits
+//   (equal labels; or the column r + positive_offset). With the bounded shift
+//   the partial sums of the splits simply add.
+// gemm_row_merge_kernel: one thread per row merges the splits (and MoCo's
+//   positive-key logit, the first term of each row) into lse_r, the positive
+//   sum and count, and the row's gradient weight w_r and 1 / |P(r)|.
+// gemm_row_coef_kernel: block (row, column split) writes
+//   G_rc = scale * w_r * (exp(s - lse_r) - positive_rc / |P(r)|)   (0 at self)
+//   in the input dtype, over S (fp32/fp64 inputs: same element, same thread)
+//   or into its own buffer (fp16/bf16: half the bytes for the gradient GEMMs).
+//
+// Counts per element (fp32 S, bf16 G): stats reads 4 bytes and takes one exp
+// (bounded shift) or two passes (running max); coef reads 4, writes 2 and
+// takes one exp. Blocks: rows x splits, splits chosen so the grid has about
+// two waves of the multiprocessors (host code).
+#include <cstdint>
+
+#include "compat.cuh"
+#include "contrastive_kernels.cuh"
+
+namespace ssl_ops::cuda {
+
+constexpr int kGemmRowThreads = 256;
+
+template <typename A>
+struct GemmRowParams {
+  const A* s;              // rows x cols, row-major
+  int64_t rows, cols, cols_per_split;
+  int64_t first_row;       // global index of the chunk's row 0 (labels, self, offset positive)
+  A scale;
+  bool bounded;            // shift by bound = |scale| (unit rows, contrastive_check.h)
+  const int64_t* labels;   // symmetric: labels of all rows (= columns); null otherwise
+  bool exclude_self;       // symmetric: column first_row + r is row r itself
+  bool offset_positive;    // in-batch InfoNCE: column first_row + r + positive_offset is the positive
+  int64_t positive_offset;
+  A* part_shift;           // [split][row]
+  A* part_sum;
+  A* part_positive;
+  int64_t* part_count;
+};
+
+template <typename A>
+__device__ __forceinline__ A block_reduce(A v, A* smem, bool take_max) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const A other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = take_max ? (other > v ? other : v) : v + other;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // smem may still be read by a previous reduction
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  A total = smem[0];
+  for (int w = 1; w < kGemmRowThreads / 32; ++w) total = take_max ? (smem[w] > total ? smem[w] : total) : total + smem[w];
+  return total;
+}
+
+template <typename A>
+struct RowColumn {
+  bool candidate, positive;
+};
+
+template <typename A>
+__device__ __forceinline__ RowColumn<A> classify(const GemmRowParams<A>& p, int64_t row, int64_t col, int64_t label) {
+  const int64_t global_row = p.first_row + row;
+  const bool self = p.exclude_self && col == global_row;
+  bool positive = false;
+  if (!self) {
+    if (p.labels) positive = p.labels[col] == label;
+    if (p.offset_positive) positive = col == global_row + p.positive_offset;
+  }
+  return {!self, positive};
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kGemmRowThreads) gemm_row_stats_kernel(GemmRowParams<A> p) {
+  __shared__ A smem[kGemmRowThreads / 32];
+  __shared__ int64_t smem_count[kGemmRowThreads / 32];
+  const int64_t row = blockIdx.x, split = blockIdx.y;
+  const int64_t c0 = split * p.cols_per_split;
+  const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
+  const A* s = p.s + row * p.cols;
+  const int64_t label = p.labels ? p.labels[p.first_row + row] : 0;
+  A shift = p.bounded ? (p.scale < 0 ? -p.scale : p.scale) : negative_infinity<A>();
+  if (!p.bounded) {
+    A local = negative_infinity<A>();
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
+      if (classify(p, row, c, label).candidate) {
+        const A logit = p.scale * s[c];
+        local = logit > local ? logit : local;
+      }
+    }
+    shift = block_reduce(local, smem, true);
+  }
+  A sum = 0, positive = 0;
+  int64_t count = 0;
+  if (shift != negative_infinity<A>()) {
+    for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
+      const RowColumn<A> kind = classify(p, row, c, label);
+      if (!kind.candidate) continue;
+      const A logit = p.scale * s[c];
+      sum += device_exp(logit - shift);
+      if (kind.positive) {
+        positive += logit;
+        ++count;
+      }
+    }
+  }
+  sum = block_reduce(sum, smem, false);
+  positive = block_reduce(positive, smem, false);
+  // Counts: a warp sum, then the warps' partials through shared memory.
+  for (int offset = 16; offset > 0; offset /= 2) count += __shfl_xor_sync(0xffffffffu, count, offset);
+  if (threadIdx.x % 32 == 0) smem_count[threadIdx.x / 32] = count;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int w = 0; w < kGemmRowThreads / 32; ++w) total += smem_count[w];
+    const int64_t at = split * p.rows + row;
+    p.part_shift[at] = shift;
+    p.part_sum[at] = sum;
+    p.part_positive[at] = positive;
+    p.part_count[at] = total;
+  }
+}
+
+template <typename A>
+struct GemmMergeParams {
+  const A* part_shift;
+  const A* part_sum;
+  const A* part_positive;
+  const int64_t* part_count;
+  int64_t rows, splits;
+  const A* initial_logit;   // MoCo: the positive-key logit of each row (the first term); or null
+  const A* weight_in;       // per-row gradient weight (the backward op); null: 1 where the row counts
+  bool rows_need_positives; // symmetric: rows without positives add no loss and no gradient
+  A* lse;                   // outputs, chunk rows
+  A* positive_sum;
+  int64_t* positive_count;
+  A* weight;                // w_r, for the coef kernel
+  A* inv_count;             // 1 / |P(r)| (0 without positives)
+};
+
+template <typename A>
+__global__ void __launch_bounds__(kGemmRowThreads) gemm_row_merge_kernel(GemmMergeParams<A> p) {
+  const int64_t row = int64_t(blockIdx.x) * kGemmRowThreads + threadIdx.x;
+  if (row >= p.rows) return;
+  A shift = p.initial_logit ? p.initial_logit[row] : negative_infinity<A>();
+  for (int64_t k = 0; k < p.splits; ++k) {
+    const A part = p.part_shift[k * p.rows + row];
+    shift = part > shift ? part : shift;
+  }
+  A sum = p.initial_logit ? device_exp(p.initial_logit[row] - shift) : A(0);
+  A positive = 0;
+  int64_t count = 0;
+  for (int64_t k = 0; k < p.splits; ++k) {
+    const A part = p.part_shift[k * p.rows + row];
+    if (part != negative_infinity<A>()) sum += p.part_sum[k * p.rows + row] * device_exp(part - shift);
+    positive += p.part_positive[k * p.rows + row];
+    count += p.part_count[k * p.rows + row];
+  }
+  p.lse[row] = shift + log(sum);
+  if (p.positive_sum) p.positive_sum[row] = positive;
+  if (p.positive_count) p.positive_count[row] = count;
+  if (p.weight) {
+    const bool counts = !p.rows_need_positives || count > 0;
+    p.weight[row] = counts ? (p.weight_in ? p.weight_in[row] : A(1)) : A(0);
+    p.inv_count[row] = count > 0 ? A(1) / A(count) : A(0);
+  }
+}
+
+template <typename T>
+struct GemmCoefParams {
+  GemmRowParams<acc_t<T>> rows;  // S, shape, positives (the partials are unused)
+  const acc_t<T>* lse;
+  const acc_t<T>* weight;
+  const acc_t<T>* inv_count;
+  T* g;                          // rows x cols; may be S itself when T is the accumulation type
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kGemmRowThreads) gemm_row_coef_kernel(GemmCoefParams<T> q) {
+  using A = acc_t<T>;
+  const GemmRowParams<A>& p = q.rows;
+  const int64_t row = blockIdx.x, split = blockIdx.y;
+  const int64_t c0 = split * p.cols_per_split;
+  const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
+  const A* s = p.s + row * p.cols;
+  T* g = q.g + row * p.cols;
+  const int64_t label = p.labels ? p.labels[p.first_row + row] : 0;
+  const A w = q.weight[row], lse = q.lse[row], inv = q.inv_count[row];
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
+    const RowColumn<A> kind = classify(p, row, c, label);
+    A coef = 0;
+    if (kind.candidate && w != A(0)) {
+      coef = p.scale * w * (device_exp(p.scale * s[c] - lse) - (kind.positive ? inv : A(0)));
+    }
+    g[c] = static_cast<T>(coef);  // after the read of s[c] by this thread: safe in place
+  }
+}
+
+}  // namespace ssl_ops::cuda
