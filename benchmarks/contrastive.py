@@ -20,9 +20,10 @@ space is capped, so an implementation that would not fit reports OOM).
     python -m benchmarks.contrastive --device cuda   # 2N 2048 to 65536, fp32 and bf16, on the GPU
 
 On CUDA, memory is torch.cuda.max_memory_allocated over the inputs, measured
-in this process, and NT-Xent is also timed with deterministic algorithms on
-(the row-tile kernels instead of the symmetric tile pairs: the measurement
-that decides between them).
+in this process, and every route of the fused losses is timed (the GEMM route
+at two chunk budgets, the tile kernels, and for NT-Xent the row-tile kernels
+that deterministic mode takes), with the fastest one named per shape: the
+measurement Note [Contrastive routes] in csrc/cuda/contrastive.cu asks for.
 """
 
 import argparse
@@ -68,7 +69,32 @@ def loss_fn(case, impl):
     return lambda q, k, queue: module.info_nce_loss(q, k, queue, temperature=0.07)
 
 
+# The CUDA routes of the fused losses (Note [Contrastive routes] in
+# csrc/cuda/contrastive.cu), timed side by side so the first GPU run settles the
+# routing rule: "fused" is the default (GEMM route, default chunk budget).
+CUDA_ROUTES = {
+    "gemm_big_chunks": {"SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS": str(2**25)},  # 128 MB chunks: fewer launches, past L2
+    "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"},
+    "row_tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"},  # and deterministic, below
+}
+
+
 def run_once(case, impl, inputs):
+    if impl in CUDA_ROUTES:
+        saved = {key: os.environ.get(key) for key in CUDA_ROUTES[impl]}
+        os.environ.update(CUDA_ROUTES[impl])
+        try:
+            return run_route(case, impl, inputs)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return run_route(case, impl, inputs)
+
+
+def run_route(case, impl, inputs):
     if impl == "row_tiles":
         # The fused kernels as torch.use_deterministic_algorithms(True) runs them:
         # on CUDA, NT-Xent forms every tile of S instead of each symmetric pair once.
@@ -78,11 +104,11 @@ def run_once(case, impl, inputs):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
         try:
-            return run_once(case, "fused", inputs)
+            return run_route(case, "fused", inputs)
         finally:
             torch.use_deterministic_algorithms(previous)
             torch.utils.deterministic.fill_uninitialized_memory = previous_fill
-    fn = loss_fn(case, impl)
+    fn = loss_fn(case, "fused" if impl in CUDA_ROUTES else impl)
     if case["mode"] == "forward":
         with torch.no_grad():
             fn(*inputs)
@@ -151,8 +177,9 @@ def measure(case, min_run_time, impls, compiled_memory=True):
         row["memory_ratio"] = row["eager"]["peak_extra_bytes"] / max(1, row["fused"]["peak_extra_bytes"])
     if "median_s" in row["fused"] and "median_s" in row.get("compiled", {}):
         row["speedup_vs_compiled"] = row["compiled"]["median_s"] / row["fused"]["median_s"]
-    if "median_s" in row["fused"] and "median_s" in row.get("row_tiles", {}):
-        row["speedup_vs_row_tiles"] = row["row_tiles"]["median_s"] / row["fused"]["median_s"]
+    routes = {name: row[name]["median_s"] for name in ("fused", *CUDA_ROUTES) if "median_s" in row.get(name, {})}
+    if len(routes) > 1:
+        row["fastest_route"] = min(routes, key=routes.get)
     return row
 
 
@@ -191,8 +218,8 @@ def markdown(rows):
     lines = [
         "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | compiled ms "
         "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio | fused TFLOP/s | matmul TFLOP/s "
-        "| row tiles ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| big chunks ms | tiles ms | row tiles ms | fastest route |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
@@ -205,7 +232,8 @@ def markdown(rows):
             f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {fmt_time(r.get('compiled'))} | {speed} "
             f"| {vs_compiled} "
             f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} "
-            f"| {tflops} | {r['matmul_tflops']:.3f} | {fmt_time(r.get('row_tiles'))} |"
+            f"| {tflops} | {r['matmul_tflops']:.3f} | {fmt_time(r.get('gemm_big_chunks'))} "
+            f"| {fmt_time(r.get('tiles'))} | {fmt_time(r.get('row_tiles'))} | {r.get('fastest_route', '-')} |"
         )
     return "\n".join(lines)
 
@@ -229,8 +257,8 @@ def main():
     rows = []
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
-        if case["device"] == "cuda" and case["loss"] == "nt_xent":
-            impls += ("row_tiles",)
+        if case["device"] == "cuda":
+            impls += ("gemm_big_chunks", "tiles") + (("row_tiles",) if case["loss"] == "nt_xent" else ())
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls, compiled_memory=args.full))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"contrastive_{args.device}.json")
@@ -239,9 +267,10 @@ def main():
     print(markdown(rows))
     print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
           f"memory of a fresh process (CUDA: max_memory_allocated); TFLOP/s = the eager computation's "
-          f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; row tiles (CUDA "
-          f"NT-Xent) = the fused kernels under torch.use_deterministic_algorithms(True), every tile of S "
-          f"formed instead of each symmetric pair once; JSON: {path}")
+          f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; CUDA routes: fused = "
+          f"the GEMM route (default), big chunks = the same with 2^25-element chunks, tiles = the tile "
+          f"kernels (NT-Xent: each symmetric tile pair once), row tiles = the tile kernels under "
+          f"torch.use_deterministic_algorithms(True); fastest route = the quickest of those; JSON: {path}")
     try:
         from .plots import plot_file
 

@@ -1,16 +1,53 @@
 // Contrastive losses, CUDA host code: NT-Xent / SupCon (symmetric) and InfoNCE
 // (asymmetric). The math is the CPU kernels' (csrc/cpu/contrastive_sym.cpp,
-// contrastive_asym.cpp); the tile kernels are in contrastive_kernels.cuh.
+// contrastive_asym.cpp). Two routes compute it (Note [Contrastive routes]):
 //
-// Symmetric: row denominators -> log-sum-exps of the anchor rows (self
-// excluded, positives by label) -> per-row loss; with a gradient, the rows of
-// (G + G^T) zh -> finish_rows_kernel. With every row an anchor, both run on
-// symmetric tile pairs (contrastive_pairs.cuh; Note [Tile pairs]), otherwise
-// lse_kernel and grad_kernel with both terms. Asymmetric: the same with the
-// positive-key logit as the first term of each row (MoCo) or the diagonal
-// (MoCo v3, CLIP); d key runs grad_kernel with rows and columns swapped.
+// GEMM route (default; contrastive_gemm.h): anchor rows in chunks, each
+// chunk's similarities from the vendor GEMM, row kernels for the log-sum-exps,
+// positives and the coefficients G, and the gradient as two more GEMMs.
+//
+// Tile route (SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles; contrastive_kernels.cuh,
+// contrastive_pairs.cuh): row denominators -> log-sum-exps of the anchor rows
+// (self excluded, positives by label) -> per-row loss; with a gradient, the
+// rows of (G + G^T) zh -> finish_rows_kernel. With every row an anchor, both
+// run on symmetric tile pairs (Note [Tile pairs]), otherwise lse_kernel and
+// grad_kernel with both terms. Asymmetric: the same with the positive-key logit
+// as the first term of each row (MoCo) or the diagonal (MoCo v3, CLIP); d key
+// runs grad_kernel with rows and columns swapped.
+//
 // Reductions and row weights are small ATen ops on the device, so nothing
 // waits for the GPU.
+//
+// Note [Contrastive routes]: the rule is "GEMM route everywhere"; the tile
+// route is kept for measurement only. The reasoning, for an H100/H200 (132
+// SMs; bf16 tensor cores ~990 TFLOP/s dense, FP32 cores ~67 TFLOP/s; HBM
+// 3.4-4.8 TB/s; 50 MB L2):
+// - NT-Xent, 2N = 16384, D = 128, bf16, forward + backward. GEMM route:
+//   3 GEMMs over the n x n pairs, 6 n^2 D = 206 GFLOP on tensor cores (~0.3 ms
+//   at 70% of peak); S_c and G_c traffic 4 (GEMM write) + 4 (stats) + 4 + 2
+//   (coef) + 2 x 2 (GEMM reads of G) = 18 bytes per pair, 4.8 GB, mostly from
+//   L2 at the default chunk (Note [Chunk budget]), at most 1.0 ms from HBM;
+//   2 exps per pair (537 M, ~0.13 ms of SFU time). Estimate 0.6-1.3 ms. Tile
+//   route: 2/3 of eager's products, but the gradient products on FP32 cores
+//   (~90 GFLOP at ~67 TFLOP/s, at least 1.4 ms) and the S tiles through shared
+//   memory; the SASS review (shared/gpu-review.md) estimates 3.2 ms.
+// - MoCo, B = 256 queries, K = 65536 queue, D = 128, d query only. GEMM
+//   route: 2 GEMMs, 8.6 GFLOP; S 16.7 M pairs x 16 bytes = 268 MB; row
+//   kernels on 128-row chunks x 3 column splits = 384 blocks (2.9 per SM).
+//   Tile route: 4 blocks of 64 rows on 132 SMs (review: ~8 ms against
+//   ~0.15 ms for cuBLAS + cross_entropy).
+// - Gathered anchors, 512 of 8192 rows: one 512 x 8192 chunk, 512 row blocks;
+//   tile route: 8 row-tile blocks. CLIP, B = 32768: 256-row chunks, 512 row
+//   blocks each; host time is the limit there (about 6 launches, ~30 us of
+//   host work per chunk against ~25 us of GPU work), see Note [Chunk budget].
+// A hand-written route would win only by never storing S (FlashAttention-
+// style: ~0.4-0.6 ms at 2N = 16384), which needs a GPU to tune. What would
+// justify routing a shape to the tile kernels: `python -m benchmarks.contrastive
+// --device cuda` showing them ahead of the GEMM route there by more than the
+// run-to-run spread (it times both and prints the winner per shape).
+// Deterministic: the GEMM route uses no atomics and a fixed chunk order, so
+// torch.use_deterministic_algorithms(True) needs nothing more of it; the
+// tile route then uses the row-tile kernels (Note [Tile pairs]).
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
