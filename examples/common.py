@@ -5,6 +5,7 @@ augmentations, a timm backbone, the pre-training loop, and the second stage
 the same backbone at its random initialisation."""
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -34,6 +35,9 @@ def parse_args(description, defaults):
     p.add_argument("--finetune-fraction", type=float, default=0.1,
                    help="fraction of the training labels the fine-tune sees")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--emulate-cuda", action="store_true",
+                   help="on the CPU, run ssl_ops' CUDA code path through the host emulator (slow; checks a "
+                        "whole training step of the CUDA route without a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     return p.parse_args()
@@ -98,6 +102,17 @@ def backbone(name, pretrained):
         ) from None
 
 
+def kernels(args):
+    """The context ssl_ops' calls run in: the emulated CUDA route with --emulate-cuda."""
+    if not args.emulate_cuda:
+        return contextlib.nullcontext()
+    if args.device != "cpu":
+        raise SystemExit("--emulate-cuda runs the CUDA code on the CPU: use it with --device cpu")
+    from ssl_ops.emulation import use_emulated_kernels
+
+    return use_emulated_kernels()
+
+
 def pretrain(model, step_fn, after_step, x_train, args):
     """Self-supervised pre-training: ``step_fn(view0, view1) -> loss`` on two
     augmented views per image; ``after_step(step, total_steps)`` (momentum
@@ -119,12 +134,13 @@ def pretrain(model, step_fn, after_step, x_train, args):
             if step >= total or idx.numel() < args.batch_size:  # drop the last partial batch
                 break
             x = x_train[idx]
-            loss = step_fn(augment(x), augment(x))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            after_step(step, total)
+            with kernels(args):
+                loss = step_fn(augment(x), augment(x))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                after_step(step, total)
             losses.append(loss.item())
             step += 1
             bar.update()

@@ -2,6 +2,7 @@
 code is tested"). The csrc/cuda kernels, compiled for the CPU, are reached as
 ``torch.ops.ssl_ops_emu.<op>`` on CPU tensors once ``load()`` has run."""
 
+import contextlib
 import importlib
 import os
 
@@ -25,6 +26,46 @@ def available():
     except ImportError:
         return False
     return True
+
+
+def _emulated_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class EmulatedKernels(TorchDispatchMode):
+        """Sends every ssl_ops operator call on CPU tensors to its ssl_ops_emu
+        twin: the csrc/cuda host code and kernels on the emulator. Autograd runs
+        above this mode, so ssl_ops' own backward formulas are the ones used."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "ssl_ops" and not any(
+                isinstance(t, torch.Tensor) and t.device.type != "cpu"
+                for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            ):
+                packet = getattr(torch.ops.ssl_ops_emu, func._schema.name.split("::", 1)[1])
+                return getattr(packet, func._overloadname)(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    return EmulatedKernels()
+
+
+@contextlib.contextmanager
+def use_emulated_kernels():
+    """Inside this context the public functions and modules (``nt_xent_loss``,
+    ``info_nce_loss``, ``byol_loss``, ``negative_cosine_similarity``,
+    ``cosine_similarity_matrix``, ``ema_update_``, the ``nn`` modules) given CPU
+    tensors run the CUDA code path (host code and kernels, the vendor GEMMs as
+    ``at::mm`` on the CPU) through the emulator: a whole training step on the
+    CUDA route without a GPU. Slow; for tests and for checking a setup.
+
+        with ssl_ops.emulation.use_emulated_kernels():
+            loss = ssl_ops.nt_xent_loss(z0, z1)
+            loss.backward()
+    """
+    load()
+    with _emulated_mode():
+        yield
 
 
 def asan_environment(base=None):

@@ -39,3 +39,24 @@ def test_pretrained_without_weights_says_so(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
     assert "could not load pretrained weights for timm model 'resnet10t'" in proc.stderr
+
+
+def run_example(tmp_path, example, *extra):
+    out = tmp_path / f"{example}{'-'.join(extra)}.json"
+    cmd = [sys.executable, os.path.join(ROOT, "examples", f"{example}.py"), *TINY, "--json", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("example", ["simclr", "moco", "byol"])
+def test_two_steps_on_the_emulated_cuda_route_match_the_cpu_kernels(tmp_path, example):
+    """--emulate-cuda: the losses and the momentum update of each training step
+    run the CUDA code path (GEMM route, EMA kernel) on the emulator."""
+    pytest.importorskip("ssl_ops._cuda_emu")
+    cpu = run_example(tmp_path, example)
+    emulated = run_example(tmp_path, example, "--emulate-cuda")
+    assert emulated["pretrain"]["steps"] == cpu["pretrain"]["steps"] == 2
+    for key in ("first_loss", "last_loss"):
+        assert emulated["pretrain"][key] == pytest.approx(cpu["pretrain"][key], rel=1e-4), key

@@ -88,7 +88,7 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   at::mm_out(out, gemm_operand(a, out.scalar_type()), gemm_operand(b, out.scalar_type()));
 }
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
-  acc.addmm_(gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
+  at::addmm_out(acc, acc, gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
 }
 #else
 // out = a @ b: fp16/bf16 operands with an fp32 result (aten::mm.dtype_out:
@@ -104,7 +104,7 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 // wants its bias in the operands' dtype).
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == acc.scalar_type()) {
-    acc.addmm_(a, b);
+    at::addmm_out(acc, acc, a, b);  // beta = 1: accumulates in place
   } else {
     acc.add_(at::mm(a, b, acc.scalar_type()));
   }

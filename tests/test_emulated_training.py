@@ -1,0 +1,112 @@
+"""ssl_ops.emulation.use_emulated_kernels(): the public API on CPU tensors runs
+the CUDA code path through the emulator. Whole training steps against the CPU
+kernels, and the share of the eager loss's matrix-multiply FLOPs that the GEMM
+route puts in vendor GEMM calls (ATen's, counted by torch.profiler)."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import ssl_ops
+from ssl_ops import emulation
+
+pytestmark = pytest.mark.emu
+
+
+@pytest.fixture(autouse=True)
+def _needs_emulator(monkeypatch):
+    if not emulation.available():
+        pytest.skip("emulation module not built (SSL_OPS_BUILD_EMU=0)")
+    monkeypatch.delenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", raising=False)
+
+
+def both_ways(fn, *tensors):
+    """fn on the CPU kernels and on the emulated CUDA route, with the gradients
+    of the tensors that require them."""
+    results = []
+    for emulate in (False, True):
+        inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        with emulation.use_emulated_kernels() if emulate else contextlib.nullcontext():
+            out = fn(*inputs)
+            grads = torch.autograd.grad(out.sum(), [t for t in inputs if t.requires_grad])
+        results.append((out.detach(), grads))
+    return results
+
+
+def assert_same(results, rtol=2e-5):
+    (cpu, cpu_grads), (emu, emu_grads) = results
+    torch.testing.assert_close(emu, cpu, rtol=rtol, atol=rtol * cpu.abs().max().item())
+    for a, b in zip(emu_grads, cpu_grads):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+def rand(*shape, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).requires_grad_(grad)
+
+
+def test_every_public_loss_runs_the_cuda_route():
+    z0, z1 = rand(40, 16, seed=1), rand(40, 16, seed=2)
+    assert_same(both_ways(lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.2), z0, z1))
+    labels = torch.arange(20).repeat(4)
+    assert_same(both_ways(lambda a, b: ssl_ops.nt_xent_loss(torch.cat([a, b]), labels=labels, temperature=0.3),
+                          z0, z1))
+    queue = rand(300, 16, grad=False, seed=3)
+    assert_same(both_ways(lambda q, k, u: ssl_ops.info_nce_loss(q, k, u, 0.07), z0, z1.detach(), queue))
+    assert_same(both_ways(lambda q, k: ssl_ops.info_nce_loss(q, k, temperature=0.1, symmetric=True), z0, z1))
+    assert_same(both_ways(lambda p, z: ssl_ops.byol_loss(p, z, reduction="none"), z0, z1.detach()))
+    assert_same(both_ways(lambda a, b: ssl_ops.negative_cosine_similarity(a, b), z0, z1))
+    assert_same(both_ways(lambda a, b: ssl_ops.cosine_similarity_matrix(a, b), z0, z1))
+    bank_loss = ssl_ops.NTXentLoss(0.2, memory_bank_size=(64, 16))
+    bank = bank_loss.memory_bank.bank
+    bank.copy_(torch.randn(bank.shape, generator=torch.Generator().manual_seed(4)))
+    states = [copy.deepcopy(bank_loss) for _ in range(2)]
+    results = []
+    for emulate, module in zip((False, True), states):
+        a, b = z0.detach().clone().requires_grad_(), z1.detach().clone()
+        with emulation.use_emulated_kernels() if emulate else contextlib.nullcontext():
+            loss = module(a, b)
+            results.append((loss.detach(), torch.autograd.grad(loss, [a])))
+    assert_same(results)
+    torch.testing.assert_close(states[0].memory_bank.bank, states[1].memory_bank.bank)
+
+
+def test_ema_update_runs_the_cuda_route():
+    online = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5))
+    start = copy.deepcopy(online).requires_grad_(False)
+    for p in start.parameters():
+        p.add_(torch.randn_like(p))
+    ema = [copy.deepcopy(start) for _ in range(2)]
+    ssl_ops.ema_update_(ema[0], online, 0.99)
+    launches = emulation.load().launch_count()
+    with emulation.use_emulated_kernels():
+        ssl_ops.ema_update_(ema[1], online, 0.99)
+    assert emulation.load().launch_count() > launches  # the CUDA kernel ran
+    for a, b in zip(ema[0].state_dict().values(), ema[1].state_dict().values()):
+        assert torch.equal(a, b)  # both backends compute the same fma, bit for bit
+
+
+def gemm_flop_share(fn, inputs, eager_flops):
+    torch.set_num_threads(1)
+    with emulation.use_emulated_kernels(), torch.profiler.profile(with_flops=True) as prof:
+        loss = fn(*inputs)
+        loss.backward()
+    counted = sum(e.flops for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm") and e.flops)
+    return counted / eager_flops
+
+
+def test_gemm_route_puts_the_products_in_vendor_gemms():
+    """Issue 12's bar: at least 45% of the eager loss's matrix-multiply FLOPs in
+    ATen GEMM calls (this route: all of them)."""
+    threads = torch.get_num_threads()
+    try:
+        z0, z1 = rand(384, 64, seed=5), rand(384, 64, seed=6)
+        share = gemm_flop_share(lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.5), (z0, z1), 6 * 768**2 * 64)
+        assert share >= 0.45, share
+        q, k, queue = rand(64, 64, seed=7), rand(64, 64, grad=False, seed=8), rand(2048, 64, grad=False, seed=9)
+        share = gemm_flop_share(lambda a, b, c: ssl_ops.info_nce_loss(a, b, c, 0.2), (q, k, queue), 4 * 64 * 2048 * 64)
+        assert share >= 0.45, share
+    finally:
+        torch.set_num_threads(threads)
