@@ -99,6 +99,21 @@ define_macros = [
 ]
 if WITH_CUDA:
     define_macros.append(("SSL_OPS_WITH_CUDA", "1"))
+
+
+def aten_has_mm_out_dtype():
+    """aten::mm.dtype_out (fp16/bf16 operands, fp32 result from cuBLAS) is in
+    recent torch only; csrc/cuda/contrastive_gemm.h widens the operands without it."""
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ops", "mm.h")
+    try:
+        with open(header) as f:
+            return "out_dtype" in f.read()
+    except OSError:
+        return False
+
+
+if WITH_CUDA and aten_has_mm_out_dtype():
+    define_macros.append(("SSL_OPS_HAVE_MM_OUT_DTYPE", "1"))
 if DEBUG:
     define_macros.append(("SSL_OPS_DEBUG_BUILD", "1"))
 # -fno-trapping-math lets the compiler turn selects in the CPU tile loops into

@@ -7,8 +7,14 @@
 * ``cuda``: the real CUDA kernels, when a GPU is present.
 """
 
+import os
+
 import pytest
 import torch
+
+# Deterministic mode refuses cuBLAS GEMMs without this (as for any torch matmul);
+# the CUDA contrastive tests run the GEMM route under it. Set before CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import ssl_ops
 from ssl_ops import emulation

@@ -264,7 +264,7 @@ def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):
     check(gq_only, ref_gq, "grad query, query-only route")
 
 
-@pytest.mark.parametrize("temperature", [0.01, 0.05, 10.0, -0.2])
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 0.07, 0.5, 10.0, -0.2])
 @pytest.mark.parametrize("magnitude", [1e-6, 1e6])
 def test_sym_op_extreme_temperatures_and_magnitudes(backend, temperature, magnitude):
     """Both log-sum-exp shifts (the logit bound up to |1/T| = 30, the running

@@ -90,7 +90,7 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   at::addmm_out(acc, acc, gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
 }
-#else
+#elif defined(SSL_OPS_HAVE_MM_OUT_DTYPE)
 // out = a @ b: fp16/bf16 operands with an fp32 result (aten::mm.dtype_out:
 // cuBLAS accumulates and stores fp32); fp32 (TF32 per torch's setting) and fp64 as they are.
 inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
@@ -108,6 +108,15 @@ inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b
   } else {
     acc.add_(at::mm(a, b, acc.scalar_type()));
   }
+}
+#else
+// Older torch without aten::mm.dtype: half operands widened to fp32 (exact, so
+// the same products), at SGEMM speed.
+inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
+}
+inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  at::addmm_out(acc, acc, a.to(acc.scalar_type()), b.to(acc.scalar_type()));
 }
 #endif
 
