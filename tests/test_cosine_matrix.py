@@ -132,6 +132,31 @@ def test_api_autograd_and_reference():
     )
 
 
+@pytest.mark.parametrize("broadcast", ["scalar", "rows", "columns"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["a-b", "a-a"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_backward_with_a_broadcast_upstream_gradient(backend, broadcast, symmetric, dtype):
+    """out.sum() and per-row or per-column weights give an expanded dC (stride 0
+    along a dimension): rank one, which the CPU kernel forms without a GEMM."""
+    m, n, d = 37, 29, 16
+    a = rand((m, d), dtype, backend.device, 12)
+    a[3] = 0
+    b = None if symmetric else rand((n, d), dtype, backend.device, 13)
+    n = m if symmetric else n
+    w = rand((max(m, n),), torch.float64, "cpu", 14)
+    dense = {"scalar": torch.full((m, n), 0.7, dtype=torch.float64), "rows": w[:m, None].expand(m, n),
+             "columns": w[None, :n].expand(m, n)}[broadcast]
+    expanded = {"scalar": torch.tensor(0.7, dtype=dtype).expand(m, n), "rows": w[:m, None].to(dtype).expand(m, n),
+                "columns": w[None, :n].to(dtype).expand(m, n)}[broadcast].to(backend.device)
+    a64, b64, ref = reference64(a, b)
+    inputs = [a64] + ([b64] if b64 is not None else [])
+    ref_grads = torch.autograd.grad((ref * dense.to(dtype).double()).sum(), inputs)
+    grads = backend.ops.cosine_similarity_matrix_backward(expanded, a, b, 1e-8, [True, not symmetric])
+    tol = rtol(dtype, length=d + max(m, n), rounds_operands=False)
+    for x, ours, theirs, name in zip((a, b), grads, ref_grads, ("grad a", "grad b")):
+        assert_close(ours, theirs, tol, name, small_rows=rows_below(x, 1e-8))
+
+
 @pytest.mark.parametrize("symmetric", [False, True], ids=["a-b", "a-a"])
 def test_api_gradients_use_eps(symmetric):
     """The autograd path passes the caller's eps to the backward op."""

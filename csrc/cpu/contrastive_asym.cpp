@@ -247,17 +247,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
   const bool bounded = logit_bound_usable<C>(scale_d, normalize);
   at::parallel_for(0, blocks_of(m), 1, [&](int64_t begin, int64_t end) {
     at::Tensor alpha = online ? at::empty({kTileRows, 1}, opts) : at::Tensor();
+    at::Tensor buffer = at::empty({kTileRows * kColumnTile}, opts);  // one tile, reused
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i0 = b * kTileRows, bi = std::min(kTileRows, m - i0);
       for (int64_t j0 = 0; j0 < l; j0 += kColumnTile) {
         const int64_t bj = std::min(kColumnTile, l - j0);
-        at::Tensor tile = at::mm(in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
+        at::Tensor tile = buffer.narrow(0, 0, bi * bj).view({bi, bj});
+        at::mm_out(tile, in.q.rows.narrow(0, i0, bi), in.k.rows.narrow(0, j0, bj).t());
         pass1(tile.data_ptr<C>(), bi, bj, i0, j0 - in.offset, scale, bounded, bound, running.data(),
               in.p ? nullptr : pos_p,
               online ? alpha.data_ptr<C>() : nullptr);
         if (online) {
           at::Tensor acc = weighted_keys.narrow(0, i0, bi);
-          acc.mul_(alpha.narrow(0, 0, bi));
+          // The bounded shift never moves after the first tile (alpha = 1), and
+          // before it the sums are 0: no rescaling.
+          if (!bounded) acc.mul_(alpha.narrow(0, 0, bi));
           acc.addmm_(tile, in.k.rows.narrow(0, j0, bj));
         }
       }
