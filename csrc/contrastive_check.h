@@ -1,6 +1,31 @@
 #pragma once
 // Argument validation and numeric rules shared by the CPU and CUDA
-// contrastive-loss kernels.
+// contrastive-loss kernels, and the algorithm they share.
+//
+// Note [Contrastive algorithm]: anchors Q (rows a, normalised to q_hat) against
+// candidates K (rows k_hat); logits S = scale * q_hat k_hat^T, never stored whole.
+//   loss_a = logsumexp_k S_ak (self excluded) - mean_{p in P(a)} S_ap
+//   G_ak   = w_a (softmax_ak - 1[k in P(a)] / |P(a)|),   w_a = d(total) / d(loss_a)
+//   d q_hat = scale G k_hat,   d k_hat = scale G^T q_hat,   then the normalisation.
+// Symmetric (NT-Xent, SupCon): Q = the anchor rows of z, K = z, P by labels, so
+// d z_hat = scale (G + G^T) z_hat. Asymmetric (InfoNCE): Q = queries, K = keys
+// or the queue; the positive is key a + offset, or MoCo's separate positive key
+// (its logit the first term of each row). Both backends walk the anchors in
+// blocks, form S a block at a time with a GEMM, reduce each row's
+// log-sum-exp (shifted by the logit bound |scale| where rows are unit vectors,
+// logit_bound_usable, else by the running max) and, with a gradient, turn the
+// block into G and multiply it back. They differ in where the block lives:
+// - CPU (csrc/cpu/contrastive_*.cpp): 128-row tiles that stay in cache; the
+//   exps run in the same loop as the product's consumer, S being symmetric is
+//   used to form each tile pair once, and a query-only gradient is accumulated
+//   in the log-sum-exp pass itself (online softmax).
+// - CUDA GEMM route (csrc/cuda/contrastive_gemm.h): chunks of c anchor rows
+//   against every candidate, S_c stored in fp32 by cuBLAS and read back by row
+//   kernels from L2; log-sum-exp before G within a chunk, so no online
+//   rescaling; the symmetry is not used (cuBLAS at tensor-core speed does the
+//   third product faster than a hand-written kernel would save it).
+// - CUDA tile route (contrastive_kernels.cuh, contrastive_pairs.cuh): S tiles
+//   in registers and shared memory, as on the CPU.
 #include <ATen/core/Tensor.h>
 
 #include <cmath>

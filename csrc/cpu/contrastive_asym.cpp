@@ -1,4 +1,5 @@
 // Asymmetric contrastive loss (InfoNCE: MoCo with a queue, MoCo v3, CLIP), CPU kernel.
+// (The algorithm shared with CUDA: Note [Contrastive algorithm], contrastive_check.h.)
 //
 // Anchors q (M x D) against candidates k (L x D), rows normalised (qh, kh), and
 // optionally a positive_key p (M x D). Logits S = scale * qh kh^T, formed tile

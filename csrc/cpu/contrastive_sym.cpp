@@ -1,4 +1,5 @@
 // Symmetric contrastive loss (NT-Xent / SimCLR, multi-view, SupCon), CPU kernel.
+// (The algorithm shared with CUDA: Note [Contrastive algorithm], contrastive_check.h.)
 //
 // Rows z (M x D) are normalised to zh (contrastive_tiles.h); logits
 // S = scale * zh zh^T are formed tile by tile and never stored whole. The

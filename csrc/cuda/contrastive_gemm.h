@@ -13,11 +13,8 @@
 // (d z_hat = d K_hat plus d Q_hat at the anchors: (G + G^T) z_hat); the
 // asymmetric op passes the queries and the keys (or queue).
 //
-// The same algorithm runs on the CPU (csrc/cpu/contrastive_*.cpp), with its
-// own fused tile loops instead of row kernels over a stored chunk: there the
-// tiles stay in cache, so nothing is written between the product and the
-// exps. Here the product is cuBLAS's, at tensor-core speed, and S_c makes one
-// round trip through L2.
+// The algorithm and how the CPU kernels differ: Note [Contrastive algorithm]
+// in csrc/contrastive_check.h.
 //
 // Under the emulator (SSL_OPS_CUDA_EMU) the GEMMs are at::mm on the CPU with
 // the same operand types: half operands widened exactly to fp32, fp32
