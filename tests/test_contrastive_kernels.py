@@ -363,3 +363,4 @@ def test_route_and_budget_settings_are_checked(cuda_source_backend, monkeypatch)
     monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", "0")
     with pytest.raises(RuntimeError, match=r'SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got "0"'):
         cuda_source_backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, True)
+

@@ -23,14 +23,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "compat.cuh"
 #include "contrastive_gemm_rows.cuh"
@@ -56,8 +59,13 @@ inline ContrastiveRoute contrastive_route() {
 // (40 MB on an A100), so the re-reads hit L2 instead of HBM. Larger chunks
 // would only save launches: at 2N = 16384 rows the default gives 512-row
 // chunks, 32 of them, each of whose GEMMs still fills the GPU (512 x 16384
-// outputs = 512 tiles of 128 x 128). SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS
-// changes it (tests force it small, for many chunks).
+// outputs = 512 tiles of 128 x 128). Against larger chunks: the d K_hat GEMM
+// reads and writes the n x D fp32 accumulator once per chunk (8 n D bytes
+// for 2 c n D FLOPs, memory-bound below c ~ 512 rows), and the launches
+// (about 6 per chunk, ~30 us of host time) rival a small chunk's GPU time;
+// the GPU benchmark times 2^25 elements too ("big chunks").
+// SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS changes it (tests force it small, for
+// many chunks).
 constexpr int64_t kDefaultChunkElements = int64_t(1) << 23;
 
 inline int64_t contrastive_chunk_elements() {
@@ -88,11 +96,18 @@ inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b
   at::addmm_out(acc, acc, gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
 }
 #elif defined(SSL_OPS_HAVE_MM_OUT_DTYPE)
+// fp16 operands with an fp32 result are refused by ATen when the user allows
+// fp16 accumulation in cuBLAS: then the operands are widened (exact) instead.
+inline bool widen_operands(const at::Tensor& a) {
+  return a.scalar_type() == at::kHalf && at::globalContext().allowFP16AccumulationCuBLAS();
+}
 // out = a @ b: fp16/bf16 operands with an fp32 result (aten::mm.dtype_out:
 // cuBLAS accumulates and stores fp32); fp32 (TF32 per torch's setting) and fp64 as they are.
 inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == out.scalar_type()) {
     at::mm_out(out, a, b);
+  } else if (widen_operands(a)) {
+    at::mm_out(out, a.to(out.scalar_type()), b.to(out.scalar_type()));
   } else {
     at::mm_out(out, a, b, out.scalar_type());
   }
@@ -102,6 +117,8 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == acc.scalar_type()) {
     at::addmm_out(acc, acc, a, b);  // beta = 1: accumulates in place
+  } else if (widen_operands(a)) {
+    at::addmm_out(acc, acc, a.to(acc.scalar_type()), b.to(acc.scalar_type()));
   } else {
     acc.add_(at::mm(a, b, acc.scalar_type()));
   }
@@ -166,21 +183,34 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   if (na == 0 || (!grad && !stats)) return out;
 
   const int64_t rows_per_chunk = std::clamp<int64_t>(contrastive_chunk_elements() / std::max<int64_t>(n, 1), 1, na);
-  // Column splits: about two waves of blocks, at least 1024 columns each.
-  const int64_t wanted_blocks = 2 * int64_t(multiprocessor_count(device));
+  // Column splits: a full wave of blocks (8 per multiprocessor: the row kernels
+  // use at most 52 registers and 128 bytes of shared memory), at least 1024
+  // columns each.
+  const int64_t wanted_blocks = 8 * int64_t(multiprocessor_count(device));
   const int64_t splits =
       std::clamp<int64_t>(ceil_div64(wanted_blocks, rows_per_chunk), 1, std::max<int64_t>(ceil_div64(n, 1024), 1));
   const int64_t cols_per_split = std::max<int64_t>(ceil_div64(n, splits), 1);
-  TORCH_CHECK(splits <= 65535, "contrastive loss on CUDA: too many column splits (", splits, ")");
+  TORCH_CHECK(splits <= 65535 && rows_per_chunk <= std::numeric_limits<int32_t>::max(),
+              "contrastive loss on CUDA: a chunk of ", rows_per_chunk, " rows in ", splits,
+              " column splits exceeds the grid (lower SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS)");
 
   at::Tensor s_buffer = at::empty({rows_per_chunk, n}, acc_opts);
   at::Tensor g_buffer;
   if (grad) g_buffer = std::is_same_v<T, A> ? s_buffer : at::empty({rows_per_chunk, n}, spec.q_hat.options());
   at::Tensor parts = at::empty({3, splits, rows_per_chunk}, acc_opts);
   at::Tensor part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
-  at::Tensor weight, inv_count;
+  // G holds kGScale * w / max|w| (contrastive_gemm_rows.cuh); the fp32 products
+  // are multiplied by scale * max|w| / kGScale at the end, on the device.
+  at::Tensor weight, inv_count, weight_in, product_scale;
   if (grad) {
-    weight = stats ? at::empty({na}, acc_opts) : spec.given_weight;
+    const at::Tensor& w = stats ? spec.weight : spec.given_weight;
+    at::Tensor max_weight = at::ones({}, acc_opts);
+    if (w.defined()) {
+      max_weight = at::clamp_min(w.abs().max(), std::numeric_limits<A>::min());
+      weight_in = (w / max_weight).contiguous();
+    }
+    product_scale = max_weight * (spec.scale / kGScale);
+    weight = stats ? at::empty({na}, acc_opts) : weight_in;
     inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
   }
   const at::Tensor k_hat_t = spec.k_hat.t();
@@ -218,7 +248,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       m.rows = c;
       m.splits = splits;
       m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
-      m.weight_in = spec.weight.defined() ? spec.weight.template const_data_ptr<A>() + r0 : nullptr;
+      m.weight_in = weight_in.defined() ? weight_in.template const_data_ptr<A>() + r0 : nullptr;
       m.rows_need_positives = spec.rows_need_positives;
       m.lse = out.lse.template data_ptr<A>() + r0;
       m.positive_sum = out.positive_sum.template data_ptr<A>() + r0;
@@ -240,6 +270,8 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     }
     if (spec.grad_k && !SSL_OPS_PLANTED(kDropTransposedTerm)) addmm_acc_(out.grad_k_hat, g.t(), q_chunk);
   }
+  if (spec.grad_q) out.grad_q_hat.mul_(product_scale);
+  if (spec.grad_k) out.grad_k_hat.mul_(product_scale);
   return out;
 }
 
