@@ -25,7 +25,7 @@ def main():
     projector = ssl_ops.BYOLProjectionHead(backbone.num_features, 1024, 128).to(args.device)
     predictor = ssl_ops.BYOLPredictionHead(128, 1024, 128).to(args.device)
     online = nn.Sequential(backbone, projector)
-    target = ssl_ops.MomentumEncoder(online)
+    target = ssl_ops.MomentumEncoder(online, buffers="copy")  # the BN statistics follow the online network
     model = nn.Sequential(online, predictor)  # what the optimizer trains
     fused = args.loss_impl == "fused"
     loss_fn = ssl_ops.byol_loss if fused else ssl_ops.reference.byol_loss

@@ -26,7 +26,7 @@ def main():
     data, backbone, initial = common.setup(args)
     head = ssl_ops.MoCoProjectionHead(backbone.num_features, 512, 128).to(args.device)
     query_encoder = nn.Sequential(backbone, head)
-    key_encoder = ssl_ops.MomentumEncoder(query_encoder)
+    key_encoder = ssl_ops.MomentumEncoder(query_encoder, buffers="copy")  # the BN statistics follow the queries
     # The queue holds normalised keys (feature_dim_first=False: rows are keys).
     queue = ssl_ops.MemoryBank(size=(QUEUE_SIZE, 128), feature_dim_first=False).to(args.device)
     fused = args.loss_impl == "fused"

@@ -52,4 +52,4 @@ __all__ = [
     "solo_learn_tau",
     "timm_ema_decay",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -31,15 +31,18 @@ def _matched(kind, ema_named, online_named):
     return [(name, e, o) for (name, e), (_, o) in zip(ema_named, online_named)]
 
 
-def ema_update_(ema, online, momentum, *, buffers="copy"):
+def ema_update_(ema, online, momentum, *, buffers="skip"):
     """Updates ``ema`` in place: ``ema = momentum * ema + (1 - momentum) * online``.
 
     ``ema`` and ``online`` are either two ``nn.Module`` s of the same architecture
     (typically the momentum encoder and the online encoder) or two matching
     iterables of tensors. For modules, parameters are averaged and buffers are
-    handled by ``buffers``: ``"copy"`` (default) copies them from ``online``,
-    ``"ema"`` averages the floating-point ones, ``"skip"`` leaves them alone;
-    integer buffers (``num_batches_tracked``) are always copied.
+    handled by ``buffers``: ``"skip"`` (default) leaves every buffer alone, as
+    lightly's ``update_momentum``, solo-learn's ``MomentumUpdater`` and MoCo's
+    reference code do (the momentum encoder keeps its own BN statistics);
+    ``"copy"`` copies them all from ``online``; ``"ema"`` averages the
+    floating-point ones (timm's ``ModelEmaV3``) and copies the integer ones
+    (``num_batches_tracked``).
 
     All tensors are updated by one fused kernel call (one multi-tensor launch on
     CUDA). Every argument is validated before anything is written: on error all
@@ -64,7 +67,7 @@ def ema_update_(ema, online, momentum, *, buffers="copy"):
             if e.is_floating_point() and buffers == "ema":
                 ema_tensors.append(e)
                 online_tensors.append(o)
-            elif not e.is_floating_point() or buffers == "copy":
+            elif buffers == "copy" or (buffers == "ema" and not e.is_floating_point()):
                 if e.shape != o.shape:
                     raise ValueError(
                         f"ssl_ops.ema_update_: buffer {name!r} has shape {tuple(o.shape)} in online "

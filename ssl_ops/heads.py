@@ -3,22 +3,35 @@ lightly's (same layers in the same order in ``self.layers``, so state dicts
 are interchangeable): each block is Linear (no bias when batch norm follows),
 then optional BatchNorm1d, then optional ReLU."""
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-Block = Tuple[int, int, Optional[nn.Module], Optional[nn.Module]]
+Block = Union[
+    Tuple[int, int, Optional[nn.Module], Optional[nn.Module]],
+    Tuple[int, int, Optional[nn.Module], Optional[nn.Module], bool],
+]
 
 
 class ProjectionHead(nn.Module):
-    """An MLP of ``(in_features, out_features, batch_norm or None, activation or None)`` blocks."""
+    """An MLP of lightly's blocks: ``(in_features, out_features, batch_norm or
+    None, activation or None)``, optionally with a fifth element ``use_bias``
+    (default: a bias only without batch norm). Falsy modules are left out, as
+    lightly does."""
 
     def __init__(self, blocks: Sequence[Block]):
         super().__init__()
         layers = []
-        for in_features, out_features, batch_norm, activation in blocks:
-            layers.append(nn.Linear(in_features, out_features, bias=batch_norm is None))
-            layers += [m for m in (batch_norm, activation) if m is not None]
+        for block in blocks:
+            if len(block) not in (4, 5):
+                raise ValueError(
+                    "each block must be (in_features, out_features, batch_norm, activation[, use_bias]), "
+                    f"got {len(block)} elements: {block!r}"
+                )
+            in_features, out_features, batch_norm, activation, *bias = block
+            use_bias = bias[0] if bias else not bool(batch_norm)
+            layers.append(nn.Linear(in_features, out_features, bias=use_bias))
+            layers += [m for m in (batch_norm, activation) if m]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

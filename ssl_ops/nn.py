@@ -165,9 +165,10 @@ class BYOLLoss(nn.Module):
 class MomentumEncoder(nn.Module):
     """A momentum (EMA) copy of a module: a deep copy with ``requires_grad`` off,
     updated in place by ``update(online, momentum)`` through one fused
-    ``ssl_ops.ema_update_`` call (buffers copied by default, see ema_update_)."""
+    ``ssl_ops.ema_update_`` call (buffers left alone by default, as lightly and
+    solo-learn do; ``buffers="copy"`` or ``"ema"``: see ema_update_)."""
 
-    def __init__(self, online: nn.Module, buffers: str = "copy"):
+    def __init__(self, online: nn.Module, buffers: str = "skip"):
         super().__init__()
         import copy
 

@@ -26,6 +26,7 @@ def params_and_buffers(net):
 @pytest.mark.parametrize("mode", ["copy", "ema", "skip"])
 def test_module_update_and_buffer_modes(mode):
     online, ema = make_net(0), make_net(1)
+    online(torch.randn(16, 5))  # num_batches_tracked 2 against the EMA's 1
     ema_before, online_state = params_and_buffers(ema), params_and_buffers(online)
     m = 0.9
     assert ssl_ops.ema_update_(ema, online, m, buffers=mode) is None
@@ -41,8 +42,27 @@ def test_module_update_and_buffer_modes(mode):
         else:
             expected = m * ema_before[name].double() + (1 - m) * online_state[name].double()
             torch.testing.assert_close(state[name].double(), expected, rtol=1e-6, atol=1e-6)
-    # Integer buffers are copied whatever the mode.
-    assert torch.equal(state["1.num_batches_tracked"], online_state["1.num_batches_tracked"])
+    # Integer buffers: copied with "copy" and "ema", left alone with "skip" (as lightly).
+    expected = ema_before if mode == "skip" else online_state
+    assert torch.equal(state["1.num_batches_tracked"], expected["1.num_batches_tracked"])
+
+
+def test_default_touches_parameters_only_as_lightly_does():
+    """lightly's update_momentum(model, model_ema, m) and solo-learn's
+    MomentumUpdater average parameters and leave every buffer alone; so do
+    ema_update_ and MomentumEncoder by default."""
+    utils = pytest.importorskip("lightly.models.utils")
+    online, ema = make_net(0), make_net(1)
+    online(torch.randn(16, 5))
+    theirs = copy.deepcopy(ema)
+    encoder = ssl_ops.MomentumEncoder(online)
+    encoder.module.load_state_dict(ema.state_dict())
+    ssl_ops.ema_update_(ema, online, 0.99)
+    encoder.update(online, 0.99)
+    utils.update_momentum(online, theirs, 0.99)
+    for ours in (ema.state_dict(), encoder.module.state_dict()):
+        for name, value in theirs.state_dict().items():
+            torch.testing.assert_close(ours[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_matches_reference_loop_and_foreach_lerp():
@@ -91,7 +111,7 @@ def test_module_errors_change_nothing():
     wrong_buffer = make_net(0)
     wrong_buffer[1].running_mean = torch.zeros(3)
     with pytest.raises(ValueError, match=r"buffer '1.running_mean' has shape \(3,\) in online but \(8,\) in ema"):
-        ssl_ops.ema_update_(ema, wrong_buffer, 0.9)
+        ssl_ops.ema_update_(ema, wrong_buffer, 0.9, buffers="copy")
     after = params_and_buffers(ema)
     assert all(torch.equal(before[k], after[k]) for k in before)
 

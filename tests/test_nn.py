@@ -94,3 +94,22 @@ def test_heads_match_lightly_layers_and_outputs(name, kwargs):
 def test_head_needs_two_layers():
     with pytest.raises(ValueError, match="num_layers must be at least 2, got 1"):
         ssl_ops.SimCLRProjectionHead(num_layers=1)
+
+
+def test_projection_head_takes_lightly_blocks_with_use_bias():
+    heads = pytest.importorskip("lightly.models.modules.heads")
+    blocks = lambda: [  # noqa: E731
+        (12, 10, torch.nn.BatchNorm1d(10), torch.nn.ReLU(), True),  # bias despite batch norm
+        (10, 8, None, torch.nn.GELU(), False),                      # no bias, no batch norm
+        (8, 6, None, None),                                         # lightly's 4-element form
+    ]
+    theirs, ours = heads.ProjectionHead(blocks()), ssl_ops.ProjectionHead(blocks())
+    assert [type(m) for m in ours.layers] == [type(m) for m in theirs.layers]
+    assert [getattr(m, "bias", None) is None for m in ours.layers] == [
+        getattr(m, "bias", None) is None for m in theirs.layers
+    ]
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours(x), theirs(x))
+    with pytest.raises(ValueError, match="each block must be"):
+        ssl_ops.ProjectionHead([(3, 4, None)])
