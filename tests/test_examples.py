@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from ssl_ops import emulation
+
 pytest.importorskip("sklearn")
 pytest.importorskip("timm")
 
@@ -54,7 +56,8 @@ def run_example(tmp_path, example, *extra):
 def test_two_steps_on_the_emulated_cuda_route_match_the_cpu_kernels(tmp_path, example):
     """--emulate-cuda: the losses and the momentum update of each training step
     run the CUDA code path (GEMM route, EMA kernel) on the emulator."""
-    pytest.importorskip("ssl_ops._cuda_emu")
+    if not emulation.available():  # the loaded one: _cuda_emu, or _cuda_emu_asan in the ASan pass
+        pytest.skip("emulation module not built (SSL_OPS_BUILD_EMU=0)")
     cpu = run_example(tmp_path, example)
     emulated = run_example(tmp_path, example, "--emulate-cuda")
     assert emulated["pretrain"]["steps"] == cpu["pretrain"]["steps"] == 2
