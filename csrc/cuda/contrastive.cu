@@ -33,13 +33,15 @@
 //   memory; the SASS review (shared/gpu-review.md) estimates 3.2 ms.
 // - MoCo, B = 256 queries, K = 65536 queue, D = 128, d query only. GEMM
 //   route: 2 GEMMs, 8.6 GFLOP; S 16.7 M pairs x 16 bytes = 268 MB; row
-//   kernels on 128-row chunks x 3 column splits = 384 blocks (2.9 per SM).
+//   kernels on 128-row chunks x 9 column splits = 1152 blocks (8.7 per SM,
+//   a full wave at 8 resident blocks of 256 threads).
 //   Tile route: 4 blocks of 64 rows on 132 SMs (review: ~8 ms against
 //   ~0.15 ms for cuBLAS + cross_entropy).
-// - Gathered anchors, 512 of 8192 rows: one 512 x 8192 chunk, 512 row blocks;
-//   tile route: 8 row-tile blocks. CLIP, B = 32768: 256-row chunks, 512 row
-//   blocks each; host time is the limit there (about 6 launches, ~30 us of
-//   host work per chunk against ~25 us of GPU work), see Note [Chunk budget].
+// - Gathered anchors, 512 of 8192 rows: one 512 x 8192 chunk, 512 x 3 = 1536
+//   row blocks; tile route: 8 row-tile blocks. CLIP, B = 32768: 256-row
+//   chunks, 256 x 5 = 1280 row blocks each; host time may be the limit there
+//   (estimated: about 6 launches, ~30 us of host work per chunk against
+//   ~25 us of GPU work), see Note [Chunk budget].
 // A hand-written route would win only by never storing S (FlashAttention-
 // style: ~0.4-0.6 ms at 2N = 16384), which needs a GPU to tune. What would
 // justify routing a shape to the tile kernels: `python -m benchmarks.contrastive
@@ -200,6 +202,23 @@ GemmLossSpec<T> sym_gemm_spec(const at::Tensor& z_hat, const at::Tensor& labels,
   return spec;
 }
 
+// The GEMM route's statistics as the op returns them: rows outside the anchors
+// keep 0 (no positives, so no loss and no weight).
+template <typename T>
+SymSaved sym_saved_from(const GemmLossResult<T>& r, int64_t rows, Anchors anchors) {
+  SymSaved s{at::zeros({rows}, r.lse.options()), at::zeros({rows}, r.lse.options()),
+             at::zeros({rows}, r.positive_count.options())};
+  s.lse.narrow(0, anchors.begin, anchors.count()).copy_(r.lse);
+  s.positive_sum.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_sum);
+  s.positive_count.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_count);
+  return s;
+}
+
+// 1 / |P(r)| per row, 0 for rows without positives (count in the accumulation type).
+at::Tensor inverse_counts(const at::Tensor& count) {
+  return at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count)).contiguous();
+}
+
 // d z_hat = (G + G^T) z_hat: d K_hat over every row, plus d Q_hat at the anchors.
 template <typename T>
 at::Tensor sym_gemm_grad_hat(GemmLossResult<T>& r, Anchors anchors) {
@@ -273,7 +292,7 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
   using A = acc_t<T>;
   const int64_t m = z.size(0), d = z.size(1);
   const at::Tensor count = positive_count.to(lse.scalar_type());
-  const at::Tensor inv_positives = at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count));
+  const at::Tensor inv_positives = inverse_counts(count);
   GradParams<T> base{};
   base.features = d;
   base.scale = static_cast<A>(scale);
@@ -342,38 +361,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
     const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
     const bool with_grad = compute_grad && reduction != Reduction::None;
+    SymSaved s;
+    at::Tensor gemm_grad_hat;  // the GEMM route forms the gradient with the statistics
     if (use_gemm_route()) {
       GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
                                                             scale, normalize);
       spec.grad_q = spec.grad_k = with_grad;  // weights: 1 where the row has positives
       GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
-      const int64_t m = z.size(0);
-      // Rows outside the anchors keep 0: no positives, so no loss and no weight.
-      SymSaved s{at::zeros({m}, r.lse.options()), at::zeros({m}, r.lse.options()),
-                 at::zeros({m}, r.positive_count.options())};
-      s.lse.narrow(0, anchors.begin, anchors.count()).copy_(r.lse);
-      s.positive_sum.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_sum);
-      s.positive_count.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_count);
-      const at::Tensor valid = s.positive_count > 0;
-      const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
-      const at::Tensor row_loss =
-          at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
-      at::Tensor grad = at::empty({0}, z.options());
-      if (with_grad) {
-        at::Tensor grad_hat = sym_gemm_grad_hat(r, anchors);
-        if (reduction == Reduction::Mean) grad_hat.div_(at::clamp_min(valid.sum(), 1));
-        grad = finish_rows<scalar_t>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
-      }
-      result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad};
-      return;
+      s = sym_saved_from(r, z.size(0), anchors);
+      if (with_grad) gemm_grad_hat = sym_gemm_grad_hat(r, anchors);
+    } else {
+      s = sym_statistics<scalar_t>(z, denom, labels, anchors, scale, normalize, stream);
     }
-    const SymSaved s = sym_statistics<scalar_t>(z, denom, labels, anchors, scale, normalize, stream);
     const at::Tensor valid = s.positive_count > 0;
     const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
     const at::Tensor row_loss =
         at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
     at::Tensor grad = at::empty({0}, z.options());
-    if (compute_grad && reduction != Reduction::None) {
+    if (with_grad && gemm_grad_hat.defined()) {
+      if (reduction == Reduction::Mean) gemm_grad_hat.div_(at::clamp_min(valid.sum(), 1));
+      grad = finish_rows<scalar_t>(z, denom, &gemm_grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+    } else if (with_grad) {
       const at::Tensor unit = at::ones({}, s.lse.options());  // d(loss)/d(loss) for the forward's gradient
       const at::Tensor weight = row_weights(unit, reduction, valid, s.lse.scalar_type());
       grad = sym_gradient<scalar_t>(z, denom, labels, anchors, s.lse, s.positive_count, weight, scale, eps,
@@ -405,14 +413,14 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
       const at::Tensor count = positive_count.narrow(0, anchors.begin, anchors.count()).to(lse_acc.scalar_type());
       spec.given_lse = lse_acc.narrow(0, anchors.begin, anchors.count()).contiguous();
       spec.given_weight = weight.narrow(0, anchors.begin, anchors.count()).contiguous();
-      spec.given_inv_count = at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count)).contiguous();
+      spec.given_inv_count = inverse_counts(count);
       spec.grad_q = spec.grad_k = true;
       GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
       at::Tensor grad_hat = sym_gemm_grad_hat(r, anchors);
       grad = finish_rows<scalar_t>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
       return;
     }
-    grad = sym_gradient<scalar_t>(z, denom, labels, Anchors{anchor_begin, anchor_end}, lse_acc,
+    grad = sym_gradient<scalar_t>(z, denom, labels, anchors, lse_acc,
                                   positive_count.contiguous(), weight.contiguous(), scale, eps, normalize, stream);
   });
   return grad;
@@ -447,19 +455,41 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
   return in;
 }
 
+// The asymmetric gradients through the normalisation, from d q_hat and d k_hat
+// (accumulation type; undefined where not asked for) and, with a positive key,
+// its softmax term coef_r = scale * w_r (softmax of the positive key - 1).
+template <typename T>
+std::array<at::Tensor, 3> finish_asym(const AsymInputs<T>& in, const at::Tensor& grad_q_hat,
+                                      const at::Tensor& grad_k_hat, const at::Tensor& lse, const at::Tensor& weight,
+                                      double scale, double eps, bool normalize, std::array<bool, 3> mask,
+                                      cudaStream_t stream) {
+  const bool with_p = in.p.defined();
+  at::Tensor coef;
+  if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
+  std::array<at::Tensor, 3> out;
+  if (mask[0]) {
+    out[0] = with_p ? finish_rows<T>(in.q, in.denom_q, &grad_q_hat, &coef, &in.p, &in.denom_p, eps, normalize,
+                                     stream)
+                    : finish_rows<T>(in.q, in.denom_q, &grad_q_hat, nullptr, nullptr, nullptr, eps, normalize,
+                                     stream);
+  }
+  if (mask[1]) out[1] = finish_rows<T>(in.k, in.denom_k, &grad_k_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+  if (mask[2] && with_p) {
+    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream);
+  }
+  return out;
+}
+
 template <typename T>
 std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tensor& lse, const at::Tensor& weight,
                                          double scale, double eps, bool normalize, std::array<bool, 3> mask,
                                          cudaStream_t stream) {
   using A = acc_t<T>;
-  const bool with_p = in.p.defined();
-  std::array<at::Tensor, 3> out;
   GradParams<T> base{};
   base.features = in.q.size(1);
   base.scale = static_cast<A>(scale);
-  base.has_positives = !with_p;  // without a positive key, column r + offset is row r's positive
-  at::Tensor coef;  // scale * w_r (softmax of the positive key - 1)
-  if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
+  base.has_positives = !in.p.defined();  // without a positive key, column r + offset is row r's positive
+  at::Tensor grad_q_hat, grad_k_hat;
   if (mask[0]) {
     GradParams<T> p = base;
     p.rows = data<T>(in.q);
@@ -472,9 +502,7 @@ std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tens
     p.row_term = true;
     p.row_lse = data<A>(lse);
     p.row_weight = data<A>(weight);
-    const at::Tensor grad_hat = run_grad_kernel(p, in.q, stream);
-    out[0] = with_p ? finish_rows<T>(in.q, in.denom_q, &grad_hat, &coef, &in.p, &in.denom_p, eps, normalize, stream)
-                    : finish_rows<T>(in.q, in.denom_q, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+    grad_q_hat = run_grad_kernel(p, in.q, stream);
   }
   if (mask[1]) {
     GradParams<T> p = base;  // rows: keys; columns: queries, whose statistics weigh T
@@ -488,13 +516,9 @@ std::array<at::Tensor, 3> asym_gradients(const AsymInputs<T>& in, const at::Tens
     p.col_term = true;
     p.col_lse = data<A>(lse);
     p.col_weight = data<A>(weight);
-    const at::Tensor grad_hat = run_grad_kernel(p, in.k, stream);
-    out[1] = finish_rows<T>(in.k, in.denom_k, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+    grad_k_hat = run_grad_kernel(p, in.k, stream);
   }
-  if (mask[2] && with_p) {
-    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream);
-  }
-  return out;
+  return finish_asym<T>(in, grad_q_hat, grad_k_hat, lse, weight, scale, eps, normalize, mask, stream);
 }
 
 // The GEMM route of both asymmetric ops: queries against keys (or the queue),
@@ -527,21 +551,8 @@ std::pair<at::Tensor, std::array<at::Tensor, 3>> asym_gemm(AsymInputs<T>& in, co
   GemmLossResult<T> r = gemm_contrastive(spec, in.q.device(), stream);
   const at::Tensor lse = given_lse.defined() ? given_lse : r.lse;
   if (!with_p && r.positive_sum.defined()) in.positive_logit = r.positive_sum;  // S_r,r+offset
-  std::array<at::Tensor, 3> out;
-  if (!weight.defined()) return {lse, out};
-  at::Tensor coef;  // scale * w_r (softmax of the positive key - 1)
-  if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
-  if (mask[0]) {
-    out[0] = with_p ? finish_rows<T>(in.q, in.denom_q, &r.grad_q_hat, &coef, &in.p, &in.denom_p, eps, normalize,
-                                     stream)
-                    : finish_rows<T>(in.q, in.denom_q, &r.grad_q_hat, nullptr, nullptr, nullptr, eps, normalize,
-                                     stream);
-  }
-  if (mask[1]) out[1] = finish_rows<T>(in.k, in.denom_k, &r.grad_k_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
-  if (mask[2] && with_p) {
-    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream);
-  }
-  return {lse, out};
+  if (!weight.defined()) return {lse, {}};
+  return {lse, finish_asym<T>(in, r.grad_q_hat, r.grad_k_hat, lse, weight, scale, eps, normalize, mask, stream)};
 }
 
 at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {

@@ -197,8 +197,11 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   at::Tensor s_buffer = at::empty({rows_per_chunk, n}, acc_opts);
   at::Tensor g_buffer;
   if (grad) g_buffer = std::is_same_v<T, A> ? s_buffer : at::empty({rows_per_chunk, n}, spec.q_hat.options());
-  at::Tensor parts = at::empty({3, splits, rows_per_chunk}, acc_opts);
-  at::Tensor part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
+  at::Tensor parts, part_count;  // the stats kernel's partials, [split][row]
+  if (stats) {
+    parts = at::empty({3, splits, rows_per_chunk}, acc_opts);
+    part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
+  }
   // G holds kGScale * w / max|w| (contrastive_gemm_rows.cuh); the fp32 products
   // are multiplied by scale * max|w| / kGScale at the end, on the device.
   at::Tensor weight, inv_count, weight_in, product_scale;
