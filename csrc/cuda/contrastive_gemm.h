@@ -62,7 +62,7 @@ inline ContrastiveRoute contrastive_route() {
 // outputs = 512 tiles of 128 x 128). Against larger chunks: the d K_hat GEMM
 // reads and writes the n x D fp32 accumulator once per chunk (8 n D bytes
 // for 2 c n D FLOPs, memory-bound below c ~ 512 rows), and the launches
-// (about 6 per chunk, ~30 us of host time) rival a small chunk's GPU time;
+// (about 6 per chunk; an estimated ~30 us of host time) rival a small chunk's GPU time;
 // the GPU benchmark times 2^25 elements too ("big chunks").
 // SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS changes it (tests force it small, for
 // many chunks).
