@@ -254,16 +254,17 @@ def main():
     except ImportError:  # pragma: no cover
         tqdm = None
     todo = cases(args.full, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"contrastive_{args.device}.json")
     rows = []
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
         if case["device"] == "cuda":
             impls += ("gemm_big_chunks", "tiles") + (("row_tiles",) if case["loss"] == "nt_xent" else ())
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls, compiled_memory=args.full))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"contrastive_{args.device}.json")
-    with open(path, "w") as f:
-        json.dump({"machine": machine(), "temperature": TEMPERATURE, "rows": rows}, f, indent=2)
+        # Written after every case, so a run cut short by a time limit keeps what it measured.
+        with open(path, "w") as f:
+            json.dump({"machine": machine(), "temperature": TEMPERATURE, "rows": rows}, f, indent=2)
     print(markdown(rows))
     print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
           f"memory of a fresh process (CUDA: max_memory_allocated); TFLOP/s = the eager computation's "
