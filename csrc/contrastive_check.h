@@ -21,7 +21,7 @@
 //   in the log-sum-exp pass itself (online softmax).
 // - CUDA GEMM route (csrc/cuda/contrastive_gemm.h): chunks of c anchor rows
 //   against every candidate, S_c stored in fp32 by cuBLAS and read back by row
-//   kernels from L2; log-sum-exp before G within a chunk, so no online
+//   kernels; log-sum-exp before G within a chunk, so no online
 //   rescaling; the symmetry is not used (cuBLAS at tensor-core speed does the
 //   third product faster than a hand-written kernel would save it).
 // - CUDA tile route (contrastive_kernels.cuh, contrastive_pairs.cuh): S tiles

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
-from . import distributed
+from . import _fallback, distributed
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _EPS = 1e-12  # F.normalize's default, as lightly uses it
@@ -167,6 +167,9 @@ def _check_view(name, t, like=None, like_name=None):
 
 
 def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None):
+    if _fallback.eager_requested("contrastive"):
+        _check_reduction(reduction)
+        return _fallback.sym_loss(z, labels, temperature, reduction, normalize, _EPS, anchors)
     compute_grad = torch.is_grad_enabled() and z.requires_grad
     anchor_begin, anchor_end = anchors if anchors is not None else (0, z.shape[0])
     loss, _, _, _ = torch.ops.ssl_ops.contrastive_sym_loss(
@@ -258,6 +261,10 @@ def _gathered_sym_loss(z, group_all, temperature, reduction, normalize):
 
 
 def _asym_loss(query, key, positive_key, temperature, reduction, normalize, positive_offset=0):
+    if _fallback.eager_requested("contrastive"):
+        _check_reduction(reduction)
+        return _fallback.asym_loss(query, key, positive_key, temperature, reduction, normalize, _EPS,
+                                   positive_offset)
     grad_enabled = torch.is_grad_enabled()
     grad_mask = [
         grad_enabled and query.requires_grad,

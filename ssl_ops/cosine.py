@@ -1,8 +1,10 @@
 """Row-wise cosine losses (BYOL, SimSiam): one fused kernel per direction."""
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
+from . import _fallback
 from .contrastive import _check_reduction, _loss_dtype, _no_context, _no_double_backward
 
 
@@ -73,7 +75,7 @@ def byol_loss(p, z, *, reduction="mean"):
     if z.shape != p.shape:
         raise ValueError(f"z has shape {tuple(z.shape)} but p has shape {tuple(p.shape)}")
     a, b, _ = _rows(p, z, 1)
-    loss = 2 - 2 * torch.ops.ssl_ops.cosine_rows(a, b, 1e-8)
+    loss = 2 - 2 * _cosine_rows(a, b, 1e-8)
     if code == 0:
         return loss
     return loss.sum() if code == 2 else loss.mean()
@@ -85,7 +87,15 @@ def negative_cosine_similarity(x0, x1, dim=1, eps=1e-8):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
     a, b, _ = _rows(x0, x1, dim)
-    return -torch.ops.ssl_ops.cosine_rows(a, b, float(eps)).mean()
+    return -_cosine_rows(a, b, float(eps)).mean()
+
+
+def _cosine_rows(a, b, eps):
+    if _fallback.eager_requested("cosine"):
+        cos = F.cosine_similarity(a.float() if a.dtype in (torch.float16, torch.bfloat16) else a,
+                                  b.float() if b.dtype in (torch.float16, torch.bfloat16) else b, dim=1, eps=eps)
+        return cos
+    return torch.ops.ssl_ops.cosine_rows(a, b, eps)
 
 
 # ---- Cosine-similarity matrix ---------------------------------------------------------
@@ -133,4 +143,8 @@ def cosine_similarity_matrix(a, b=None, *, eps=1e-8):
     """
     if not isinstance(a, torch.Tensor) or (b is not None and not isinstance(b, torch.Tensor)):
         raise TypeError("a and b must be tensors")
+    if _fallback.eager_requested("cosine_matrix"):
+        from . import reference
+
+        return reference.cosine_similarity_matrix(a, b, eps)
     return torch.ops.ssl_ops.cosine_similarity_matrix(a, b, float(eps))

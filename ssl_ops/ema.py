@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
+from . import _fallback
 
 _BUFFER_MODES = ("copy", "ema", "skip")
 
@@ -82,6 +83,11 @@ def ema_update_(ema, online, momentum, *, buffers="skip"):
             raise ValueError(f"ssl_ops.ema_update_: momentum must be in [0, 1], got {momentum}")
         return
     with torch.no_grad():
-        torch.ops.ssl_ops.ema_update_(ema_tensors, online_tensors, momentum)
+        if _fallback.eager_requested("ema"):
+            from . import reference
+
+            reference.ema_update_(ema_tensors, online_tensors, momentum)
+        else:
+            torch.ops.ssl_ops.ema_update_(ema_tensors, online_tensors, momentum)
         for e, o in copies:
             e.copy_(o)

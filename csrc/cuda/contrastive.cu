@@ -26,7 +26,7 @@
 //   3 GEMMs over the n x n pairs, 6 n^2 D = 206 GFLOP on tensor cores (~0.3 ms
 //   at 70% of peak); S_c and G_c traffic 4 (GEMM write) + 4 (stats) + 4 + 2
 //   (coef) + 2 x 2 (GEMM reads of G) = 18 bytes per pair, 4.8 GB, mostly from
-//   L2 at the default chunk (Note [Chunk budget]), at most 1.0 ms from HBM;
+//   L2 at a 2^23 chunk (Note [Chunk budget]), at most 1.0 ms from HBM;
 //   2 exps per pair (537 M, ~0.13 ms of SFU time). Estimate 0.6-1.3 ms. Tile
 //   route: 2/3 of eager's products, but the gradient products on FP32 cores
 //   (~90 GFLOP at ~67 TFLOP/s, at least 1.4 ms) and the S tiles through shared
@@ -47,6 +47,16 @@
 // justify routing a shape to the tile kernels: `python -m benchmarks.contrastive
 // --device cuda` showing them ahead of the GEMM route there by more than the
 // run-to-run spread (it times both and prints the winner per shape).
+// Measured (H200, torch 2.11, 2026-11-28; benchmarks/RESULTS.md): the estimates
+// above were 3-4x optimistic. NT-Xent 2N = 65536, D = 128, bf16, forward +
+// backward took 47.4 ms with 2^25-element chunks (eager 52.6): the bytes of S_c
+// and G_c (18 per pair, 77 GB, ~18 ms at 4.3 TB/s) plus the GEMMs (3.3 TFLOP,
+// ~9.5 ms at the 350 TFLOP/s one matmul of that shape reached) leave ~20 ms
+// of launches and row-kernel inefficiency. fp32 (no TF32): 112.9 ms against
+// eager 157.4. The tile kernels won only the forward-only fp32 shapes (31.7 ms
+// against 44.3 at 65536: half the products, on FP32 cores) and lost every
+// training (forward + backward) shape by up to 3x, so the rule stands; the
+// fused FlashAttention-style route is the way past eager in bf16.
 // Deterministic: the GEMM route uses no atomics and a fixed chunk order, so
 // torch.use_deterministic_algorithms(True) needs nothing more of it; the
 // tile route then uses the row-tile kernels (Note [Tile pairs]).

@@ -53,20 +53,21 @@ inline ContrastiveRoute contrastive_route() {
   return ContrastiveRoute::kTiles;
 }
 
-// Note [Chunk budget]: S_c holds at most this many elements (fp32: 32 MB by
-// default). S_c is written by the GEMM and read back by two row kernels and
-// (as G_c) by two GEMMs; at 32 MB it stays within the 50 MB L2 of an H100/H200
-// (40 MB on an A100), so the re-reads hit L2 instead of HBM. Larger chunks
-// would only save launches: at 2N = 16384 rows the default gives 512-row
-// chunks, 32 of them, each of whose GEMMs still fills the GPU (512 x 16384
-// outputs = 512 tiles of 128 x 128). Against larger chunks: the d K_hat GEMM
-// reads and writes the n x D fp32 accumulator once per chunk (8 n D bytes
-// for 2 c n D FLOPs, memory-bound below c ~ 512 rows), and the launches
-// (about 6 per chunk; an estimated ~30 us of host time) rival a small chunk's GPU time;
-// the GPU benchmark times 2^25 elements too ("big chunks").
+// Note [Chunk budget]: S_c holds at most this many elements (fp32: 128 MB by
+// default). The first design took 2^23 (32 MB), so that the re-reads of S_c
+// (two row kernels, and two GEMMs as G_c) would hit the 50 MB L2 of an H100/H200.
+// Measured on an H200 (benchmarks/RESULTS.md, 2026-11-28), 2^25 was faster in
+// 17 of 20 shapes and never slower by more than noise: NT-Xent 2N = 65536,
+// D = 128, forward+backward 47.4 ms against 74.7 (bf16) and 112.9 against 137.8
+// (fp32); MoCo 256 x 65536 level. At 2^23 a 65536-row problem is 512 chunks of
+// 128 rows, whose GEMMs (M = 128) run far below the matmul rate and whose ~6
+// launches each rival their GPU time; L2 hits do not make up for that. The
+// d K_hat GEMM reads and writes the n x D fp32 accumulator once per chunk (8 n D
+// bytes for 2 c n D FLOPs), another cost that falls with larger chunks. The GPU
+// benchmark times 2^27 too ("big chunks"), to see whether the trend goes on.
 // SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS changes it (tests force it small, for
 // many chunks).
-constexpr int64_t kDefaultChunkElements = int64_t(1) << 23;
+constexpr int64_t kDefaultChunkElements = int64_t(1) << 25;
 
 inline int64_t contrastive_chunk_elements() {
   const char* value = std::getenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS");
