@@ -6,26 +6,40 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
-import torch.utils.benchmark as benchmark
 
 import ssl_ops
 
 
 def median_seconds(fn, min_run_time, device="cpu"):
-    """Median time of fn() from torch.utils.benchmark's blocked_autorange;
-    on CUDA fn is followed by a synchronisation."""
+    """Median time of one fn() call, timed in blocks as torch.utils.benchmark's
+    blocked_autorange does: after a warm-up call, blocks of calls sized to take
+    at least 1/20 of min_run_time each, until min_run_time has passed; the
+    median of the blocks' per-call times. On CUDA each block ends with a
+    synchronisation. (torch.utils.benchmark itself is not used: it imports
+    torch.utils.cpp_extension, which warns at import on machines without CUDA.)"""
 
-    def step():
-        fn()
+    def block(calls):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
         if device == "cuda":
             torch.cuda.synchronize()
+        return (time.perf_counter() - start) / calls
 
-    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    once = block(1)  # warm-up, and the size of a call
+    calls = max(1, int(min_run_time / 20 / max(once, 1e-9)))
+    per_call, spent = [], 0.0
+    while spent < min_run_time or len(per_call) < 3:
+        seconds = block(calls)
+        per_call.append(seconds)
+        spent += seconds * calls
+    return statistics.median(per_call)
 
 
 def machine():

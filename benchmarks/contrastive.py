@@ -10,7 +10,7 @@ and runs it once before it measures).
   ssl_ops.reference.info_nce_loss)
 
 Each case is timed forward only and forward+backward (median of
-torch.utils.benchmark's blocked_autorange, both implementations in this
+timed blocks of calls, benchmarks/common.py; both implementations in this
 process), and its peak extra memory is measured in a fresh process (the peak
 resident memory the loss adds on top of its inputs; that process's address
 space is capped, so an implementation that would not fit reports OOM).

@@ -167,11 +167,20 @@ def _check_view(name, t, like=None, like_name=None):
 
 
 def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None):
+    anchor_begin, anchor_end = anchors if anchors is not None else (0, z.shape[0])
+    if z.shape[0] == 2:
+        # Each row's one candidate is the other row, its positive or nothing: the
+        # softmax is exactly 1, so the loss is exactly 0 for any z (as lightly's
+        # cross-entropy gives), where a shifted log-sum-exp would leave an ulp of
+        # 1/temperature. Built from z so that NaN propagates and the graph holds.
+        _check_reduction(reduction)
+        per_row = (z * 0).sum(1).to(_loss_dtype(z.dtype))
+        per_row = per_row[anchor_begin:anchor_end]
+        return per_row if reduction == "none" else per_row.sum()
     if _fallback.eager_requested("contrastive"):
         _check_reduction(reduction)
         return _fallback.sym_loss(z, labels, temperature, reduction, normalize, _EPS, anchors)
     compute_grad = torch.is_grad_enabled() and z.requires_grad
-    anchor_begin, anchor_end = anchors if anchors is not None else (0, z.shape[0])
     loss, _, _, _ = torch.ops.ssl_ops.contrastive_sym_loss(
         z, labels, anchor_begin, anchor_end, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction),
         compute_grad,

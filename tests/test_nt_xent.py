@@ -143,6 +143,35 @@ def test_matches_lightly():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_one_sample_gives_exactly_zero(dtype):
+    # lightly's test_with_correlated_embedding asserts the exact value: with one
+    # sample, each row's only candidate is its positive, so the softmax is 1 and
+    # the loss and every gradient are exactly 0, whatever the embeddings.
+    for seed in range(40):
+        z0, z1 = views(1, 16, dtype, scale=10.0 ** (seed % 5 - 2), seed=seed)
+        loss = ssl_ops.nt_xent_loss(z0, z1, temperature=0.1)
+        grads = torch.autograd.grad(loss, [z0, z1])
+        assert loss.item() == 0.0, f"seed {seed}: {loss.item()}"
+        assert all(bool((g == 0).all()) for g in grads)
+    per_row = ssl_ops.nt_xent_loss(*views(1, 5, dtype), reduction="none")
+    assert per_row.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(per_row, torch.zeros(2, dtype=per_row.dtype))
+    # Two rows with labels: one candidate each, positive or not.
+    for labels in ([3, 3], [0, 1]):
+        z = views(2, 4, dtype)[0]
+        assert ssl_ops.nt_xent_loss(z, labels=torch.tensor(labels)).item() == 0.0
+    nan_loss = ssl_ops.nt_xent_loss(torch.full((1, 3), float("nan"), dtype=dtype), torch.ones(1, 3, dtype=dtype))
+    assert torch.isnan(nan_loss)
+
+
+def test_one_sample_matches_lightly_exactly():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    for seed in range(20):
+        z0, z1 = views(1, 32, torch.float32, seed=seed)
+        assert ssl_ops.nt_xent_loss(z0, z1).item() == lightly_loss.NTXentLoss()(z0, z1).item() == 0.0
+
+
 @pytest.mark.parametrize("num_views", [2, 3, 4])
 def test_multi_view_is_supcon_over_sample_ids(num_views):
     g = torch.Generator().manual_seed(3)
