@@ -186,8 +186,23 @@ print(
     flush=True,
 )
 
+class BuildEachInItsOwnFolder(BuildExtension):
+    """One build folder (and ninja file) per extension: _C and the two emulation
+    modules compile some of the same sources with different flags, and in one
+    shared folder each build overwrote the others' objects, so every build
+    recompiled them."""
+
+    def build_extension(self, ext):
+        shared = self.build_temp
+        self.build_temp = os.path.join(shared, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared
+
+
 setup(
     packages=find_packages(include=["ssl_ops", "ssl_ops.*"]),
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildEachInItsOwnFolder.with_options(use_ninja=True)},
 )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by the other scripts: creates (or reuses) a virtual environment with
 # requirements-dev.txt, keyed by the hash of that file and the Python version,
-# then builds ssl_ops into it (editable) and activates it.
+# activates it, and builds ssl_ops in place (incrementally).
 #
 #   SSL_OPS_VENV        where the environment lives (default: ~/.cache/ssl_ops/venv-<hash>)
 #   PYTHON              the interpreter to create it with (default: python3)
@@ -34,12 +34,21 @@ if [ -n "$torch_cuda" ] && [ -n "$have_nvcc" ] && [ "${SSL_OPS_CPU_ONLY:-0}" != 
   export SSL_OPS_FORCE_CUDA=1 SSL_OPS_EXPECT_CUDA_KERNELS=1
 fi
 
-echo "== building ssl_ops (torch CUDA: ${torch_cuda:-none}, nvcc: ${have_nvcc:-no})"
-(cd "$SSL_OPS_ROOT" && pip install --verbose --no-build-isolation --no-deps -e . > "$SSL_OPS_ROOT/build.log" 2>&1) || {
+# One build for every script: the same options (the emulation modules, ASan
+# included, unless set otherwise), built in place by ninja, so switching from
+# test.sh to run.sh or back rebuilds nothing. (`pip install -e .` would build
+# in a fresh temporary folder every time: minutes on 2 cores.) The checkout is
+# made importable by a .pth file in the environment.
+export SSL_OPS_BUILD_EMU=${SSL_OPS_BUILD_EMU:-1} SSL_OPS_BUILD_EMU_ASAN=${SSL_OPS_BUILD_EMU_ASAN:-1}
+echo "== building ssl_ops (torch CUDA: ${torch_cuda:-none}, nvcc: ${have_nvcc:-no}; incremental)"
+(cd "$SSL_OPS_ROOT" && python setup.py build_ext --inplace > "$SSL_OPS_ROOT/build.log" 2>&1) || {
   tail -n 60 "$SSL_OPS_ROOT/build.log"
   echo "ssl_ops build failed; full log in build.log" >&2
   exit 1
 }
-# setup.py runs twice under pip (metadata, then build): show its report once.
+# An environment from before this scheme has ssl_ops pip-installed; drop it.
+if python -m pip show --quiet ssl_ops > /dev/null 2>&1; then python -m pip uninstall --quiet --yes ssl_ops; fi
+site_packages=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$SSL_OPS_ROOT" > "$site_packages/ssl_ops_checkout.pth"
 awk '/ssl_ops build configuration/ {n = 6; if (shown++) exit} n-- > 0 {sub(/^ +/, ""); print}' "$SSL_OPS_ROOT/build.log"
 python -c "import ssl_ops; print('== build_info:', ssl_ops.build_info())"

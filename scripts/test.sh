@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs everything, builds ssl_ops (with the emulation modules, ASan included)
+# Installs everything, builds ssl_ops (scripts/env.sh: with the emulation modules,
+# ASan included)
 # and runs the whole test suite, the mutation check of the Python layer, then the
 # emulated CUDA kernel tests again under AddressSanitizer.
 set -euo pipefail
-export SSL_OPS_BUILD_EMU=1 SSL_OPS_BUILD_EMU_ASAN=${SSL_OPS_BUILD_EMU_ASAN:-1}
 # shellcheck disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$SSL_OPS_ROOT"

@@ -43,6 +43,27 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x.contiguous())
 
 
+class _GatherLocalGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(0, dist.get_rank() * ctx.rows, ctx.rows).clone()
+
+
+def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Like ``gather_with_grad``, but the backward keeps this rank's slice of the
+    gradient without summing it over the ranks: solo-learn's ``GatherLayer``,
+    for ``ssl_ops.compat.solo_learn`` (its gradients then differ from one process
+    on the whole batch, as solo's do)."""
+    return _GatherLocalGrad.apply(x.contiguous())
+
+
 @torch.no_grad()
 def gather(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated along dim 0 in rank order, without gradient."""

@@ -337,6 +337,17 @@ def test_tf32_only_where_torch_allows_it(cuda_source_backend):
     assert_close(tf32[3], ref_grad, tf32_tol, "TF32 gradient")
 
 
+@pytest.mark.parametrize("d", [257, 300, 520, 1100])
+def test_wide_features(backend, d):
+    """More than 256 features: the tile route's gradient kernels then cover the
+    features in several blocks (blockIdx.y/z > 0), which narrower tests never
+    reach; the GEMM route and the CPU take any width. Partial tiles, every
+    route, forward and backward, against float64."""
+    test_sym_op(backend, torch.float32, 37, d)
+    test_asym_op(backend, torch.float32, 9, 70, d, True)
+    test_asym_op(backend, torch.bfloat16, 33, 33, d, False)
+
+
 @pytest.mark.parametrize("chunk_elements", [1, 3 * 700, 7 * 700 + 5])
 def test_gemm_route_chunks(cuda_source_backend, monkeypatch, chunk_elements):
     """The GEMM route takes the anchors in chunks of budget // candidates rows

@@ -124,7 +124,8 @@ struct Inputs {
 
 Inputs normalize_inputs(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive,
                         int64_t offset, double eps, bool normalize, at::ScalarType compute) {
-  Inputs in{normalize_rows(query, eps, normalize, compute), normalize_rows(key, eps, normalize, compute), std::nullopt,
+  Inputs in{normalize_rows(query, eps, normalize, compute),
+            normalize_rows(key, eps, normalize, compute, /*any_layout=*/true), std::nullopt,
             offset};
   if (positive.has_value()) in.p = normalize_rows(*positive, eps, normalize, compute);
   return in;

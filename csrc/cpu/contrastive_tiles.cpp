@@ -10,9 +10,12 @@
 
 namespace ssl_ops::cpu {
 
-NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, at::ScalarType compute) {
+NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, at::ScalarType compute,
+                              bool any_layout) {
   NormalizedRows n;
-  at::Tensor rows = x.to(compute).contiguous();
+  at::Tensor rows = x.to(compute);
+  const bool column_major = rows.dim() == 2 && rows.t().is_contiguous();
+  if (!(any_layout && !normalize && column_major)) rows = rows.contiguous();
   n.normalized = normalize;
   if (!normalize) {
     n.rows = rows;

@@ -26,7 +26,11 @@ struct NormalizedRows {
   at::Tensor clamped;  // (M, 1) bool: ||x|| < eps, where the denominator is constant
   bool normalized = true;
 };
-NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, at::ScalarType compute);
+// any_layout: without normalisation, a row-major or column-major x of the compute
+// type is used as it is (a (D, K) queue passed transposed is never copied); the
+// callers then reach the rows only through ATen ops, which take any strides.
+NormalizedRows normalize_rows(const at::Tensor& x, double eps, bool normalize, at::ScalarType compute,
+                              bool any_layout = false);
 
 // Gradient through the normalisation, as autograd of F.normalize gives it:
 // dx = (g - x_hat (x_hat . g)) / ||x|| where ||x|| >= eps, g / eps below;

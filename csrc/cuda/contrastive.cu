@@ -451,7 +451,10 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
   AsymInputs<T> in;
   in.offset = SSL_OPS_PLANTED(kPositiveOffByOne) ? offset + 1 : offset;
   in.q = query.contiguous();
-  in.k = key.contiguous();
+  // A MoCo queue kept as (D, K) arrives transposed: the GEMM route reads it in
+  // place when nothing normalises it (solo-learn's mocov2plus), never copying it.
+  const bool column_major = key.dim() == 2 && key.t().is_contiguous();
+  in.k = (!normalize && use_gemm_route() && column_major) ? key : key.contiguous();
   in.denom_q = row_denoms<T>(in.q, eps, normalize, stream);
   in.denom_k = row_denoms<T>(in.k, eps, normalize, stream);
   in.positive_logit = at::empty({in.q.size(0)}, in.denom_q.options());

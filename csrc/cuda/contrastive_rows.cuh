@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -145,7 +146,10 @@ inline dim3 row_grid(int64_t rows) { return dim3((rows + kRowsPerBlock - 1) / kR
 template <typename T>
 at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
-  at::Tensor denom = at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value));
+  const auto options = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  // Without normalisation nothing needs reading (x may be any layout then).
+  if (!normalize) return at::ones({x.size(0)}, options);
+  at::Tensor denom = at::empty({x.size(0)}, options);
   if (x.size(0) == 0) return denom;
   RowDenomParams<T> p{x.const_data_ptr<T>(), x.size(0), x.size(1), static_cast<A>(eps), normalize,
                       denom.data_ptr<A>()};
@@ -160,7 +164,7 @@ at::Tensor finish_rows(const at::Tensor& x, const at::Tensor& denom, const at::T
                        const at::Tensor* coef, const at::Tensor* other, const at::Tensor* other_denom,
                        double eps, bool normalize, cudaStream_t stream) {
   using A = acc_t<T>;
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty(x.sizes(), x.options());  // row-major, whatever x's layout
   if (x.size(0) == 0) return out;
   FinishParams<T> p{x.const_data_ptr<T>(), denom.const_data_ptr<A>(),
                     grad_hat ? grad_hat->const_data_ptr<A>() : nullptr, coef ? coef->const_data_ptr<A>() : nullptr,
