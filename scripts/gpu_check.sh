@@ -60,12 +60,12 @@ summary errors "exit $? ($(grep -c 'exit    0' "$out/error_probe.log") cases rai
 parallel=()
 python3 -c "import xdist" 2> /dev/null && parallel=(-n 8)
 python3 -c "import pytest_timeout" 2> /dev/null && parallel+=(--timeout 60)
-timeout 80 python3 -m pytest -v -rfE -m cuda tests -p no:cacheprovider -p no:benchmark "${parallel[@]}" \
+timeout 70 python3 -m pytest -v -rfE -m cuda tests -p no:cacheprovider -p no:benchmark "${parallel[@]}" \
   --junitxml="$out/tests_cuda.xml" > "$out/tests_cuda.log" 2>&1
 summary cuda-tests "$(tail -n 1 "$out/tests_cuda.log" | cut -c1-150); $(grep -c ' PASSED' "$out/tests_cuda.log") PASSED, $(grep -c ' FAILED' "$out/tests_cuda.log") FAILED lines"
 
 # torch.compile baselines are left out here: their compile time would not fit.
-timeout 85 python3 -m benchmarks.contrastive --device cuda --no-compile --out "$out" > "$out/bench_contrastive.log" 2>&1
+timeout 80 python3 -m benchmarks.contrastive --device cuda --no-compile --out "$out" > "$out/bench_contrastive.log" 2>&1
 summary contrastive "exit $? (bench_contrastive.log, contrastive_cuda.json)"
 summary routes "$(python3 -c '
 import collections, json, sys
