@@ -1,4 +1,5 @@
 #include "contrastive_check.h"
+#include "message.h"
 
 #include <c10/util/Exception.h>
 
@@ -9,35 +10,35 @@ namespace {
 
 void check_matrix(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(
-      t.dim() == 2, op, ": ", name, " must be a 2-D (rows, features) tensor, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.size(0) > 0, op, ": ", name, " is empty (shape ", t.sizes(), ")");
-  TORCH_CHECK_VALUE(t.size(1) > 0, op, ": ", name, " has no features (shape ", t.sizes(), ")");
+      t.dim() == 2, ssl_ops::message(op, ": ", name, " must be a 2-D (rows, features) tensor, got shape ", t.sizes()));
+  TORCH_CHECK_VALUE(t.size(0) > 0, ssl_ops::message(op, ": ", name, " is empty (shape ", t.sizes(), ")"));
+  TORCH_CHECK_VALUE(t.size(1) > 0, ssl_ops::message(op, ": ", name, " has no features (shape ", t.sizes(), ")"));
   TORCH_CHECK_TYPE(
-      at::isFloatingType(t.scalar_type()), op, ": ", name,
-      " must be a floating-point tensor, got dtype ", t.scalar_type());
+      at::isFloatingType(t.scalar_type()), ssl_ops::message(op, ": ", name,
+      " must be a floating-point tensor, got dtype ", t.scalar_type()));
 }
 
 void check_scalars(const char* op, double scale, double eps, int64_t reduction) {
   TORCH_CHECK_VALUE(
-      std::isfinite(scale) && scale != 0.0, op,
-      ": 1 / temperature must be finite and non-zero, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, op, ": eps must be positive, got ", eps);
+      std::isfinite(scale) && scale != 0.0, ssl_ops::message(op,
+      ": 1 / temperature must be finite and non-zero, got ", scale));
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, ssl_ops::message(op, ": eps must be positive, got ", eps));
   TORCH_CHECK_VALUE(
-      reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-      reduction);
+      reduction >= 0 && reduction <= 2, ssl_ops::message(op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+      reduction));
 }
 
 void check_same(const at::Tensor& a, const at::Tensor& b, const char* op, const char* a_name,
                 const char* b_name) {
   TORCH_CHECK(
-      a.device() == b.device(), op, ": ", b_name, " is on ", b.device(), " but ", a_name, " is on ",
-      a.device());
+      a.device() == b.device(), ssl_ops::message(op, ": ", b_name, " is on ", b.device(), " but ", a_name, " is on ",
+      a.device()));
   TORCH_CHECK_TYPE(
-      a.scalar_type() == b.scalar_type(), op, ": ", b_name, " has dtype ", b.scalar_type(), " but ",
-      a_name, " has dtype ", a.scalar_type());
+      a.scalar_type() == b.scalar_type(), ssl_ops::message(op, ": ", b_name, " has dtype ", b.scalar_type(), " but ",
+      a_name, " has dtype ", a.scalar_type()));
   TORCH_CHECK_VALUE(
-      a.size(1) == b.size(1), op, ": ", b_name, " has ", b.size(1), " features but ", a_name,
-      " has ", a.size(1));
+      a.size(1) == b.size(1), ssl_ops::message(op, ": ", b_name, " has ", b.size(1), " features but ", a_name,
+      " has ", a.size(1)));
 }
 
 }  // namespace
@@ -49,18 +50,18 @@ void check_sym_contrastive_args(
   check_matrix(z, op, "z");
   check_scalars(op, scale, eps, reduction);
   TORCH_CHECK_VALUE(
-      labels.dim() == 1 && labels.size(0) == z.size(0), op, ": labels must have shape [",
-      z.size(0), "] (one per row of z), got ", labels.sizes());
+      labels.dim() == 1 && labels.size(0) == z.size(0), ssl_ops::message(op, ": labels must have shape [",
+      z.size(0), "] (one per row of z), got ", labels.sizes()));
   TORCH_CHECK_TYPE(
-      labels.scalar_type() == at::kLong, op, ": labels must be int64, got dtype ",
-      labels.scalar_type());
+      labels.scalar_type() == at::kLong, ssl_ops::message(op, ": labels must be int64, got dtype ",
+      labels.scalar_type()));
   TORCH_CHECK(
-      labels.device() == z.device(), op, ": labels is on ", labels.device(), " but z is on ",
-      z.device());
+      labels.device() == z.device(), ssl_ops::message(op, ": labels is on ", labels.device(), " but z is on ",
+      z.device()));
   TORCH_CHECK_VALUE(
-      0 <= anchor_begin && anchor_begin < anchor_end && anchor_end <= z.size(0), op,
+      0 <= anchor_begin && anchor_begin < anchor_end && anchor_end <= z.size(0), ssl_ops::message(op,
       ": the anchor rows [anchor_begin, anchor_end) = [", anchor_begin, ", ", anchor_end,
-      ") must be a non-empty range within the ", z.size(0), " rows of z");
+      ") must be a non-empty range within the ", z.size(0), " rows of z"));
 }
 
 void check_asym_contrastive_args(
@@ -75,15 +76,15 @@ void check_asym_contrastive_args(
     check_matrix(*positive_key, op, "positive_key");
     check_same(query, *positive_key, op, "query", "positive_key");
     TORCH_CHECK_VALUE(
-        positive_key->size(0) == query.size(0), op, ": positive_key has ", positive_key->size(0),
-        " rows but query has ", query.size(0));
+        positive_key->size(0) == query.size(0), ssl_ops::message(op, ": positive_key has ", positive_key->size(0),
+        " rows but query has ", query.size(0)));
     TORCH_CHECK_VALUE(
-        positive_offset == 0, op, ": positive_offset must be 0 with a positive_key, got ", positive_offset);
+        positive_offset == 0, ssl_ops::message(op, ": positive_offset must be 0 with a positive_key, got ", positive_offset));
   } else {
     TORCH_CHECK_VALUE(
-        positive_offset >= 0 && query.size(0) + positive_offset <= key.size(0), op,
+        positive_offset >= 0 && query.size(0) + positive_offset <= key.size(0), ssl_ops::message(op,
         ": without positive_key, key row i + positive_offset is the positive of query row i, so key "
-        "needs ", query.size(0), " + ", positive_offset, " rows, got ", key.size(0));
+        "needs ", query.size(0), " + ", positive_offset, " rows, got ", key.size(0)));
   }
 }
 

@@ -1,4 +1,5 @@
 #include "ema_check.h"
+#include "message.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
@@ -25,53 +26,53 @@ void check_ema_args(
     at::TensorList ema, at::TensorList online, double momentum, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(
       std::isfinite(momentum) && momentum >= 0.0 && momentum <= 1.0,
-      "ssl_ops.ema_update_: momentum must be in [0, 1], got ", momentum);
+      ssl_ops::message("ssl_ops.ema_update_: momentum must be in [0, 1], got ", momentum));
   TORCH_CHECK_VALUE(
       ema.size() == online.size(),
-      "ssl_ops.ema_update_: ema and online must have the same length, got ", ema.size(),
-      " and ", online.size());
+      ssl_ops::message("ssl_ops.ema_update_: ema and online must have the same length, got ", ema.size(),
+      " and ", online.size()));
   if (ema.empty()) {
     return;
   }
   const c10::Device device = ema[0].device();
   TORCH_CHECK(
-      device.type() == device_type, "ssl_ops.ema_update_: ema[0] is on ", device,
-      ", but this kernel runs on ", c10::DeviceTypeName(device_type, /*lower_case=*/true));
+      device.type() == device_type, ssl_ops::message("ssl_ops.ema_update_: ema[0] is on ", device,
+      ", but this kernel runs on ", c10::DeviceTypeName(device_type, /*lower_case=*/true)));
   // Tensors of one storage are checked against each other for overlap below.
   std::unordered_map<const void*, std::vector<size_t>> ema_by_storage;
   for (size_t i = 0; i < ema.size(); ++i) {
     const at::Tensor& e = ema[i];
     const at::Tensor& o = online[i];
     TORCH_CHECK(
-        e.device() == device, "ssl_ops.ema_update_: ema[", i, "] is on ", e.device(),
-        " but ema[0] is on ", device, "; all tensors must be on one device");
+        e.device() == device, ssl_ops::message("ssl_ops.ema_update_: ema[", i, "] is on ", e.device(),
+        " but ema[0] is on ", device, "; all tensors must be on one device"));
     TORCH_CHECK(
-        o.device() == device, "ssl_ops.ema_update_: online[", i, "] is on ", o.device(),
-        " but ema[0] is on ", device, "; all tensors must be on one device");
+        o.device() == device, ssl_ops::message("ssl_ops.ema_update_: online[", i, "] is on ", o.device(),
+        " but ema[0] is on ", device, "; all tensors must be on one device"));
     TORCH_CHECK_TYPE(
-        at::isFloatingType(e.scalar_type()), "ssl_ops.ema_update_: ema[", i,
-        "] must be a floating-point tensor, got dtype ", e.scalar_type());
+        at::isFloatingType(e.scalar_type()), ssl_ops::message("ssl_ops.ema_update_: ema[", i,
+        "] must be a floating-point tensor, got dtype ", e.scalar_type()));
     TORCH_CHECK_TYPE(
         o.scalar_type() == e.scalar_type() ||
             (e.scalar_type() == at::kFloat && is_reduced_float(o.scalar_type())),
-        "ssl_ops.ema_update_: online[", i, "] has dtype ", o.scalar_type(), " but ema[", i,
+        ssl_ops::message("ssl_ops.ema_update_: online[", i, "] has dtype ", o.scalar_type(), " but ema[", i,
         "] has dtype ", e.scalar_type(),
-        "; online must match ema's dtype, or be Half/BFloat16 when ema is Float");
+        "; online must match ema's dtype, or be Half/BFloat16 when ema is Float"));
     TORCH_CHECK_VALUE(
-        e.sizes() == o.sizes(), "ssl_ops.ema_update_: online[", i, "] has shape ", o.sizes(),
-        " but ema[", i, "] has shape ", e.sizes());
+        e.sizes() == o.sizes(), ssl_ops::message("ssl_ops.ema_update_: online[", i, "] has shape ", o.sizes(),
+        " but ema[", i, "] has shape ", e.sizes()));
     TORCH_CHECK(
-        at::has_internal_overlap(e) != at::MemOverlap::Yes, "ssl_ops.ema_update_: ema[", i,
-        "] has internally overlapping memory (an expanded view?) and cannot be updated in place");
+        at::has_internal_overlap(e) != at::MemOverlap::Yes, ssl_ops::message("ssl_ops.ema_update_: ema[", i,
+        "] has internally overlapping memory (an expanded view?) and cannot be updated in place"));
     TORCH_CHECK(
-        e.numel() == 0 || !overlaps(e, o), "ssl_ops.ema_update_: online[", i,
-        "] shares memory with ema[", i, "]; the EMA copy must be a separate tensor");
+        e.numel() == 0 || !overlaps(e, o), ssl_ops::message("ssl_ops.ema_update_: online[", i,
+        "] shares memory with ema[", i, "]; the EMA copy must be a separate tensor"));
     if (e.numel() > 0) {
       auto& same_storage = ema_by_storage[e.storage().unsafeGetStorageImpl()];
       for (size_t j : same_storage) {
         TORCH_CHECK(
-            !overlaps(e, ema[j]), "ssl_ops.ema_update_: ema[", j, "] and ema[", i,
-            "] share memory; each EMA tensor must appear once");
+            !overlaps(e, ema[j]), ssl_ops::message("ssl_ops.ema_update_: ema[", j, "] and ema[", i,
+            "] share memory; each EMA tensor must appear once"));
       }
       same_storage.push_back(i);
     }

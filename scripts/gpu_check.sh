@@ -38,6 +38,10 @@ fi
 # time left for a rerun.
 # Build in place for the visible GPU (TORCH_CUDA_ARCH_LIST unset: torch picks it).
 if timeout 140 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  # What the extension was linked with (Note [Messages without iostreams]).
+  { "${CXX:-g++}" -v 2>&1 | tail -n 2; so=$(ls ssl_ops/_C*.so); readelf -d "$so" | grep NEEDED
+    echo "libstdc++ locale symbols defined in _C: $(nm -D --defined-only "$so" | grep -c _ZNSt6locale)"
+  } > "$out/toolchain.txt" 2>&1
   summary build "ok ($(python3 -c 'import ssl_ops; i = ssl_ops.build_info(); print(i["cuda_arch_list"], "cuda", i["cuda"], "gpu", ssl_ops.cuda_kernels_available())'))"
 else
   summary build "FAILED (see build.log)"

@@ -1,8 +1,9 @@
 """Do errors raised inside each op's kernel entry reach Python on this machine?
 
-On the first H200 run (2026-11-28, torch 2.11, host compiler /opt/gcc) every
-CUDA ema_update_ call with bad input died of a segmentation fault instead of
-raising, while the same checks raised on the CPU. Each case below runs in its
+On the H200 runs of 2026-11-28 (torch 2.11, the image's /opt/gcc toolchain)
+every error whose message formatted a number (EMA and cosine checks, CPU and
+CUDA) died of a segmentation fault, while one with a message of strings only
+raised (Note [Messages without iostreams], csrc/message.h). Each case below runs in its
 own process, so one crash does not hide the others; for a crashing case the
 native backtrace is taken with cuda-gdb when it is installed.
 
@@ -17,6 +18,7 @@ PRELUDE = "import torch, ssl_ops\nop = torch.ops.ssl_ops\n"
 CASES = {
     "cpu ema_update_ (bad momentum)": "op.ema_update_([torch.randn(4)], [torch.randn(4)], -0.1)",
     "cpu contrastive (bad labels)": "ssl_ops.nt_xent_loss(torch.randn(4, 3), labels=torch.arange(3))",
+    "cpu torch's own error (shapes in the message)": "torch.mm(torch.randn(2, 3), torch.randn(2, 3))",
     "cuda contrastive (route setting)":
         "import os; os.environ['SSL_OPS_CUDA_CONTRASTIVE_ROUTE'] = 'fast'\n"
         "z = torch.randn(6, 4, device='cuda'); labels = torch.arange(3, device='cuda').repeat(2)\n"

@@ -86,6 +86,7 @@
 
 #include "../contrastive_check.h"
 #include "compat.cuh"
+#include "../message.h"
 #include "contrastive_gemm.h"
 #include "contrastive_kernels.cuh"
 #include "contrastive_pairs.cuh"
@@ -125,7 +126,7 @@ int feature_parts(int64_t features) { return features <= kChunk ? 1 : (features 
 // Gradient blocks along the features (a grid dimension, at most 65535).
 int64_t feature_blocks(int64_t features, int parts) {
   const int64_t blocks = ceil_div(features, int64_t(kChunk) * parts);
-  TORCH_CHECK(blocks <= 65535, "contrastive loss on CUDA: at most ", 65535 * kChunk * 4, " features, got ", features);
+  TORCH_CHECK(blocks <= 65535, ssl_ops::message("contrastive loss on CUDA: at most ", 65535 * kChunk * 4, " features, got ", features));
   return blocks;
 }
 

@@ -36,6 +36,7 @@
 #include <limits>
 
 #include "compat.cuh"
+#include "../message.h"
 #include "contrastive_gemm_rows.cuh"
 
 namespace ssl_ops::cuda {
@@ -49,7 +50,7 @@ inline ContrastiveRoute contrastive_route() {
   const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "gemm") == 0) return ContrastiveRoute::kGemm;
   TORCH_CHECK(std::strcmp(value, "tiles") == 0,
-              "SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"gemm\" or \"tiles\", got \"", value, "\"");
+              ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"gemm\" or \"tiles\", got \"", value, "\""));
   return ContrastiveRoute::kTiles;
 }
 
@@ -75,7 +76,7 @@ inline int64_t contrastive_chunk_elements() {
   char* end = nullptr;
   const long long parsed = std::strtoll(value, &end, 10);
   TORCH_CHECK(end != value && *end == '\0' && parsed > 0,
-              "SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got \"", value, "\"");
+              ssl_ops::message("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got \"", value, "\""));
   return parsed;
 }
 
@@ -192,8 +193,8 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       std::clamp<int64_t>(ceil_div64(wanted_blocks, rows_per_chunk), 1, std::max<int64_t>(ceil_div64(n, 1024), 1));
   const int64_t cols_per_split = std::max<int64_t>(ceil_div64(n, splits), 1);
   TORCH_CHECK(splits <= 65535 && rows_per_chunk <= std::numeric_limits<int32_t>::max(),
-              "contrastive loss on CUDA: a chunk of ", rows_per_chunk, " rows in ", splits,
-              " column splits exceeds the grid (lower SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS)");
+              ssl_ops::message("contrastive loss on CUDA: a chunk of ", rows_per_chunk, " rows in ", splits,
+              " column splits exceeds the grid (lower SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS)"));
 
   at::Tensor s_buffer = at::empty({rows_per_chunk, n}, acc_opts);
   at::Tensor g_buffer;

@@ -35,6 +35,7 @@
 
 #include "../ema_check.h"
 #include "compat.cuh"
+#include "../message.h"
 
 namespace ssl_ops::cuda {
 namespace {
@@ -190,8 +191,8 @@ void ema_update_chunked_(
   TORCH_CHECK_VALUE(
       chunk_size > 0 && chunk_size % kChunkMultiple == 0 &&
           (chunk_size - 1) / kChunkMultiple < (int64_t(1) << 28),
-      "ssl_ops._ema_update_chunked_: chunk_size must be a positive multiple of ", kChunkMultiple,
-      ", got ", chunk_size);
+      ssl_ops::message("ssl_ops._ema_update_chunked_: chunk_size must be a positive multiple of ", kChunkMultiple,
+      ", got ", chunk_size));
   check_ema_args(ema, online, momentum, kKernelDevice);
   if (ema.empty()) return;
   EmaOperands ops = prepare_ema_operands(ema, online);
