@@ -33,6 +33,7 @@ inline void check_launch() { ::ssl_emu::check_launch(); }
 // Few multiprocessors, so that work meant to fill a GPU splits into several
 // blocks on the small shapes the emulated tests use.
 inline int multiprocessor_count(c10::Device) { return 4; }
+inline int current_compute_capability() { return ::ssl_emu::compute_capability(); }
 // Kernels register under the emulator's library, for CPU tensors.
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops_emu, CPU, m)
 #define SSL_DYNAMIC_SMEM(type, name) SSL_EMU_DYNAMIC_SMEM(type, name)
@@ -47,6 +48,14 @@ inline int multiprocessor_count(c10::Device device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()));
   return count;
+}
+// major * 10 + minor of the current device (the kernels' device guard set it).
+inline int current_compute_capability() {
+  int device = 0, major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major * 10 + minor;
 }
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m)
 #define SSL_DYNAMIC_SMEM(type, name)                             \

@@ -139,6 +139,24 @@ struct DotStage {
   A b[kTileK][kTile + 1];
 };
 
+// Note [Tensor cores per arch]: WMMA has fp16 from sm_70 and bf16 and TF32 from
+// sm_80. Each device pass compiles only what its arch has (a discarded
+// tensor-core path traps, and is never launched); the host pass sees every
+// path and picks one per call from the device's compute capability
+// (mma_available), so one build serves sm_70 to sm_90 and a T4 (sm_75) runs
+// bf16 and fp32 tiles on the FMA path. The emulator pretends to any of them
+// (ssl_emu::set_compute_capability), so each choice runs under test.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define SSL_OPS_ARCH_HAS_BF16_TF32_MMA 1
+#else
+#define SSL_OPS_ARCH_HAS_BF16_TF32_MMA 0
+#endif
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+#define SSL_OPS_ARCH_HAS_FP16_MMA 1
+#else
+#define SSL_OPS_ARCH_HAS_FP16_MMA 0
+#endif
+
 // Tensor-core operand types per input dtype (fp32 inputs run as TF32).
 template <typename T>
 struct Wmma;
@@ -157,7 +175,11 @@ struct Wmma<c10::BFloat16> {
 template <>
 struct Wmma<float> {
   using elem = float;
+#if SSL_OPS_ARCH_HAS_BF16_TF32_MMA
   using operand = nvcuda::wmma::precision::tf32;
+#else
+  using operand = float;  // no TF32 before sm_80: that path is never compiled there
+#endif
   static constexpr int k = 8;
 };
 // Host side: fp32 tiles run on tensor cores (TF32) only where torch allows it
@@ -167,6 +189,23 @@ inline bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
 template <typename T>
 constexpr bool has_tensor_cores() {
   return std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
+}
+
+// Whether this device pass compiles T's tensor-core path (Note [Tensor cores per arch]).
+template <typename T>
+constexpr bool mma_compiled() {
+  if constexpr (std::is_same_v<T, c10::Half>) return SSL_OPS_ARCH_HAS_FP16_MMA;
+  return has_tensor_cores<T>() && SSL_OPS_ARCH_HAS_BF16_TF32_MMA;
+}
+
+// Host side: whether the current device runs T's tensor-core path.
+template <typename T>
+bool mma_available() {
+  if constexpr (!has_tensor_cores<T>()) {
+    return false;
+  } else {
+    return current_compute_capability() >= (std::is_same_v<T, c10::Half> ? 70 : 80);
+  }
 }
 
 // Shared memory of the tensor-core S tile (64 x 64): operand stages (row-major
@@ -226,6 +265,9 @@ template <typename T>
 __device__ __forceinline__ void tile_dots_tc(const T* rows, int64_t n_rows, int64_t r0, const T* cols,
                                              int64_t n_cols, int64_t c0, int64_t features,
                                              TensorCoreStage<T>& stage, float (&acc)[4][4]) {
+  if constexpr (!mma_compiled<T>()) {
+    __trap();  // not on this arch; the host never launches it (mma_available)
+  } else {
   using namespace nvcuda;
   using W = Wmma<T>;
   using E = typename W::elem;
@@ -252,11 +294,13 @@ __device__ __forceinline__ void tile_dots_tc(const T* rows, int64_t n_rows, int6
       wmma::load_matrix_sync(a, &stage.operands.a[warp_row][kk], Stage::kLd);
       wmma::load_matrix_sync(b_left, &stage.operands.b[warp_col][kk], Stage::kLd);
       wmma::load_matrix_sync(b_right, &stage.operands.b[warp_col + 16][kk], Stage::kLd);
+#if SSL_OPS_ARCH_HAS_BF16_TF32_MMA
       if constexpr (std::is_same_v<T, float>) {
         for (int i = 0; i < a.num_elements; ++i) a.x[i] = wmma::__float_to_tf32(a.x[i]);
         for (int i = 0; i < b_left.num_elements; ++i) b_left.x[i] = wmma::__float_to_tf32(b_left.x[i]);
         for (int i = 0; i < b_right.num_elements; ++i) b_right.x[i] = wmma::__float_to_tf32(b_right.x[i]);
       }
+#endif
       wmma::mma_sync(left, a, b_left, left);
       wmma::mma_sync(right, a, b_right, right);
     }
@@ -270,21 +314,24 @@ __device__ __forceinline__ void tile_dots_tc(const T* rows, int64_t n_rows, int6
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = stage.result[ty * 4 + i][tx * 4 + j];
   __syncthreads();
+  }
 }
 
 // Host side: calls launch(std::bool_constant<tensor cores?>) for the tile path
-// of T. fp16/bf16 instantiate only the tensor-core kernels, double only the FMA
-// ones, fp32 both (TF32 where torch allows it).
+// of T on the current device: tensor cores where the device has them for T
+// (Note [Tensor cores per arch]) and, for fp32, where torch allows TF32; the
+// FMA path otherwise (always for double).
 template <typename T, typename Launch>
 void with_tile_path(Launch&& launch) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (tf32_allowed()) {
+  if constexpr (has_tensor_cores<T>()) {
+    const bool use_mma = mma_available<T>() && (!std::is_same_v<T, float> || tf32_allowed());
+    if (use_mma) {
       launch(std::true_type{});
     } else {
       launch(std::false_type{});
     }
   } else {
-    launch(std::bool_constant<has_tensor_cores<T>()>{});
+    launch(std::false_type{});
   }
 }
 

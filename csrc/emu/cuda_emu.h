@@ -95,6 +95,18 @@ enum class PlantedBug : int {
 PlantedBug planted_bug();
 void set_planted_bug(int bug);
 
+// The compute capability the emulator reports (major * 10 + minor; default 90),
+// so that the host code's choice of path per GPU generation (tensor cores for
+// bf16 and TF32 from sm_80, fp16 from sm_70) runs under test for each.
+int compute_capability();
+void set_compute_capability(int capability);
+
+// Tensor-core products: wmma::mma_sync calls so far (which path a kernel took),
+// and the schedule seed, which also varies their summation order.
+uint64_t mma_count();
+void count_mma();
+uint64_t schedule_seed();
+
 template <typename... Params, typename... Args>
 void launch(
     void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
@@ -156,6 +168,8 @@ inline unsigned source_xor(unsigned lane, int lane_mask, int width) {
 
 // ---- Barriers, shuffles, votes -----------------------------------------------------
 inline void __syncthreads() { ::ssl_emu::syncthreads(); }
+// A trap stops the launch with an error, as it does on the GPU.
+[[noreturn]] inline void __trap() { ::ssl_emu::fail("__trap(): the kernel reached a path it traps on"); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::ssl_emu::warp_gather(mask, 0, "__syncwarp");
   ::ssl_emu::warp_release();

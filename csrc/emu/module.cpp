@@ -26,6 +26,11 @@ PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
         "Order in which the threads of a block run between synchronisation points, and the "
         "order of blocks: 0 runs them in index order, any other seed in a random order.");
   m.def("launch_count", &ssl_emu::launch_count, "Kernel launches made so far in this process.");
+  m.def("set_compute_capability", &ssl_emu::set_compute_capability, pybind11::arg("capability"),
+        "The GPU generation the emulated host code sees (major * 10 + minor, e.g. 75 for a T4; "
+        "default 90): it picks each kernel's path from it.");
+  m.def("compute_capability", &ssl_emu::compute_capability);
+  m.def("mma_count", &ssl_emu::mma_count, "wmma::mma_sync calls made so far in this process.");
   m.def("set_planted_bug", &ssl_emu::set_planted_bug, pybind11::arg("bug"),
         "Plants a numeric bug in the emulated kernels (0: none; 1: the symmetric gradient "
         "without its G^T term; 2: InfoNCE's positive one key too far), for the tests that "

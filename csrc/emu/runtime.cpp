@@ -351,10 +351,28 @@ void set_schedule_seed(uint64_t seed) {
 }
 
 uint64_t launch_count() { return emu().launches; }
+uint64_t schedule_seed() { return emu().seed; }
+
+namespace {
+std::atomic<uint64_t> mma_calls{0};
+}  // namespace
+uint64_t mma_count() { return mma_calls.load(std::memory_order_relaxed); }
+void count_mma() { mma_calls.fetch_add(1, std::memory_order_relaxed); }
 
 namespace {
 std::atomic<int> planted{0};
 }
+namespace {
+std::atomic<int> emulated_capability{90};
+}  // namespace
+int compute_capability() { return emulated_capability.load(std::memory_order_relaxed); }
+void set_compute_capability(int capability) {
+  TORCH_CHECK(capability == 70 || capability == 75 || capability == 80 || capability == 86 ||
+                  capability == 89 || capability == 90,
+              "the emulator pretends to be sm_70, 75, 80, 86, 89 or 90; got ", capability);
+  emulated_capability.store(capability, std::memory_order_relaxed);
+}
+
 PlantedBug planted_bug() { return static_cast<PlantedBug>(planted.load(std::memory_order_relaxed)); }
 void set_planted_bug(int bug) {
   TORCH_CHECK(bug >= 0 && bug <= static_cast<int>(PlantedBug::kPositiveOffByOne), "unknown planted bug ", bug);

@@ -6,8 +6,9 @@
 // Kernels that treat x[] element-wise (scaling, conversion) behave the same on
 // both. Each lane loads its copy itself before the warp-wide check that all
 // lanes passed the same pointer and stride, so a missing barrier before a load
-// still shows as a race. mma_sync multiplies exactly and accumulates in float
-// in k order; tensor cores may round sums differently, so tests use tolerances.
+// still shows as a race. mma_sync multiplies exactly and accumulates in float,
+// in k order under schedule seed 0 and in a seed-dependent rotation of it
+// otherwise: tensor cores round sums in their own order, so tests use tolerances.
 // tf32 operands are truncated to 10 mantissa bits as the tensor cores read them.
 #include <cstdint>
 #include <cstring>
@@ -156,11 +157,18 @@ inline void mma_sync(
     fragment<accumulator, M, N, K, TD>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
   static_assert(std::is_same_v<TA, TB>, "wmma::mma_sync operands must have one type");
+  ::ssl_emu::count_mma();
+  // Tensor cores add the K products in an order of their own: under a nonzero
+  // schedule seed each output element starts the k loop at its own rotation,
+  // so the tests' tolerances must hold for more than one order.
+  const uint64_t seed = ::ssl_emu::schedule_seed();
   float out[M * N];
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {
       float sum = static_cast<float>(c.x[i * N + j]);
-      for (int k = 0; k < K; ++k) {
+      const int start = seed == 0 ? 0 : static_cast<int>((seed * 0x9E3779B97F4A7C15ull + i * 131 + j * 7) % K);
+      for (int step = 0; step < K; ++step) {
+        const int k = (start + step) % K;
         sum += detail::operand(a.x[i * K + k]) * detail::operand(b.x[k * N + j]);
       }
       out[i * N + j] = sum;
