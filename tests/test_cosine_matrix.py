@@ -207,3 +207,24 @@ def test_bad_input():
         ssl_ops.cosine_similarity_matrix(a, eps=0.0)
     with pytest.raises(ValueError, match="a has no features"):
         ssl_ops.cosine_similarity_matrix(torch.randn(3, 0))
+
+
+@pytest.mark.emu
+def test_more_rows_than_a_grid_y_could_hold():
+    # The CUDA kernel once put row tiles on grid.y: at most 65535 tiles of 64 rows
+    # (4,194,240). The emulator runs only the last 3 blocks of each launch: the
+    # denominators of the last 22 rows (8 per block; the last block has 6) and
+    # the last tiles, past that limit. D = 1: each cosine is a product of signs.
+    from conftest import make_backend
+    from ssl_ops import emulation
+
+    backend = make_backend(("emu", 0))
+    m = 65535 * 64 + 70  # 65537 row tiles, one column tile
+    a = rand((m, 1), torch.float32, "cpu", 1)
+    b = rand((3, 1), torch.float32, "cpu", 2)
+    emulation.load().set_block_tail(3)
+    try:
+        out = backend.ops.cosine_similarity_matrix(a, b[:1], 1e-8)  # b: one block of denominators
+    finally:
+        emulation.load().set_block_tail(0)
+    assert torch.equal(out[-22:], a[-22:].sign() * b[:1].sign().t())

@@ -104,6 +104,10 @@ void set_compute_capability(int capability);
 // Tensor-core products: wmma::mma_sync calls so far (which path a kernel took),
 // and the schedule seed, which also varies their summation order.
 uint64_t mma_count();
+// Runs only the last `count` blocks (by linear index) of each launch that
+// follows (0: all): a test can reach the end of a grid too large to emulate
+// whole, e.g. indexing past 65535 tiles.
+void set_block_tail(uint64_t count);
 void count_mma();
 uint64_t schedule_seed();
 

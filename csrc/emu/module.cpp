@@ -31,6 +31,8 @@ PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
         "default 90): it picks each kernel's path from it.");
   m.def("compute_capability", &ssl_emu::compute_capability);
   m.def("mma_count", &ssl_emu::mma_count, "wmma::mma_sync calls made so far in this process.");
+  m.def("set_block_tail", &ssl_emu::set_block_tail, pybind11::arg("count"),
+        "Run only the last `count` blocks of each launch from now on (0: all).");
   m.def("set_planted_bug", &ssl_emu::set_planted_bug, pybind11::arg("bug"),
         "Plants a numeric bug in the emulated kernels (0: none; 1: the symmetric gradient "
         "without its G^T term; 2: InfoNCE's positive one key too far), for the tests that "

@@ -56,6 +56,7 @@ struct Emulator {
   std::mt19937_64 rng{0};
   uint64_t seed = 0;
   uint64_t launches = 0;
+  uint64_t block_tail = 0;  // set_block_tail; 0: every block
   std::string pending_error;
 
   // The block being run.
@@ -325,6 +326,7 @@ void run_grid(
   std::iota(block_order.begin(), block_order.end(), uint64_t{0});
   if (e.seed != 0) std::shuffle(block_order.begin(), block_order.end(), e.rng);
   for (uint64_t b : block_order) {
+    if (e.block_tail != 0 && b + e.block_tail < blocks) continue;
     const uint3 idx{
         unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
     run_block(e, idx, grid, block);
@@ -352,6 +354,12 @@ void set_schedule_seed(uint64_t seed) {
 
 uint64_t launch_count() { return emu().launches; }
 uint64_t schedule_seed() { return emu().seed; }
+
+void set_block_tail(uint64_t count) {
+  Emulator& e = emu();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  e.block_tail = count;
+}
 
 namespace {
 std::atomic<uint64_t> mma_calls{0};
