@@ -43,14 +43,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x.contiguous())
 
 
-class _GatherLocalGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.rows = x.shape[0]
-        return torch.cat(parts)
-
+class _GatherLocalGrad(_GatherWithGrad):
+    # The same forward; the backward without the sum over ranks.
     @staticmethod
     def backward(ctx, grad):
         return grad.narrow(0, dist.get_rank() * ctx.rows, ctx.rows).clone()
