@@ -1,6 +1,7 @@
 """gather_distributed across 2 CPU processes over gloo: every rank's loss and
 gradients against one process on the whole batch and solo-learn's MoCo v3
-formula, and the memory bank's gather-before-enqueue; in a second test (skipped
+formula, ssl_ops.compat.solo_learn against solo's formulas with its GatherLayer,
+and the memory bank's gather-before-enqueue; in a second test (skipped
 without lightly), against lightly's distributed NTXentLoss and memory bank."""
 
 import os
@@ -118,6 +119,59 @@ def check_info_nce(rank):
     assert_ddp_update_is_one_process(rank, clip, full, [(qa, fq), (ka, fk)])
 
 
+class _SoloGatherLayer(torch.autograd.Function):
+    """solo-learn's GatherLayer (solo/utils/misc.py), written out: all_gather
+    forward; the backward keeps this rank's slice of the gradient, unsummed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads[dist.get_rank()].clone()
+
+
+def check_solo_compat(rank):
+    """ssl_ops.compat.solo_learn's simclr_loss_func and mocov3_loss_func across
+    ranks against solo-learn's own formulas (main branch), values and gradients."""
+    from ssl_ops.compat import solo_learn
+
+    g = torch.Generator().manual_seed(7)
+    z_all = torch.randn(WORLD * 2 * BATCH, DIM, generator=g, dtype=torch.float64)
+    idx_all = torch.arange(WORLD * BATCH).repeat_interleave(2)  # two crops of each sample, side by side
+    rows = slice(rank * 2 * BATCH, (rank + 1) * 2 * BATCH)
+    z = z_all[rows].clone().requires_grad_()
+    loss = solo_learn.simclr_loss_func(z, idx_all[rows], temperature=0.2)
+    loss.backward()
+    zs = z_all[rows].clone().requires_grad_()
+    zn = F.normalize(zs, dim=-1)
+    gathered = torch.cat(_SoloGatherLayer.apply(zn))
+    sim = torch.exp(zn @ gathered.t() / 0.2)
+    pos_mask = idx_all[rows][:, None] == idx_all[None, :]
+    pos_mask[:, zs.size(0) * rank :].fill_diagonal_(False)
+    neg_mask = idx_all[rows][:, None] != idx_all[None, :]
+    pos, neg = (sim * pos_mask).sum(1), (sim * neg_mask).sum(1)
+    expected = -torch.log(pos / (pos + neg)).mean()
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    torch.testing.assert_close(z.grad, zs.grad)
+
+    query_all, key_all = whole_batch(seed=4)
+    q = shard(query_all, rank).double().detach().requires_grad_()
+    k = key_all[rank * BATCH : (rank + 1) * BATCH].double()
+    loss = solo_learn.mocov3_loss_func(q, k, temperature=0.3)
+    loss.backward()
+    qs = q.detach().clone().requires_grad_()
+    logits = F.normalize(qs, dim=1) @ F.normalize(key_all.double(), dim=1).t() / 0.3
+    expected = F.cross_entropy(logits, torch.arange(BATCH) + BATCH * rank) * (2 * 0.3)
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach())
+    torch.testing.assert_close(q.grad, qs.grad)
+
+
 def check_bank_order(rank):
     """Every rank's batch lands in the bank, in rank order."""
     bank = ssl_ops.nn.MemoryBank(size=(8, DIM), gather_distributed=True, feature_dim_first=False)
@@ -151,7 +205,7 @@ def check_memory_bank_lightly(rank):
 
 
 SUITES = {
-    "one_process": (check_nt_xent, check_multi_positive, check_info_nce, check_bank_order),
+    "one_process": (check_nt_xent, check_multi_positive, check_info_nce, check_bank_order, check_solo_compat),
     "lightly": (check_nt_xent_lightly, check_memory_bank_lightly),
 }
 
