@@ -273,15 +273,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> asym_loss
   at::Tensor row_loss = at::empty({m}, opts);
   C* lse_p = lse.data_ptr<C>();
   C* loss_p = row_loss.data_ptr<C>();
-  C total = 0;
+  double total = 0;  // Note [Loss rounding] in contrastive_sym.cpp
   for (int64_t i = 0; i < m; ++i) {
     lse_p[i] = running[i].value();
-    loss_p[i] = lse_p[i] - pos_p[i];
-    total += loss_p[i];
+    loss_p[i] = (running[i].max - pos_p[i]) + std::log(running[i].sum);
+    total += static_cast<double>(loss_p[i]);
   }
   at::Tensor loss = row_loss;
   if (reduction != Reduction::None) {
-    loss = at::full({}, reduction == Reduction::Sum ? total : total / C(m), opts);
+    loss = at::full({}, static_cast<C>(reduction == Reduction::Sum ? total : total / double(m)), opts);
   }
   std::array<at::Tensor, 3> grads;
   if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
