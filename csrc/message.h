@@ -25,8 +25,14 @@ namespace message_detail {
 inline void append(std::string& s, const char* v) { s += v; }
 inline void append(std::string& s, const std::string& v) { s += v; }
 inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? '1' : '0'; }  // as an ostream prints it
+// Types whose ostream text would differ or is not c10::str's: say what to pass.
+void append(std::string&, signed char) = delete;    // a character or a number? cast to int
+void append(std::string&, unsigned char) = delete;  // likewise
+void append(std::string&, c10::DeviceType) = delete;  // pass c10::DeviceTypeName(type, lower_case)
 template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool> &&
-                                           !std::is_same_v<T, char>, int> = 0>
+                                           !std::is_same_v<T, char> && !std::is_same_v<T, signed char> &&
+                                           !std::is_same_v<T, unsigned char>, int> = 0>
 inline void append(std::string& s, T v) {
   s += std::to_string(v);
 }

@@ -34,6 +34,7 @@ inline void check_launch() { ::ssl_emu::check_launch(); }
 // blocks on the small shapes the emulated tests use.
 inline int multiprocessor_count(c10::Device) { return 4; }
 inline int current_compute_capability() { return ::ssl_emu::compute_capability(); }
+inline int loaded_code_arch() { return ::ssl_emu::compute_capability(); }
 // Kernels register under the emulator's library, for CPU tensors.
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops_emu, CPU, m)
 #define SSL_DYNAMIC_SMEM(type, name) SSL_EMU_DYNAMIC_SMEM(type, name)
@@ -56,6 +57,18 @@ inline int current_compute_capability() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
   return major * 10 + minor;
+}
+namespace {
+__global__ void arch_probe_kernel() {}
+}  // namespace
+// The virtual arch (__CUDA_ARCH__ / 10) of the code that runs on the current
+// device: below the device's own when the build holds no code for it and the
+// driver compiles older PTX (TORCH_CUDA_ARCH_LIST="7.5+PTX" on an A100), so
+// paths that arch's code compiled out (Note [Tensor cores per arch]) stay unused.
+inline int loaded_code_arch() {
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, arch_probe_kernel));
+  return attributes.ptxVersion;
 }
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m)
 #define SSL_DYNAMIC_SMEM(type, name)                             \

@@ -447,7 +447,8 @@ struct AsymInputs {
 
 template <typename T>
 AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& positive,
-                          int64_t offset, double scale, double eps, bool normalize, cudaStream_t stream) {
+                          int64_t offset, double scale, double eps, bool normalize, bool gemm_route,
+                          cudaStream_t stream) {
   using A = acc_t<T>;
   AsymInputs<T> in;
   in.offset = SSL_OPS_PLANTED(kPositiveOffByOne) ? offset + 1 : offset;
@@ -455,7 +456,7 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
   // A MoCo queue kept as (D, K) arrives transposed: the GEMM route reads it in
   // place when nothing normalises it (solo-learn's mocov2plus), never copying it.
   const bool column_major = key.dim() == 2 && key.t().is_contiguous();
-  in.k = (!normalize && use_gemm_route() && column_major) ? key : key.contiguous();
+  in.k = (!normalize && gemm_route && column_major) ? key : key.contiguous();
   in.denom_q = row_denoms<T>(in.q, eps, normalize, stream);
   in.denom_k = row_denoms<T>(in.k, eps, normalize, stream);
   in.positive_logit = at::empty({in.q.size(0)}, in.denom_q.options());
@@ -584,9 +585,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_loss", [&] {
     using A = acc_t<scalar_t>;
+    const bool gemm_route = use_gemm_route();  // read once: the key's layout depends on it
     AsymInputs<scalar_t> in =
-        asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, stream);
-    if (use_gemm_route()) {
+        asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, gemm_route, stream);
+    if (gemm_route) {
       const at::Tensor all_rows = at::ones({in.q.size(0)}, in.denom_q.options().dtype(at::kBool));
       at::Tensor weight;  // undefined: no gradient
       if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
@@ -628,14 +630,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
   const cudaStream_t stream = current_stream(query.device());
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_backward", [&] {
+    const bool gemm_route = use_gemm_route();  // read once: the key's layout depends on it
     AsymInputs<scalar_t> in =
-        asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, stream);
+        asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, gemm_route, stream);
     const at::Tensor lse_acc = lse.to(in.denom_q.scalar_type()).contiguous();
     const at::Tensor all_rows = at::ones_like(lse_acc, lse_acc.options().dtype(at::kBool));
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), all_rows, lse_acc.scalar_type()).contiguous();
     const auto grads =
-        use_gemm_route()
+        gemm_route
             ? asym_gemm<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream).second
             : asym_gradients<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream);
     result = {or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};

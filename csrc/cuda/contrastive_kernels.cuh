@@ -43,6 +43,7 @@
 // occupancy are first on the list once a GPU is available to measure.
 #include <cstdint>
 #include <limits>
+#include <algorithm>
 #include <type_traits>
 
 #include <ATen/Context.h>
@@ -142,9 +143,10 @@ struct DotStage {
 // Note [Tensor cores per arch]: WMMA has fp16 from sm_70 and bf16 and TF32 from
 // sm_80. Each device pass compiles only what its arch has (a discarded
 // tensor-core path traps, and is never launched); the host pass sees every
-// path and picks one per call from the device's compute capability
-// (mma_available), so one build serves sm_70 to sm_90 and a T4 (sm_75) runs
-// bf16 and fp32 tiles on the FMA path. The emulator pretends to any of them
+// path and picks one per call from the device's compute capability and the
+// arch of the code loaded for it (mma_available), so one build serves sm_70 to
+// sm_90, a T4 (sm_75) runs bf16 and fp32 tiles on the FMA path, and so does an
+// A100 running a "7.5+PTX" build's JIT-compiled PTX. The emulator pretends to any of them
 // (ssl_emu::set_compute_capability), so each choice runs under test.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define SSL_OPS_ARCH_HAS_BF16_TF32_MMA 1
@@ -204,7 +206,9 @@ bool mma_available() {
   if constexpr (!has_tensor_cores<T>()) {
     return false;
   } else {
-    return current_compute_capability() >= (std::is_same_v<T, c10::Half> ? 70 : 80);
+    // Both the device and the code loaded for it (loaded_code_arch, compat.cuh).
+    const int arch = std::min(current_compute_capability(), loaded_code_arch());
+    return arch >= (std::is_same_v<T, c10::Half> ? 70 : 80);
   }
 }
 
