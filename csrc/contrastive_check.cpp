@@ -45,10 +45,13 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* op, const 
 
 void check_sym_contrastive_args(
     const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin, int64_t anchor_end, double scale,
-    double eps, int64_t reduction) {
+    double eps, int64_t reduction, int64_t positives) {
   constexpr const char* op = "ssl_ops.contrastive_sym_loss";
   check_matrix(z, op, "z");
   check_scalars(op, scale, eps, reduction);
+  TORCH_CHECK_VALUE(
+      positives == 0 || positives == 1, ssl_ops::message(op,
+      ": positives must be 0 (mean outside the log) or 1 (log-sum-exp inside it), got ", positives));
   TORCH_CHECK_VALUE(
       labels.dim() == 1 && labels.size(0) == z.size(0), ssl_ops::message(op, ": labels must have shape [",
       z.size(0), "] (one per row of z), got ", labels.sizes()));
@@ -62,6 +65,23 @@ void check_sym_contrastive_args(
       0 <= anchor_begin && anchor_begin < anchor_end && anchor_end <= z.size(0), ssl_ops::message(op,
       ": the anchor rows [anchor_begin, anchor_end) = [", anchor_begin, ", ", anchor_end,
       ") must be a non-empty range within the ", z.size(0), " rows of z"));
+}
+
+void check_sym_lse_positive(const at::Tensor& z, const std::optional<at::Tensor>& lse_positive,
+                            int64_t positives) {
+  if (positives != static_cast<int64_t>(PositiveReduction::kLogSumExp)) return;
+  constexpr const char* op = "ssl_ops.contrastive_sym_backward";
+  TORCH_CHECK_VALUE(lse_positive.has_value() && lse_positive->defined(), ssl_ops::message(op,
+      ": positives = 1 needs lse_positive, the forward's log-sum-exp over each row's positives"));
+  TORCH_CHECK_VALUE(
+      lse_positive->dim() == 1 && lse_positive->size(0) == z.size(0), ssl_ops::message(op,
+      ": lse_positive must have shape [", z.size(0), "] (one per row of z), got ", lse_positive->sizes()));
+  TORCH_CHECK(
+      lse_positive->device() == z.device(), ssl_ops::message(op, ": lse_positive is on ", lse_positive->device(),
+      " but z is on ", z.device()));
+  TORCH_CHECK_TYPE(
+      lse_positive->scalar_type() == loss_dtype(z.scalar_type()), ssl_ops::message(op,
+      ": lse_positive must have dtype ", loss_dtype(z.scalar_type()), ", got ", lse_positive->scalar_type()));
 }
 
 void check_asym_contrastive_args(

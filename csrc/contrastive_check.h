@@ -6,6 +6,12 @@
 // candidates K (rows k_hat); logits S = scale * q_hat k_hat^T, never stored whole.
 //   loss_a = logsumexp_k S_ak (self excluded) - mean_{p in P(a)} S_ap
 //   G_ak   = w_a (softmax_ak - 1[k in P(a)] / |P(a)|),   w_a = d(total) / d(loss_a)
+// or, with the positives inside the log (PositiveReduction::kLogSumExp),
+//   loss_a = logsumexp_k S_ak - logsumexp_{p in P(a)} S_ap
+//   G_ak   = w_a (softmax_ak - 1[k in P(a)] exp(S_ak - lse_pos_a)),
+// lse_pos_a from the same pass as lse_a (its exps are the candidates' own). A
+// row with one positive takes the mean form's arithmetic in both (its
+// log-sum-exp is that logit, exactly), so two views give bit-equal results.
 //   d q_hat = scale G k_hat,   d k_hat = scale G^T q_hat,   then the normalisation.
 // Symmetric (NT-Xent, SupCon): Q = the anchor rows of z, K = z, P by labels, so
 // d z_hat = scale (G + G^T) z_hat. Asymmetric (InfoNCE): Q = queries, K = keys
@@ -36,12 +42,20 @@ namespace ssl_ops {
 // reduction argument of the contrastive ops.
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
+// positives argument of the symmetric op: how a row's positive logits enter its loss.
+enum class PositiveReduction : int64_t { kMean = 0, kLogSumExp = 1 };
+
 // Throws unless z is a non-empty floating (M, D) matrix, labels an int64 vector
 // of length M on z's device, 0 <= anchor_begin < anchor_end <= M, and the
 // scalars valid.
 void check_sym_contrastive_args(
     const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin, int64_t anchor_end, double scale,
-    double eps, int64_t reduction);
+    double eps, int64_t reduction, int64_t positives);
+
+// The backward op's saved lse_positive: an (M,) tensor of the loss dtype with
+// the log-sum-exp form, ignored (may be absent) with the mean form.
+void check_sym_lse_positive(const at::Tensor& z, const std::optional<at::Tensor>& lse_positive,
+                            int64_t positives);
 
 // Throws unless query (M, D), key (L, D) and positive_key (M, D), when given,
 // are non-empty floating matrices of one dtype and device; without

@@ -15,8 +15,12 @@
 // work is anchors x rows). reduction: 0 none (one loss per row of z, 0 outside
 // the anchors), 1 mean over anchors with positives, 2 sum. With compute_grad
 // (and a reduction) grad_z is the gradient of the loss, computed in the same
-// call; otherwise it is empty.
-// contrastive_sym_backward: the gradient for any grad_loss, from the saved lse.
+// call; otherwise it is empty. positives: how a row's positive logits are
+// reduced, 0 their mean outside the log (SupCon L_out), 1 their log-sum-exp
+// (solo-learn's SimCLR: -log(sum_P exp / sum_all exp)); with 1, lse_positive
+// holds each anchor's log-sum-exp over its positives (else it is empty).
+// contrastive_sym_backward: the gradient for any grad_loss, from the saved
+// lse (and lse_positive).
 // contrastive_asym_loss / _backward: InfoNCE of query rows against key rows,
 // the positive being positive_key[i] when given (MoCo, key = queue), else
 // key[i + positive_offset] (MoCo v3, CLIP; the offset places this process's
@@ -35,13 +39,13 @@
   m.def(                                                                               \
       "contrastive_sym_loss(Tensor z, Tensor labels, int anchor_begin, int anchor_end, " \
       "float scale, float eps, "                                                      \
-      "bool normalize, int reduction, bool compute_grad) -> "                          \
-      "(Tensor loss, Tensor lse, Tensor positive_count, Tensor grad_z)");             \
+      "bool normalize, int reduction, bool compute_grad, int positives=0) -> "         \
+      "(Tensor loss, Tensor lse, Tensor positive_count, Tensor grad_z, Tensor lse_positive)"); \
   m.def(                                                                               \
       "contrastive_sym_backward(Tensor grad_loss, Tensor z, Tensor labels, "           \
       "int anchor_begin, int anchor_end, Tensor lse, "                                \
-      "Tensor positive_count, float scale, float eps, bool normalize, int reduction) " \
-      "-> Tensor");                                                                    \
+      "Tensor positive_count, float scale, float eps, bool normalize, int reduction, " \
+      "Tensor? lse_positive=None, int positives=0) -> Tensor");                        \
   m.def(                                                                               \
       "contrastive_asym_loss(Tensor query, Tensor key, Tensor? positive_key, "        \
       "int positive_offset, "                                                         \

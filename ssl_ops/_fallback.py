@@ -43,9 +43,9 @@ def _reduce(per_row, reduction, count=None):
     return per_row.sum() / (per_row.new_tensor(per_row.numel()) if count is None else count.clamp_min(1))
 
 
-def sym_loss(z, group, temperature, reduction, normalize, eps, anchors=None):
-    """The symmetric contrastive op (NT-Xent, multi-view, SupCon L_out) on anchor
-    rows [begin, end) of z against all rows."""
+def sym_loss(z, group, temperature, reduction, normalize, eps, anchors=None, positives="mean"):
+    """The symmetric contrastive op (NT-Xent, multi-view, SupCon L_out; or the
+    positives inside the log) on anchor rows [begin, end) of z against all rows."""
     zf = _accumulation(z)
     if normalize:
         zf = F.normalize(zf, dim=1, eps=eps)
@@ -53,12 +53,18 @@ def sym_loss(z, group, temperature, reduction, normalize, eps, anchors=None):
     logits = zf[begin:end] @ zf.t() / temperature
     rows = torch.arange(begin, end, device=z.device)
     self_mask = rows[:, None] == torch.arange(z.shape[0], device=z.device)[None, :]
-    positives = (group[begin:end, None] == group[None, :]) & ~self_mask
+    positive_mask = (group[begin:end, None] == group[None, :]) & ~self_mask
     lse = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
-    count = positives.sum(1)
+    count = positive_mask.sum(1)
     has_positive = count > 0
-    positive_mean = (logits * positives).sum(1) / count.clamp_min(1)
-    per_row = torch.where(has_positive, lse - positive_mean, torch.zeros_like(lse))
+    if positives == "logsumexp":
+        # Rows without positives take a finite stand-in (their loss is 0), so
+        # no -inf - -inf turns their zero gradient into NaN.
+        only_positives = logits.masked_fill(~positive_mask, float("-inf"))
+        positive_term = torch.logsumexp(torch.where(has_positive[:, None], only_positives, 0.0), dim=1)
+    else:
+        positive_term = (logits * positive_mask).sum(1) / count.clamp_min(1)
+    per_row = torch.where(has_positive, lse - positive_term, torch.zeros_like(lse))
     return _reduce(per_row, reduction, has_positive.sum())
 
 

@@ -10,6 +10,7 @@ from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
 from . import _fallback, distributed
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_POSITIVES = {"mean": 0, "logsumexp": 1}  # how a row's positive logits enter its loss
 _EPS = 1e-12  # F.normalize's default, as lightly uses it
 
 
@@ -21,19 +22,20 @@ def _loss_dtype(dtype):
 
 
 @torch.library.register_fake("ssl_ops::contrastive_sym_loss")
-def _sym_loss_fake(z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, compute_grad):
+def _sym_loss_fake(z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, compute_grad, positives=0):
     rows = z.shape[0]
     loss_dtype = _loss_dtype(z.dtype)
     loss = z.new_empty((rows,) if reduction == 0 else (), dtype=loss_dtype)
     lse = z.new_empty((rows,), dtype=loss_dtype)
     positive_count = z.new_empty((rows,), dtype=torch.int64)
     grad = z.new_empty(z.shape if compute_grad and reduction != 0 else (0,))
-    return loss, lse, positive_count, grad
+    lse_positive = z.new_empty((rows,) if positives == 1 else (0,), dtype=loss_dtype)
+    return loss, lse, positive_count, grad, lse_positive
 
 
 @torch.library.register_fake("ssl_ops::contrastive_sym_backward")
 def _sym_backward_fake(grad_loss, z, labels, anchor_begin, anchor_end, lse, positive_count, scale, eps, normalize,
-                       reduction):
+                       reduction, lse_positive=None, positives=0):
     return torch.empty_like(z)
 
 
@@ -42,25 +44,28 @@ def _no_double_backward(ctx, *grads):
 
 
 def _sym_setup_context(ctx, inputs, output):
-    z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, _ = inputs
-    _, lse, positive_count, grad = output
-    ctx.save_for_backward(z, labels, lse, positive_count, grad)
+    z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, _ = inputs[:9]
+    positives = inputs[9] if len(inputs) > 9 else 0
+    _, lse, positive_count, grad, lse_positive = output
+    ctx.save_for_backward(z, labels, lse, positive_count, grad, lse_positive)
     ctx.anchors = (anchor_begin, anchor_end)
     ctx.options = (scale, eps, normalize, reduction)
+    ctx.positives = positives
 
 
 def _sym_backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():  # backward(create_graph=True): second derivatives
         _no_double_backward(ctx)
-    z, labels, lse, positive_count, grad = ctx.saved_tensors
+    z, labels, lse, positive_count, grad, lse_positive = ctx.saved_tensors
     scale, eps, normalize, reduction = ctx.options
     if reduction != 0 and grad.shape == z.shape:
         grad_z = grad * grad_loss  # computed in the forward; only scaled here
     else:
         grad_z = torch.ops.ssl_ops.contrastive_sym_backward(
-            grad_loss, z, labels, *ctx.anchors, lse, positive_count, scale, eps, normalize, reduction
+            grad_loss, z, labels, *ctx.anchors, lse, positive_count, scale, eps, normalize, reduction,
+            lse_positive if ctx.positives else None, ctx.positives,
         )
-    return grad_z, None, None, None, None, None, None, None, None
+    return grad_z, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -166,8 +171,15 @@ def _check_view(name, t, like=None, like_name=None):
         raise ValueError(f"{name} has shape {tuple(t.shape)} but {like_name} has shape {tuple(like.shape)}")
 
 
-def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None):
+def _check_positives(positives):
+    if positives not in _POSITIVES:
+        raise ValueError(f"positives must be one of {tuple(_POSITIVES)}, got {positives!r}")
+    return _POSITIVES[positives]
+
+
+def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None, positives="mean"):
     anchor_begin, anchor_end = anchors if anchors is not None else (0, z.shape[0])
+    positives_code = _check_positives(positives)
     if z.shape[0] == 2:
         # Each row's one candidate is the other row, its positive or nothing: the
         # softmax is exactly 1, so the loss is exactly 0 for any z (as lightly's
@@ -179,17 +191,17 @@ def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None):
         return per_row if reduction == "none" else per_row.sum()
     if _fallback.eager_requested("contrastive"):
         _check_reduction(reduction)
-        return _fallback.sym_loss(z, labels, temperature, reduction, normalize, _EPS, anchors)
+        return _fallback.sym_loss(z, labels, temperature, reduction, normalize, _EPS, anchors, positives)
     compute_grad = torch.is_grad_enabled() and z.requires_grad
-    loss, _, _, _ = torch.ops.ssl_ops.contrastive_sym_loss(
+    loss = torch.ops.ssl_ops.contrastive_sym_loss(
         z, labels, anchor_begin, anchor_end, 1.0 / temperature, _EPS, normalize, _check_reduction(reduction),
-        compute_grad,
-    )
+        compute_grad, positives_code,
+    )[0]
     return loss
 
 
 def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean", normalize=True,
-                 gather_distributed=False):
+                 positives="mean", gather_distributed=False):
     """NT-Xent, the SimCLR loss, without storing the (2N x 2N) logits matrix.
 
     * ``nt_xent_loss(z0, z1)``: two views (N, D) each. Over the 2N rows of
@@ -202,9 +214,17 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
     * ``nt_xent_loss(z, labels=y)``: supervised contrastive loss over the rows
       of ``z`` (B, D); every other row with the same label is a positive.
 
-    With several positives the loss of row i is
-    ``logsumexp_{k != i}(s_ik) - mean_{p in P(i)}(s_ip)`` (SupCon's L_out form);
-    rows without positives add 0 and are left out of the mean.
+    With several positives, ``positives`` says how they enter the loss of row i:
+
+    * ``"mean"`` (default): ``logsumexp_{k != i}(s_ik) - mean_{p in P(i)}(s_ip)``,
+      SupCon's L_out form;
+    * ``"logsumexp"``: ``logsumexp_{k != i}(s_ik) - logsumexp_{p in P(i)}(s_ip)``,
+      i.e. ``-log(sum_P exp(s) / sum_{k != i} exp(s))``, the positives inside the
+      log as solo-learn's ``simclr_loss_func`` computes its multi-crop loss
+      (SupCon's L_in up to the constant log |P(i)|).
+
+    With one positive per row (two views) both are the same NT-Xent. Rows
+    without positives add 0 and are left out of the mean.
 
     ``reduction``: "mean" (default), "sum" or "none" (one loss per row).
     ``normalize=False`` skips the L2 normalisation of rows (for inputs that are
@@ -220,6 +240,7 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
     one process's on the whole batch. Every rank must pass the same batch size.
     """
     _check_temperature(temperature)
+    _check_positives(positives)
     if isinstance(z0, (list, tuple)):
         if z1 is not None or labels is not None:
             raise ValueError("pass either a list of views, or z0 and z1, or z0 with labels")
@@ -242,7 +263,7 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
             raise ValueError(f"labels must have shape ({z0.shape[0]},), one per row of z0, got {tuple(labels.shape)}")
         z, group = z0, labels.to(torch.int64)
         if gather_distributed and distributed.world_size() > 1:
-            return _gathered_sym_loss(z, distributed.gather(group), temperature, reduction, normalize)
+            return _gathered_sym_loss(z, distributed.gather(group), temperature, reduction, normalize, positives)
     else:
         if z1 is None:
             raise ValueError("nt_xent_loss needs z1 (the second view), a list of views, or labels")
@@ -258,14 +279,16 @@ def nt_xent_loss(z0, z1=None, temperature=0.5, *, labels=None, reduction="mean",
     if gather_distributed and distributed.world_size() > 1:
         # Sample i of rank r is sample r * batch + i of the gathered batch.
         offsets = torch.arange(distributed.world_size(), device=z.device) * batch
-        return _gathered_sym_loss(z, (offsets[:, None] + group).reshape(-1), temperature, reduction, normalize)
-    return _sym_loss(z, group, temperature, reduction, normalize)
+        return _gathered_sym_loss(z, (offsets[:, None] + group).reshape(-1), temperature, reduction, normalize,
+                                  positives)
+    return _sym_loss(z, group, temperature, reduction, normalize, positives=positives)
 
 
-def _gathered_sym_loss(z, group_all, temperature, reduction, normalize):
+def _gathered_sym_loss(z, group_all, temperature, reduction, normalize, positives="mean"):
     rows, rank = z.shape[0], distributed.rank()
     anchors = (rank * rows, (rank + 1) * rows)
-    loss = _sym_loss(distributed.gather_with_grad(z), group_all, temperature, reduction, normalize, anchors)
+    loss = _sym_loss(distributed.gather_with_grad(z), group_all, temperature, reduction, normalize, anchors,
+                     positives)
     return loss.narrow(0, anchors[0], rows) if reduction == "none" else loss
 
 

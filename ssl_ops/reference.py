@@ -26,22 +26,27 @@ def nt_xent_loss(z0, z1, temperature=0.5, reduction="mean"):
     return F.cross_entropy(logits, targets, reduction=reduction)
 
 
-def supcon_loss(z, labels, temperature=0.5, reduction="mean", normalize=True):
+def supcon_loss(z, labels, temperature=0.5, reduction="mean", normalize=True, positives="mean"):
     """Eager multi-positive contrastive loss: row i's positives are the other
-    rows with its label; loss_i = logsumexp_{k != i} s_ik - mean_{p} s_ip, 0 for
-    rows without positives, which the mean leaves out."""
+    rows with its label; loss_i = logsumexp_{k != i} s_ik - mean_{p} s_ip
+    (``positives="logsumexp"``: - logsumexp_{p} s_ip), 0 for rows without
+    positives, which the mean leaves out."""
     import torch.nn.functional as F
 
     if normalize:
         z = F.normalize(z, dim=1)
     logits = z @ z.t() / temperature
     self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    positive_mask = (labels[:, None] == labels[None, :]) & ~self_mask
     lse = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
-    count = positives.sum(1)
+    count = positive_mask.sum(1)
     has_positive = count > 0
-    positive_mean = (logits * positives).sum(1) / count.clamp_min(1)
-    per_row = torch.where(has_positive, lse - positive_mean, torch.zeros_like(lse))
+    if positives == "logsumexp":
+        only_positives = logits.masked_fill(~positive_mask, float("-inf"))
+        positive_term = torch.logsumexp(torch.where(has_positive[:, None], only_positives, 0.0), dim=1)
+    else:
+        positive_term = (logits * positive_mask).sum(1) / count.clamp_min(1)
+    per_row = torch.where(has_positive, lse - positive_term, torch.zeros_like(lse))
     if reduction == "none":
         return per_row
     if reduction == "sum":

@@ -65,7 +65,7 @@ def test_sym_op(backend, dtype, rows, d):
     labels = torch.arange(rows).remainder((rows + 1) // 2).to(backend.device)  # pairs, one singleton if odd
     labels_cpu = labels.cpu()
     scale = 2.0
-    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, labels, 0, rows, scale, EPS, True, 2, True)
+    loss, lse, count, grad, _ = backend.ops.contrastive_sym_loss(z, labels, 0, rows, scale, EPS, True, 2, True)
     check = checker(dtype, rows + d, scale)
     valid = (labels_cpu[:, None] == labels_cpu[None, :]).sum(1) > 1
     ref_rows, ref_grad = sym_reference(z, labels_cpu, scale, valid.double())
@@ -73,7 +73,7 @@ def test_sym_op(backend, dtype, rows, d):
     check(grad, ref_grad, "forward gradient")
     assert count.cpu().tolist() == ((labels_cpu[:, None] == labels_cpu[None, :]).sum(1) - 1).tolist()
     # reduction none, its backward op with random row weights
-    rows_loss, lse, count, empty = backend.ops.contrastive_sym_loss(z, labels, 0, rows, scale, EPS, True, 0, True)
+    rows_loss, lse, count, empty, _ = backend.ops.contrastive_sym_loss(z, labels, 0, rows, scale, EPS, True, 0, True)
     assert empty.numel() == 0
     check(rows_loss, ref_rows, "row losses")
     weight = rand((rows,), torch.float64, "cpu", 2)
@@ -102,7 +102,7 @@ def test_sym_op_tile_pairs_and_deterministic_route(cuda_source_backend, dtype, r
 
     def run():
         check = checker(dtype, rows + d, scale)
-        rows_loss, lse, count, _ = backend.ops.contrastive_sym_loss(z, dev_labels, 0, rows, scale, EPS, True, 0, False)
+        rows_loss, lse, count, _, _ = backend.ops.contrastive_sym_loss(z, dev_labels, 0, rows, scale, EPS, True, 0, False)
         grad = backend.ops.contrastive_sym_backward(
             weight.to(lse.dtype).to(backend.device), z, dev_labels, 0, rows, lse, count, scale, EPS, True, 0
         )
@@ -136,13 +136,13 @@ def test_sym_op_anchor_range(backend, dtype, rows, begin, end):
     anchor[begin:end] = True
     valid = ((labels[:, None] == labels[None, :]).sum(1) > 1) & anchor
     dev_labels = labels.to(backend.device)
-    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, dev_labels, begin, end, scale, EPS, True, 1, True)
+    loss, lse, count, grad, _ = backend.ops.contrastive_sym_loss(z, dev_labels, begin, end, scale, EPS, True, 1, True)
     check = checker(dtype, rows + 40, scale)
     ref_rows, ref_grad = sym_reference(z, labels, scale, valid.double() / valid.sum())
     check(loss, (ref_rows * valid).sum() / valid.sum(), "mean loss over anchors")
     check(grad, ref_grad, "forward gradient")
     assert (count.cpu()[~anchor] == 0).all() and (count.cpu()[anchor] > 0).all()
-    rows_loss, lse, count, _ = backend.ops.contrastive_sym_loss(z, dev_labels, begin, end, scale, EPS, True, 0, False)
+    rows_loss, lse, count, _, _ = backend.ops.contrastive_sym_loss(z, dev_labels, begin, end, scale, EPS, True, 0, False)
     check(rows_loss, ref_rows * valid, "row losses, 0 outside the anchors")
     weight = rand((rows,), torch.float64, "cpu", 12)
     grad_b = backend.ops.contrastive_sym_backward(
@@ -152,12 +152,138 @@ def test_sym_op_anchor_range(backend, dtype, rows, begin, end):
     check(grad_b, ref_grad_b, "backward gradient")
 
 
+LOGSUMEXP = 1  # the op's positives argument: the positives inside the log
+
+
+def sym_lse_reference(z, labels, scale, weight, normalize=True):
+    z64 = z.detach().double().cpu().requires_grad_()
+    rows = reference.supcon_loss(z64, labels.cpu(), 1.0 / scale, "none", normalize, positives="logsumexp")
+    (grad,) = torch.autograd.grad((rows * weight.double()).sum(), [z64])
+    return rows.detach(), grad
+
+
+def positive_logsumexp(z, labels, scale, normalize=True):
+    """float64 log-sum-exp of each row's positive logits (0 without positives)."""
+    z64 = z.detach().double().cpu()
+    if normalize:
+        z64 = F.normalize(z64, dim=1)
+    logits = scale * z64 @ z64.t()
+    labels = labels.cpu()
+    mask = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool)
+    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+    return torch.where(mask.any(1), lse, torch.zeros_like(lse))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,d,scale", [(1, 4, 2.0), (7, 3, 2.0), (130, 65, 1 / 0.1), (66, 130, -3.0),
+                                          (150, 20, 1 / 0.01)])
+def test_sym_op_positives_inside_the_log(backend, dtype, rows, d, scale):
+    """positives = 1 (solo-learn's multi-crop SimCLR): loss_i = lse_i - lse over
+    the positives, groups of 1 to 4 rows (rows with 0, 1, 2 and 3 positives),
+    under the bounded shift and the running max (scale 100), against float64:
+    losses, lse_positive, the forward's gradient and the backward op's."""
+    if dtype == torch.float16 and abs(scale) > 10:
+        pytest.skip("float16 logits of scale 100 are the mean form's business too; covered in fp32/bf16")
+    z = rand((rows, d), dtype, backend.device, 21)
+    sizes = torch.tensor([1, 2, 3, 4])
+    labels = torch.repeat_interleave(torch.arange(rows), sizes.repeat(rows)[:rows])[:rows]
+    labels = labels[torch.randperm(rows, generator=torch.Generator().manual_seed(22))]
+    dev_labels = labels.to(backend.device)
+    count = (labels[:, None] == labels[None, :]).sum(1) - 1
+    valid = count > 0
+    check = checker(dtype, rows + d, scale)
+    loss, lse, count_out, grad, lse_pos = backend.ops.contrastive_sym_loss(
+        z, dev_labels, 0, rows, scale, EPS, True, 2, True, LOGSUMEXP)
+    assert count_out.cpu().tolist() == count.tolist()
+    ref_rows, ref_grad = sym_lse_reference(z, labels, scale, valid.double())
+    check(loss, ref_rows.sum(), "sum loss")
+    check(grad, ref_grad, "forward gradient")
+    check(lse_pos, positive_logsumexp(z, labels, scale), "lse over the positives")
+    rows_loss, lse, count_out, empty, lse_pos = backend.ops.contrastive_sym_loss(
+        z, dev_labels, 0, rows, scale, EPS, True, 0, False, LOGSUMEXP)
+    assert empty.numel() == 0
+    check(rows_loss, ref_rows, "row losses")
+    weight = rand((rows,), torch.float64, "cpu", 23)
+    grad_b = backend.ops.contrastive_sym_backward(
+        weight.to(lse.dtype).to(backend.device), z, dev_labels, 0, rows, lse, count_out, scale, EPS, True, 0,
+        lse_pos, LOGSUMEXP)
+    _, ref_grad_b = sym_lse_reference(z, labels, scale, weight * valid)
+    check(grad_b, ref_grad_b, "backward gradient")
+
+
+@pytest.mark.parametrize("begin,end", [(3, 6), (0, 70), (130, 200)])
+def test_sym_op_positives_inside_the_log_anchor_range(backend, begin, end):
+    rows = 200 if end > 9 else 9
+    z = rand((rows, 40), torch.float32, backend.device, 24)
+    labels = torch.arange(rows).remainder(rows // 3)  # three rows per label
+    anchor = torch.zeros(rows, dtype=torch.bool)
+    anchor[begin:end] = True
+    dev_labels = labels.to(backend.device)
+    scale = 1 / 0.2
+    loss, _, _, grad, lse_pos = backend.ops.contrastive_sym_loss(
+        z, dev_labels, begin, end, scale, EPS, True, 1, True, LOGSUMEXP)
+    check = checker(torch.float32, rows + 40, scale)
+    ref_rows, ref_grad = sym_lse_reference(z, labels, scale, anchor.double() / anchor.sum())
+    check(loss, (ref_rows * anchor).sum() / anchor.sum(), "mean loss over anchors")
+    check(grad, ref_grad, "forward gradient")
+    check(lse_pos, positive_logsumexp(z, labels, scale) * anchor, "lse over the positives, 0 outside the anchors")
+
+
+def test_sym_op_positives_inside_the_log_keep_a_positive_far_below_the_largest_logit(backend):
+    """Running-max shift (no normalisation): row 0's positives sit 190-200 below
+    its largest logit, so exp(positive - row max) is 0 in float32; the
+    positives' own shift keeps lse_pos (and the loss, ~199) finite and right."""
+    z = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [-9.5, 0.1], [10.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1, 2])
+    z_dev, dev_labels = z.to(backend.device), labels.to(backend.device)
+    rows_loss, _, _, _, lse_pos = backend.ops.contrastive_sym_loss(
+        z_dev, dev_labels, 0, 5, 1.0, EPS, False, 0, False, LOGSUMEXP)
+    ref_rows, _ = sym_lse_reference(z, labels, 1.0, torch.ones(5), normalize=False)
+    assert torch.isfinite(rows_loss).all()
+    assert ref_rows[0] > 150
+    torch.testing.assert_close(rows_loss.cpu().double(), ref_rows, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(lse_pos.cpu().double(), positive_logsumexp(z, labels, 1.0, normalize=False),
+                               rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sym_op_one_positive_per_row_is_the_mean_form_bit_for_bit(backend, dtype):
+    """With two views each row's only positive is its log-sum-exp: both forms
+    run the same arithmetic, so loss and gradients are equal, not just close.
+    (On CUDA the log-sum-exp form always takes the GEMM route, so under the
+    tile route setting the mean form is run on the GEMM route to compare.)"""
+    z = rand((130, 33), dtype, backend.device, 25)
+    labels = torch.arange(65).repeat(2).to(backend.device)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", raising=False)
+        mean_form = backend.ops.contrastive_sym_loss(z, labels, 0, 130, 1 / 0.2, EPS, True, 1, True)
+    lse_form = backend.ops.contrastive_sym_loss(z, labels, 0, 130, 1 / 0.2, EPS, True, 1, True, LOGSUMEXP)
+    assert torch.equal(mean_form[0], lse_form[0])
+    assert torch.equal(mean_form[3], lse_form[3])
+
+
+def test_sym_op_positives_argument_is_checked(backend):
+    z = rand((6, 4), torch.float32, backend.device, 26)
+    labels = torch.arange(3).repeat(2).to(backend.device)
+    with pytest.raises(ValueError, match="positives must be 0 \\(mean outside the log\\) or 1 .*got 2"):
+        backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, False, 2)
+    _, lse, count, _, _ = backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 0, False)
+    grad_loss = torch.ones(6, device=backend.device)
+    with pytest.raises(ValueError, match="positives = 1 needs lse_positive"):
+        backend.ops.contrastive_sym_backward(grad_loss, z, labels, 0, 6, lse, count, 2.0, EPS, True, 0, None, 1)
+    with pytest.raises(ValueError, match=r"lse_positive must have shape \[6\].*got \[5\]"):
+        backend.ops.contrastive_sym_backward(grad_loss, z, labels, 0, 6, lse, count, 2.0, EPS, True, 0, lse[:5], 1)
+    with pytest.raises(TypeError, match="lse_positive must have dtype Float, got Double"):
+        backend.ops.contrastive_sym_backward(grad_loss, z, labels, 0, 6, lse, count, 2.0, EPS, True, 0,
+                                             lse.double(), 1)
+
+
 def test_sym_supcon_labels_and_mean(backend):
     z = rand((150, 24), torch.float32, backend.device, 3)
     g = torch.Generator().manual_seed(4)
     labels = torch.randint(0, 20, (150,), generator=g)
     labels[5] = 999  # no positives
-    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 0, 150, 1 / 0.3, EPS, True, 1, True)
+    loss, _, _, grad, _ = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 0, 150, 1 / 0.3, EPS, True, 1, True)
     check = checker(torch.float32, 150 + 24, 1 / 0.3)
     z64 = z.detach().double().cpu().requires_grad_()
     ref = reference.supcon_loss(z64, labels, 0.3)
@@ -272,7 +398,7 @@ def test_sym_op_extreme_temperatures_and_magnitudes(backend, temperature, magnit
     z = rand((150, 16), torch.float32, backend.device, 19) * magnitude
     labels = torch.arange(75).repeat(2)
     scale = 1 / temperature
-    loss, lse, count, grad = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 0, 150, scale, EPS, True, 1, True)
+    loss, lse, count, grad, _ = backend.ops.contrastive_sym_loss(z, labels.to(backend.device), 0, 150, scale, EPS, True, 1, True)
     check = checker(torch.float32, 150 + 16, scale)
     ref_rows, ref_grad = sym_reference(z, labels, scale, torch.full((150,), 1 / 150, dtype=torch.float64))
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
@@ -287,7 +413,7 @@ def test_sym_op_half_zero_rows(backend, dtype):
     z[3] = 0
     z[40] = 1e-5  # below eps once squared in half precision; normalised in fp32
     labels = torch.arange(35).repeat(2).to(backend.device)
-    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels, 0, 70, 1 / 0.1, EPS, True, 1, True)
+    loss, _, _, grad, _ = backend.ops.contrastive_sym_loss(z, labels, 0, 70, 1 / 0.1, EPS, True, 1, True)
     ref_rows, ref_grad = sym_reference(z, labels.cpu(), 1 / 0.1, torch.full((70,), 1 / 70, dtype=torch.float64))
     check = checker(dtype, 70 + 8, 1 / 0.1, small_rows=rows_below(z, EPS))
     check(loss, ref_rows.mean(), "mean loss")
@@ -298,13 +424,13 @@ def test_zero_rows_and_unnormalised_inputs(backend):
     z = rand((20, 8), torch.float32, backend.device, 9)
     z[3] = 0
     labels = torch.arange(10).repeat(2).to(backend.device)
-    loss, _, _, grad = backend.ops.contrastive_sym_loss(z, labels, 0, 20, 10.0, EPS, True, 1, True)
+    loss, _, _, grad, _ = backend.ops.contrastive_sym_loss(z, labels, 0, 20, 10.0, EPS, True, 1, True)
     ref_rows, ref_grad = sym_reference(z, labels.cpu(), 10.0, torch.full((20,), 1 / 20, dtype=torch.float64))
     check = checker(torch.float32, 20 + 8, 10.0, small_rows=rows_below(z, EPS))
     check(loss, ref_rows.mean(), "mean loss with a zero row")
     check(grad, ref_grad, "gradient with a zero row")
     zn = torch.nn.functional.normalize(z.double().cpu(), dim=1).float().to(backend.device)
-    loss_n, _, _, grad_n = backend.ops.contrastive_sym_loss(zn, labels, 0, 20, 10.0, EPS, False, 1, True)
+    loss_n, _, _, grad_n, _ = backend.ops.contrastive_sym_loss(zn, labels, 0, 20, 10.0, EPS, False, 1, True)
     z64 = zn.double().cpu().requires_grad_()
     check = checker(torch.float32, 20 + 8, 10.0)
     ref = reference.supcon_loss(z64, labels.cpu(), 0.1, normalize=False)

@@ -9,7 +9,13 @@
 // (0 for a row without positives); reduction: none, mean over rows with
 // positives, or sum. For row weights w_i = d(total) / d(loss_i):
 //   G_ik = w_i (softmax_ik - 1[k in P(i)] / |P(i)|),   d zh = scale (G + G^T) zh,
-// then through the normalisation.
+// then through the normalisation. With the positives inside the log
+// (PositiveReduction::kLogSumExp, solo-learn's multi-crop SimCLR):
+//   loss_i = log sum_{k != i} exp(S_ik) - log sum_{p in P(i)} exp(S_ip)
+//   G_ik = w_i (softmax_ik - 1[k in P(i)] exp(S_ik - lse_pos_i)),
+// lse_pos from the exps pass 1 takes anyway (bounded shift) or a running max
+// of its own (so a positive far below the row's largest logit cannot
+// underflow); a row with one positive keeps the mean form's arithmetic.
 //
 // S is symmetric, so tiles are visited as unordered pairs (I, K), I <= K, once
 // each: pass 1 updates the running log-sum-exp of rows I from the tile and of
@@ -54,17 +60,22 @@ struct RowStats {
   std::vector<RunningLse<C>> lse;
   std::vector<C> positive_sum;
   std::vector<int64_t> positive_count;
-  explicit RowStats(int64_t m) : lse(m), positive_sum(m, 0), positive_count(m, 0) {}
+  std::vector<RunningLse<C>> positive_lse;  // log-sum-exp form only
+  RowStats(int64_t m, bool positives_lse)
+      : lse(m), positive_sum(m, 0), positive_count(m, 0), positive_lse(positives_lse ? m : 0) {}
 };
 
-// Positive logits of a tile's columns (summed and counted down the tile),
-// added to those rows' statistics once the tile is done.
+// Positive logits of a tile's columns (summed and counted down the tile; for
+// the log-sum-exp form their largest and their exps), added to those rows'
+// statistics once the tile is done.
 template <typename C>
 struct ColumnPositives {
-  std::array<C, kTileRows> sum;
+  std::array<C, kTileRows> sum, max, exp_sum;
   std::array<int64_t, kTileRows> count;
   ColumnPositives() {
     sum.fill(0);
+    max.fill(-std::numeric_limits<C>::infinity());
+    exp_sum.fill(0);
     count.fill(0);
   }
   void add_to(RowStats<C>& stats, int64_t k0, int64_t bk) const {
@@ -82,11 +93,11 @@ at::Tensor tile_dots(const at::Tensor& rows, int64_t i0, int64_t bi, int64_t k0,
 
 // Pass 1 with the logit bound as the shift (logit_bound_usable): one exp per
 // element feeds both its row's and its column's sum.
-template <typename C>
+template <typename C, bool kPosLse>
 SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                                      const int64_t* labels, C scale, C bound, bool diagonal,
                                                      RowStats<C>& stats) {
-  std::array<C, kTileRows> col_sum;
+  std::array<C, kTileRows> col_sum, row_exp;  // row_exp: the row's exps again, for its positives
   col_sum.fill(0);
   ColumnPositives<C> col_pos;
   const int64_t* col_labels = labels + k0;
@@ -97,15 +108,16 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
     if (diagonal) row[i] = scale > 0 ? kNegInf<C> : -kNegInf<C>;
     // Two loops: the exps alone vectorise at full float width; the int64
     // label compares would halve it.
-    C row_sum = 0, pos_sum = 0;
+    C row_sum = 0, pos_sum = 0, pos_exp = 0;
 #pragma omp simd reduction(+ : row_sum)
     for (int64_t k = 0; k < bk; ++k) {
       const C e = tile_exp(std::fma(row[k], scale, -bound));
       row_sum += e;
       col_sum[k] += e;
+      if constexpr (kPosLse) row_exp[k] = e;
     }
     int64_t pos_count = 0;
-#pragma omp simd reduction(+ : pos_sum, pos_count)
+#pragma omp simd reduction(+ : pos_sum, pos_count, pos_exp)
     for (int64_t k = 0; k < bk; ++k) {
       const bool self = diagonal & (k == i);
       const C logit = row[k] * scale;
@@ -114,9 +126,15 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
       pos_count += positive;
       col_pos.sum[k] += positive ? logit : C(0);
       col_pos.count[k] += positive;
+      if constexpr (kPosLse) {
+        const C e = positive ? row_exp[k] : C(0);
+        pos_exp += e;
+        col_pos.exp_sum[k] += e;
+      }
     }
     RunningLse<C>& lse = stats.lse[i0 + i];
     lse.merge(lse.next_max(bound), row_sum);
+    if constexpr (kPosLse) stats.positive_lse[i0 + i].merge(bound, pos_exp);
     stats.positive_sum[i0 + i] += pos_sum;
     stats.positive_count[i0 + i] += pos_count;
   }
@@ -124,11 +142,12 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
   for (int64_t k = 0; k < bk; ++k) {
     RunningLse<C>& lse = stats.lse[k0 + k];
     lse.merge(lse.next_max(bound), col_sum[k]);
+    if constexpr (kPosLse) stats.positive_lse[k0 + k].merge(bound, col_pos.exp_sum[k]);
   }
   col_pos.add_to(stats, k0, bk);
 }
 
-template <typename C>
+template <typename C, bool kPosLse>
 SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
                 C scale, bool diagonal, RowStats<C>& stats) {
   std::array<C, kTileRows> col_max, col_sum;
@@ -140,11 +159,11 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
     C* row = s + i * bk;
     for (int64_t k = 0; k < bk; ++k) row[k] *= scale;
     if (diagonal) row[i] = kNegInf<C>;  // self is not a candidate
-    C row_max = kNegInf<C>;
+    C row_max = kNegInf<C>, pos_max = kNegInf<C>;
     C pos_sum = 0;
     int64_t pos_count = 0;
     const int64_t label = labels[i0 + i];
-#pragma omp simd reduction(max : row_max) reduction(+ : pos_sum, pos_count)
+#pragma omp simd reduction(max : row_max, pos_max) reduction(+ : pos_sum, pos_count)
     for (int64_t k = 0; k < bk; ++k) {
       row_max = std::max(row_max, row[k]);
       col_max[k] = std::max(col_max[k], row[k]);
@@ -153,6 +172,10 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
       pos_count += positive;
       col_pos.sum[k] += positive ? row[k] : C(0);
       col_pos.count[k] += positive;
+      if constexpr (kPosLse) {
+        pos_max = std::max(pos_max, positive ? row[k] : kNegInf<C>);
+        col_pos.max[k] = std::max(col_pos.max[k], positive ? row[k] : kNegInf<C>);
+      }
     }
     RunningLse<C>& lse = stats.lse[i0 + i];
     const C row_shift = lse.next_max(row_max);
@@ -160,6 +183,19 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
 #pragma omp simd reduction(+ : row_sum)
     for (int64_t k = 0; k < bk; ++k) row_sum += tile_exp(row[k] - row_shift);
     lse.merge(row_shift, row_sum);
+    if constexpr (kPosLse) {
+      // The positives' own shift: relative to the row's largest logit, a
+      // positive 87 below it would vanish from lse_pos.
+      RunningLse<C>& pos_lse = stats.positive_lse[i0 + i];
+      const C pos_shift = pos_lse.next_max(pos_max);
+      C pos_exp = 0;
+#pragma omp simd reduction(+ : pos_exp)
+      for (int64_t k = 0; k < bk; ++k) {
+        const bool positive = (col_labels[k] == label) & !(diagonal & (k == i));
+        pos_exp += positive ? tile_exp(row[k] - pos_shift) : C(0);
+      }
+      pos_lse.merge(pos_shift, pos_exp);
+    }
     stats.positive_sum[i0 + i] += pos_sum;
     stats.positive_count[i0 + i] += pos_count;
   }
@@ -171,41 +207,80 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
     for (int64_t k = 0; k < bk; ++k) col_sum[k] += tile_exp(row[k] - shift[k]);
   }
   for (int64_t k = 0; k < bk; ++k) stats.lse[k0 + k].merge(shift[k], col_sum[k]);
+  if constexpr (kPosLse) {
+    std::array<C, kTileRows> pos_shift;
+    for (int64_t k = 0; k < bk; ++k) pos_shift[k] = stats.positive_lse[k0 + k].next_max(col_pos.max[k]);
+    ColumnPositives<C> col_exp;
+    for (int64_t i = 0; i < bi; ++i) {
+      const C* row = s + i * bk;
+      const int64_t label = labels[i0 + i];
+      for (int64_t k = 0; k < bk; ++k) {
+        col_exp.exp_sum[k] += col_labels[k] == label ? tile_exp(row[k] - pos_shift[k]) : C(0);
+      }
+    }
+    for (int64_t k = 0; k < bk; ++k) stats.positive_lse[k0 + k].merge(pos_shift[k], col_exp.exp_sum[k]);
+  }
   col_pos.add_to(stats, k0, bk);
 }
 
+// Per-row inputs of the gradient pass.
+template <typename C>
+struct RowCoefs {
+  const C* lse;
+  const C* factor;         // exp(bound - lse) (bounded shift)
+  const C* inv_positives;  // the positive term where it is constant: 1 / |P|, else 0
+  const C* pos_lse;        // log-sum-exp form: lse_pos where the term is exp(S - lse_pos), else 0
+  const C* pos_factor;     // exp(bound - lse_pos) there, else 0 (bounded shift)
+  const C* weight;
+};
+
 // Overwrites the tile of dot products with H = G_IK + (G_KI)^T. kBounded:
 // softmax_ik = exp(S_ik - bound) * factor_i with factor = exp(bound - lse)
-// (lse >= -bound, so factor <= exp(2 bound)): one exp per element, not two.
-template <typename C, bool kBounded>
+// (lse >= -bound, so factor <= exp(2 bound)): one exp per element, not two;
+// the log-sum-exp form's positive term is the same exp times pos_factor.
+template <typename C, bool kBounded, bool kPosLse>
 SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
-                const C* lse, const C* factor, C bound, const C* inv_positives, const C* weight, C scale,
-                bool diagonal) {
+                const RowCoefs<C>& rc, C bound, C scale, bool diagonal) {
   const int64_t* __restrict__ col_labels = labels + k0;
-  const C* __restrict__ col_lse = lse + k0;
-  const C* __restrict__ col_factor = kBounded ? factor + k0 : nullptr;
-  const C* __restrict__ col_inv = inv_positives + k0;
-  const C* __restrict__ col_weight = weight + k0;
+  const C* __restrict__ col_lse = rc.lse + k0;
+  const C* __restrict__ col_factor = kBounded ? rc.factor + k0 : nullptr;
+  const C* __restrict__ col_inv = rc.inv_positives + k0;
+  const C* __restrict__ col_pos_lse = kPosLse && !kBounded ? rc.pos_lse + k0 : nullptr;
+  const C* __restrict__ col_pos_factor = kPosLse && kBounded ? rc.pos_factor + k0 : nullptr;
+  const C* __restrict__ col_weight = rc.weight + k0;
   for (int64_t i = 0; i < bi; ++i) {
     C* __restrict__ row = s + i * bk;
-    const int64_t label = labels[i0 + i];
-    const C row_lse = lse[i0 + i], row_inv = inv_positives[i0 + i], row_weight = weight[i0 + i];
-    const C row_factor = kBounded ? factor[i0 + i] : C(0);
+    const int64_t r = i0 + i;
+    const int64_t label = labels[r];
+    const C row_lse = rc.lse[r], row_inv = rc.inv_positives[r], row_weight = rc.weight[r];
+    const C row_factor = kBounded ? rc.factor[r] : C(0);
+    const C row_pos_lse = kPosLse && !kBounded ? rc.pos_lse[r] : C(0);
+    const C row_pos_factor = kPosLse && kBounded ? rc.pos_factor[r] : C(0);
 #pragma omp simd
     for (int64_t k = 0; k < bk; ++k) {
       const C logit = row[k] * scale;
       const bool positive = col_labels[k] == label;
-      C row_softmax, col_softmax;
+      C row_softmax, col_softmax, row_pos = 0, col_pos = 0;
       if constexpr (kBounded) {
         const C e = tile_exp(std::fma(row[k], scale, -bound));
         row_softmax = e * row_factor;
         col_softmax = e * col_factor[k];
+        if constexpr (kPosLse) {
+          row_pos = e * row_pos_factor;
+          col_pos = e * col_pos_factor[k];
+        }
       } else {
         row_softmax = tile_exp(logit - row_lse);
         col_softmax = tile_exp(logit - col_lse[k]);
+        if constexpr (kPosLse) {
+          row_pos = tile_exp(logit - row_pos_lse);
+          col_pos = tile_exp(logit - col_pos_lse[k]);
+        }
       }
-      const C from_row = row_weight * (row_softmax - (positive ? row_inv : C(0)));
-      const C from_col = col_weight[k] * (col_softmax - (positive ? col_inv[k] : C(0)));
+      const C row_positive = (!kPosLse || row_inv != 0) ? row_inv : row_pos;
+      const C col_positive = (!kPosLse || col_inv[k] != 0) ? col_inv[k] : col_pos;
+      const C from_row = row_weight * (row_softmax - (positive ? row_positive : C(0)));
+      const C from_col = col_weight[k] * (col_softmax - (positive ? col_positive : C(0)));
       row[k] = (row_weight != 0 ? from_row : C(0)) + (col_weight[k] != 0 ? from_col : C(0));
     }
     if (diagonal) row[i] = 0;
@@ -213,22 +288,66 @@ SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64
 }
 
 // The tile loops again, compiled for AVX2+FMA; chosen at run time.
-template <typename C>
+template <typename C, bool kPosLse>
 SSL_OPS_TARGET_AVX2 void pass1_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                          const int64_t* labels, C scale, bool diagonal, RowStats<C>& stats) {
-  pass1_tile(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+  pass1_tile<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
 }
-template <typename C>
+template <typename C, bool kPosLse>
 SSL_OPS_TARGET_AVX2 void pass1_tile_bounded_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                                  const int64_t* labels, C scale, C bound, bool diagonal,
                                                  RowStats<C>& stats) {
-  pass1_tile_bounded(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+  pass1_tile_bounded<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
 }
-template <typename C, bool kBounded>
+template <typename C, bool kBounded, bool kPosLse>
 SSL_OPS_TARGET_AVX2 void pass2_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
-                                         const int64_t* labels, const C* lse, const C* factor, C bound,
-                                         const C* inv_positives, const C* weight, C scale, bool diagonal) {
-  pass2_tile<C, kBounded>(s, bi, bk, i0, k0, labels, lse, factor, bound, inv_positives, weight, scale, diagonal);
+                                         const int64_t* labels, const RowCoefs<C>& rc, C bound, C scale,
+                                         bool diagonal) {
+  pass2_tile<C, kBounded, kPosLse>(s, bi, bk, i0, k0, labels, rc, bound, scale, diagonal);
+}
+
+// The compiled variant for this call: shift (bounded or running max), form
+// of the positives, and ISA.
+template <typename C>
+using Pass1 = void (*)(C*, int64_t, int64_t, int64_t, int64_t, const int64_t*, C, C, bool, RowStats<C>&);
+template <typename C, bool kBounded, bool kPosLse>
+void pass1_variant(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels, C scale, C bound,
+                   bool diagonal, RowStats<C>& stats) {
+  if constexpr (kBounded) {
+    pass1_tile_bounded<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+  } else {
+    pass1_tile<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+  }
+}
+template <typename C, bool kBounded, bool kPosLse>
+void pass1_variant_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels, C scale,
+                        C bound, bool diagonal, RowStats<C>& stats) {
+  if constexpr (kBounded) {
+    pass1_tile_bounded_avx2<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+  } else {
+    pass1_tile_avx2<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+  }
+}
+template <typename C>
+Pass1<C> choose_pass1(bool bounded, bool pos_lse, bool avx2) {
+  if (bounded) {
+    if (pos_lse) return avx2 ? &pass1_variant_avx2<C, true, true> : &pass1_variant<C, true, true>;
+    return avx2 ? &pass1_variant_avx2<C, true, false> : &pass1_variant<C, true, false>;
+  }
+  if (pos_lse) return avx2 ? &pass1_variant_avx2<C, false, true> : &pass1_variant<C, false, true>;
+  return avx2 ? &pass1_variant_avx2<C, false, false> : &pass1_variant<C, false, false>;
+}
+
+template <typename C>
+using Pass2 = void (*)(C*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const RowCoefs<C>&, C, C, bool);
+template <typename C>
+Pass2<C> choose_pass2(bool bounded, bool pos_lse, bool avx2) {
+  if (bounded) {
+    if (pos_lse) return avx2 ? &pass2_tile_avx2<C, true, true> : &pass2_tile<C, true, true>;
+    return avx2 ? &pass2_tile_avx2<C, true, false> : &pass2_tile<C, true, false>;
+  }
+  if (pos_lse) return avx2 ? &pass2_tile_avx2<C, false, true> : &pass2_tile<C, false, true>;
+  return avx2 ? &pass2_tile_avx2<C, false, false> : &pass2_tile<C, false, false>;
 }
 
 struct AnchorRange {
@@ -251,22 +370,48 @@ void for_each_tile_pair(int64_t rows, AnchorRange anchors,
   }
 }
 
+// The positive term of each row's gradient: inv_positives = 1 / |P| in the
+// mean form; in the log-sum-exp form 1 for a row with one positive (the mean
+// form's arithmetic), else 0 and pos_lse = lse_pos, the term exp(S - lse_pos).
+template <typename C>
+struct PositiveTerms {
+  std::vector<C> inv_positives, pos_lse;
+  PositiveTerms(const int64_t* positive_count, const C* lse_positive, int64_t m, bool pos_lse_form)
+      : inv_positives(m, 0), pos_lse(pos_lse_form ? m : 0, 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t count = positive_count[i];
+      if (count == 0) continue;
+      if (!pos_lse_form) {
+        inv_positives[i] = C(1) / C(count);
+      } else if (count == 1) {
+        inv_positives[i] = 1;
+      } else {
+        pos_lse[i] = lse_positive[i];
+      }
+    }
+  }
+};
+
 template <typename C>
 at::Tensor gradient_pass(const at::Tensor& rows, AnchorRange anchors, const int64_t* labels, const C* lse,
-                         const C* inv_positives, const C* weight, C scale, bool normalize) {
+                         const PositiveTerms<C>& positives, const C* weight, C scale, bool normalize) {
   const int64_t m = rows.size(0);
   at::Tensor grad = at::zeros_like(rows);
   const bool bounded = logit_bound_usable<C>(scale, normalize);
+  const bool pos_lse_form = !positives.pos_lse.empty();
   const C bound = std::abs(scale);
-  std::vector<C> factor(bounded ? m : 0);
+  std::vector<C> factor(bounded ? m : 0), pos_factor(bounded && pos_lse_form ? m : 0);
   for (size_t i = 0; i < factor.size(); ++i) factor[i] = std::exp(bound - lse[i]);
-  const bool avx2 = cpu_has_avx2_fma();
-  auto* pass2 = bounded ? (avx2 ? &pass2_tile_avx2<C, true> : &pass2_tile<C, true>)
-                        : (avx2 ? &pass2_tile_avx2<C, false> : &pass2_tile<C, false>);
+  for (size_t i = 0; i < pos_factor.size(); ++i) {
+    // lse_pos >= -bound, so the factor <= exp(2 bound), as for the softmax.
+    pos_factor[i] = positives.inv_positives[i] == 0 ? std::exp(bound - positives.pos_lse[i]) : C(0);
+  }
+  const RowCoefs<C> rc{lse, factor.data(), positives.inv_positives.data(), positives.pos_lse.data(),
+                       pos_factor.data(), weight};
+  const Pass2<C> pass2 = choose_pass2<C>(bounded, pos_lse_form, cpu_has_avx2_fma());
   for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(rows, i0, bi, k0, bk);
-    pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, lse, factor.data(), bound, inv_positives, weight, scale,
-          diagonal);
+    pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, rc, bound, scale, diagonal);
     at::Tensor grad_i = grad.narrow(0, i0, bi);
     grad_i.addmm_(tile, rows.narrow(0, k0, bk), 1, scale);
     if (!diagonal) {
@@ -298,17 +443,11 @@ std::vector<C> row_weights(const int64_t* positive_count, int64_t m, Reduction r
   return weight;
 }
 
-template <typename C>
-std::vector<C> inverse_counts(const int64_t* positive_count, int64_t m) {
-  std::vector<C> inv(m, 0);
-  for (int64_t i = 0; i < m; ++i) inv[i] = positive_count[i] > 0 ? C(1) / C(positive_count[i]) : C(0);
-  return inv;
-}
+using SymOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename C>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
-    const at::Tensor& z, const at::Tensor& labels_in, AnchorRange anchors, double scale_d, double eps,
-    bool normalize, Reduction reduction, bool compute_grad) {
+SymOutputs sym_loss_impl(const at::Tensor& z, const at::Tensor& labels_in, AnchorRange anchors, double scale_d,
+                         double eps, bool normalize, Reduction reduction, bool compute_grad, bool pos_lse_form) {
   const int64_t m = z.size(0);
   const C scale = static_cast<C>(scale_d);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
@@ -316,34 +455,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
   const at::Tensor labels = labels_in.contiguous();
   const int64_t* label_ptr = labels.const_data_ptr<int64_t>();
 
-  RowStats<C> stats(m);
+  RowStats<C> stats(m, pos_lse_form);
   const bool bounded = logit_bound_usable<C>(scale_d, normalize);
   const C bound = static_cast<C>(std::abs(scale_d));
-  const bool avx2 = cpu_has_avx2_fma();
+  const Pass1<C> pass1 = choose_pass1<C>(bounded, pos_lse_form, cpu_has_avx2_fma());
   for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(n.rows, i0, bi, k0, bk);
-    if (bounded) {
-      auto* pass1 = avx2 ? &pass1_tile_bounded_avx2<C> : &pass1_tile_bounded<C>;
-      pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, bound, diagonal, stats);
-    } else {
-      auto* pass1 = avx2 ? &pass1_tile_avx2<C> : &pass1_tile<C>;
-      pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, diagonal, stats);
-    }
+    pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, bound, diagonal, stats);
   });
 
   const auto opts = z.options().dtype(compute);
   at::Tensor lse = at::empty({m}, opts);
   at::Tensor positive_count = at::empty({m}, z.options().dtype(at::kLong));
+  at::Tensor lse_positive = at::zeros({pos_lse_form ? m : 0}, opts);
   at::Tensor row_loss = at::empty({m}, opts);
   C* lse_p = lse.data_ptr<C>();
   int64_t* count_p = positive_count.data_ptr<int64_t>();
+  C* lse_pos_p = lse_positive.data_ptr<C>();
   C* loss_p = row_loss.data_ptr<C>();
   // Note [Loss rounding]: loss_i = (shift - positive mean) + log(sum), the
   // shift and the positive logit subtracted first (nearly equal, so exactly,
   // as cross-entropy's x_t - max is), not (shift + log(sum)) - mean, which
   // leaves an ulp of the shift in a small loss; and the reduction sums in
   // double, not one float add per row. Before, at D = 1 the mean was 6x further
-  // from float64 than lightly's (1.0e-5 against 1.6e-6).
+  // from float64 than lightly's (1.0e-5 against 1.6e-6). The log-sum-exp form
+  // likewise subtracts the shifts first, then the logs.
   double total = 0;
   int64_t valid = 0;
   for (int64_t i = 0; i < m; ++i) {
@@ -351,7 +487,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
     const RunningLse<C>& row = stats.lse[i];
     lse_p[i] = anchor ? row.value() : C(0);
     count_p[i] = anchor ? stats.positive_count[i] : 0;
-    loss_p[i] = count_p[i] > 0 ? (row.max - stats.positive_sum[i] / C(count_p[i])) + std::log(row.sum) : C(0);
+    if (count_p[i] == 0) {
+      loss_p[i] = 0;
+    } else if (!pos_lse_form || count_p[i] == 1) {
+      loss_p[i] = (row.max - stats.positive_sum[i] / C(count_p[i])) + std::log(row.sum);
+      if (pos_lse_form) lse_pos_p[i] = stats.positive_sum[i];  // the one positive logit
+    } else {
+      const RunningLse<C>& pos = stats.positive_lse[i];
+      loss_p[i] = (row.max - pos.max) + (std::log(row.sum) - std::log(pos.sum));
+      lse_pos_p[i] = pos.value();
+    }
     total += static_cast<double>(loss_p[i]);
     valid += count_p[i] > 0;
   }
@@ -363,30 +508,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sym_loss_impl(
   at::Tensor grad = at::empty({0}, z.options());
   if (compute_grad && reduction != Reduction::None) {
     const std::vector<C> weight = row_weights<C>(count_p, m, reduction, at::ones({}, opts));
-    const std::vector<C> inv = inverse_counts<C>(count_p, m);
+    const PositiveTerms<C> positives(count_p, lse_pos_p, m, pos_lse_form);
     grad = normalize_rows_backward(
-        n, gradient_pass<C>(n.rows, anchors, label_ptr, lse_p, inv.data(), weight.data(), scale, normalize),
+        n, gradient_pass<C>(n.rows, anchors, label_ptr, lse_p, positives, weight.data(), scale, normalize),
         z.scalar_type());
   }
-  return {loss, lse, positive_count, grad};
+  return {loss, lse, positive_count, grad, lse_positive};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
-    const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin, int64_t anchor_end, double scale,
-    double eps, bool normalize, int64_t reduction, bool compute_grad) {
-  check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction);
+bool log_sum_exp_form(int64_t positives) {
+  return positives == static_cast<int64_t>(PositiveReduction::kLogSumExp);
+}
+
+SymOutputs contrastive_sym_loss(const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin,
+                                int64_t anchor_end, double scale, double eps, bool normalize, int64_t reduction,
+                                bool compute_grad, int64_t positives) {
+  check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction, positives);
   const auto r = static_cast<Reduction>(reduction);
   const AnchorRange anchors{anchor_begin, anchor_end};
+  const bool pos_lse = log_sum_exp_form(positives);
   if (z.scalar_type() == at::kDouble) {
-    return sym_loss_impl<double>(z, labels, anchors, scale, eps, normalize, r, compute_grad);
+    return sym_loss_impl<double>(z, labels, anchors, scale, eps, normalize, r, compute_grad, pos_lse);
   }
-  return sym_loss_impl<float>(z, labels, anchors, scale, eps, normalize, r, compute_grad);
+  return sym_loss_impl<float>(z, labels, anchors, scale, eps, normalize, r, compute_grad, pos_lse);
 }
 
 template <typename C>
 at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels_in,
                              AnchorRange anchors, const at::Tensor& lse_in, const at::Tensor& positive_count_in,
-                             double scale, double eps, bool normalize, Reduction reduction) {
+                             const std::optional<at::Tensor>& lse_positive_in, bool pos_lse_form, double scale,
+                             double eps, bool normalize, Reduction reduction) {
   const int64_t m = z.size(0);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
   const NormalizedRows n = normalize_rows(z, eps, normalize, compute);
@@ -394,25 +545,32 @@ at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, c
   const at::Tensor lse = lse_in.to(compute).contiguous();
   const at::Tensor counts = positive_count_in.contiguous();
   const int64_t* count_p = counts.const_data_ptr<int64_t>();
+  const at::Tensor lse_positive = pos_lse_form ? lse_positive_in->to(compute).contiguous() : at::Tensor();
   const std::vector<C> weight = row_weights<C>(count_p, m, reduction, grad_loss);
-  const std::vector<C> inv = inverse_counts<C>(count_p, m);
-  const at::Tensor grad_rows = gradient_pass<C>(
-      n.rows, anchors, labels.const_data_ptr<int64_t>(), lse.const_data_ptr<C>(), inv.data(), weight.data(),
-      static_cast<C>(scale), normalize);
+  const PositiveTerms<C> positives(count_p, pos_lse_form ? lse_positive.const_data_ptr<C>() : nullptr, m,
+                                   pos_lse_form);
+  const at::Tensor grad_rows = gradient_pass<C>(n.rows, anchors, labels.const_data_ptr<int64_t>(),
+                                                lse.const_data_ptr<C>(), positives, weight.data(),
+                                                static_cast<C>(scale), normalize);
   return normalize_rows_backward(n, grad_rows, z.scalar_type());
 }
 
 at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels,
                                     int64_t anchor_begin, int64_t anchor_end, const at::Tensor& lse,
                                     const at::Tensor& positive_count, double scale, double eps, bool normalize,
-                                    int64_t reduction) {
-  check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction);
+                                    int64_t reduction, const std::optional<at::Tensor>& lse_positive,
+                                    int64_t positives) {
+  check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction, positives);
+  check_sym_lse_positive(z, lse_positive, positives);
   const auto r = static_cast<Reduction>(reduction);
   const AnchorRange anchors{anchor_begin, anchor_end};
+  const bool pos_lse = log_sum_exp_form(positives);
   if (z.scalar_type() == at::kDouble) {
-    return sym_backward_impl<double>(grad_loss, z, labels, anchors, lse, positive_count, scale, eps, normalize, r);
+    return sym_backward_impl<double>(grad_loss, z, labels, anchors, lse, positive_count, lse_positive, pos_lse,
+                                     scale, eps, normalize, r);
   }
-  return sym_backward_impl<float>(grad_loss, z, labels, anchors, lse, positive_count, scale, eps, normalize, r);
+  return sym_backward_impl<float>(grad_loss, z, labels, anchors, lse, positive_count, lse_positive, pos_lse, scale,
+                                  eps, normalize, r);
 }
 
 }  // namespace

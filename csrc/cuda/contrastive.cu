@@ -189,6 +189,7 @@ bool use_gemm_route() { return contrastive_route() == ContrastiveRoute::kGemm; }
 
 struct SymSaved {
   at::Tensor lse, positive_sum, positive_count;
+  at::Tensor lse_positive;  // log-sum-exp form; else empty
 };
 
 // The anchor rows [begin, end) of z: all rows in one process, this process's
@@ -200,7 +201,7 @@ struct Anchors {
 
 template <typename T>
 GemmLossSpec<T> sym_gemm_spec(const at::Tensor& z_hat, const at::Tensor& labels, Anchors anchors, double scale,
-                              bool normalize) {
+                              bool normalize, bool positives_lse) {
   GemmLossSpec<T> spec;
   spec.q_hat = z_hat.narrow(0, anchors.begin, anchors.count());
   spec.k_hat = z_hat;
@@ -208,6 +209,7 @@ GemmLossSpec<T> sym_gemm_spec(const at::Tensor& z_hat, const at::Tensor& labels,
   spec.labels = data<int64_t>(labels);
   spec.exclude_self = true;
   spec.rows_need_positives = true;
+  spec.positives_lse = positives_lse;
   spec.scale = scale;
   spec.bounded = logit_bound_usable<acc_t<T>>(scale, normalize);
   return spec;
@@ -222,11 +224,16 @@ SymSaved sym_saved_from(const GemmLossResult<T>& r, int64_t rows, Anchors anchor
   s.lse.narrow(0, anchors.begin, anchors.count()).copy_(r.lse);
   s.positive_sum.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_sum);
   s.positive_count.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_count);
+  s.lse_positive = at::zeros({r.lse_positive.defined() ? rows : 0}, r.lse.options());
+  if (r.lse_positive.defined()) s.lse_positive.narrow(0, anchors.begin, anchors.count()).copy_(r.lse_positive);
   return s;
 }
 
-// 1 / |P(r)| per row, 0 for rows without positives (count in the accumulation type).
-at::Tensor inverse_counts(const at::Tensor& count) {
+// 1 / |P(r)| per row, 0 for rows without positives (count in the accumulation
+// type); in the log-sum-exp form 1 for one positive, else 0 (the GEMM merge
+// kernel's rule).
+at::Tensor inverse_counts(const at::Tensor& count, bool positives_lse = false) {
+  if (positives_lse) return (count == 1).to(count.scalar_type()).contiguous();
   return at::where(count > 0, 1 / at::clamp_min(count, 1), at::zeros_like(count)).contiguous();
 }
 
@@ -359,24 +366,31 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
   return finish_rows<T>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
+// The positives inside the log (log-sum-exp form) take the GEMM route on
+// either setting: the tile kernels compute the mean form only.
+bool positives_lse_form(int64_t positives) {
+  return positives == static_cast<int64_t>(PositiveReduction::kLogSumExp);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
     const at::Tensor& z_in, const at::Tensor& labels_in, int64_t anchor_begin, int64_t anchor_end, double scale,
-    double eps, bool normalize, int64_t reduction_in, bool compute_grad) {
-  check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in);
+    double eps, bool normalize, int64_t reduction_in, bool compute_grad, int64_t positives) {
+  check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in, positives);
+  const bool positives_lse = positives_lse_form(positives);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
   const auto reduction = static_cast<Reduction>(reduction_in);
   const Anchors anchors{anchor_begin, anchor_end};
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
     const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
     const bool with_grad = compute_grad && reduction != Reduction::None;
     SymSaved s;
     at::Tensor gemm_grad_hat;  // the GEMM route forms the gradient with the statistics
-    if (use_gemm_route()) {
+    if (use_gemm_route() || positives_lse) {
       GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
-                                                            scale, normalize);
+                                                            scale, normalize, positives_lse);
       spec.grad_q = spec.grad_k = with_grad;  // weights: 1 where the row has positives
       GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
       s = sym_saved_from(r, z.size(0), anchors);
@@ -386,8 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
     }
     const at::Tensor valid = s.positive_count > 0;
     const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
-    const at::Tensor row_loss =
-        at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
+    // The log-sum-exp form's lse_positive is the positive logit itself for one positive.
+    const at::Tensor positive_term = positives_lse ? s.lse_positive : s.positive_sum / at::clamp_min(count, 1);
+    const at::Tensor row_loss = at::where(valid, s.lse - positive_term, at::zeros_like(s.lse));
     at::Tensor grad = at::empty({0}, z.options());
     if (with_grad && gemm_grad_hat.defined()) {
       if (reduction == Reduction::Mean) gemm_grad_hat.div_(at::clamp_min(valid.sum(), 1));
@@ -398,7 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
       grad = sym_gradient<scalar_t>(z, denom, labels, anchors, s.lse, s.positive_count, weight, scale, eps,
                                     normalize, stream);
     }
-    result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad};
+    const at::Tensor lse_positive = positives_lse ? s.lse_positive : at::empty({0}, s.lse.options());
+    result = {reduce(row_loss, reduction, valid), s.lse, s.positive_count, grad, lse_positive};
   });
   return result;
 }
@@ -406,8 +422,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
 at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tensor& z_in, const at::Tensor& labels_in,
                                     int64_t anchor_begin, int64_t anchor_end, const at::Tensor& lse,
                                     const at::Tensor& positive_count, double scale, double eps, bool normalize,
-                                    int64_t reduction) {
-  check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction);
+                                    int64_t reduction, const std::optional<at::Tensor>& lse_positive,
+                                    int64_t positives) {
+  check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction, positives);
+  check_sym_lse_positive(z_in, lse_positive, positives);
+  const bool positives_lse = positives_lse_form(positives);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -418,13 +437,17 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), positive_count > 0, denom.scalar_type());
     const Anchors anchors{anchor_begin, anchor_end};
-    if (use_gemm_route()) {
+    if (use_gemm_route() || positives_lse) {
       GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
-                                                            scale, normalize);
+                                                            scale, normalize, positives_lse);
       const at::Tensor count = positive_count.narrow(0, anchors.begin, anchors.count()).to(lse_acc.scalar_type());
       spec.given_lse = lse_acc.narrow(0, anchors.begin, anchors.count()).contiguous();
       spec.given_weight = weight.narrow(0, anchors.begin, anchors.count()).contiguous();
-      spec.given_inv_count = inverse_counts(count);
+      spec.given_inv_count = inverse_counts(count, positives_lse);
+      if (positives_lse) {
+        spec.given_lse_positive =
+            lse_positive->to(lse_acc.scalar_type()).narrow(0, anchors.begin, anchors.count()).contiguous();
+      }
       spec.grad_q = spec.grad_k = true;
       GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
       at::Tensor grad_hat = sym_gemm_grad_hat(r, anchors);

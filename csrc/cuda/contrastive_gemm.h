@@ -92,12 +92,14 @@ struct GemmLossSpec {
   bool offset_positive = false;
   int64_t positive_offset = 0;
   bool rows_need_positives = false;
+  bool positives_lse = false;   // symmetric: the positives inside the log (log-sum-exp form)
   at::Tensor initial_logit;     // MoCo's positive-key logits (na), or undefined
   double scale = 1;
   bool bounded = false;
   // Given statistics (the backward op): lse and the per-row weight (0 for rows
-  // that do not count) and 1 / |P(r)|; the stats kernels are skipped.
-  at::Tensor given_lse, given_weight, given_inv_count;
+  // that do not count) and 1 / |P(r)| (the merge kernel's inv in the
+  // log-sum-exp form, with lse_pos); the stats kernels are skipped.
+  at::Tensor given_lse, given_weight, given_inv_count, given_lse_positive;
   // Forward with a gradient: per-row weights, or undefined for 1 where the row counts.
   at::Tensor weight;
   bool grad_q = false, grad_k = false;
@@ -106,6 +108,7 @@ struct GemmLossSpec {
 template <typename T>
 struct GemmLossResult {
   at::Tensor lse, positive_sum, positive_count;  // per anchor (statistics pass only)
+  at::Tensor lse_positive;                        // log-sum-exp form
   at::Tensor grad_q_hat, grad_k_hat;              // accumulation type, G including scale and w
 };
 
@@ -124,6 +127,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     out.lse = at::empty({na}, acc_opts);
     out.positive_sum = at::empty({na}, acc_opts);
     out.positive_count = at::empty({na}, acc_opts.dtype(at::kLong));
+    if (spec.positives_lse) out.lse_positive = at::empty({na}, acc_opts);
   }
   if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
   if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
@@ -146,7 +150,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   if (grad) g_buffer = std::is_same_v<T, A> ? s_buffer : at::empty({rows_per_chunk, n}, spec.q_hat.options());
   at::Tensor parts, part_count;  // the stats kernel's partials, [split][row]
   if (stats) {
-    parts = at::empty({3, splits, rows_per_chunk}, acc_opts);
+    parts = at::empty({spec.positives_lse ? 5 : 3, splits, rows_per_chunk}, acc_opts);
     part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
   }
   // G holds kGScale * w / max|w| (contrastive_gemm_rows.cuh); the fp32 products
@@ -188,6 +192,10 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       p.part_sum = parts[1].template data_ptr<A>();
       p.part_positive = parts[2].template data_ptr<A>();
       p.part_count = part_count.template data_ptr<int64_t>();
+      if (spec.positives_lse) {
+        p.part_pos_shift = parts[3].template data_ptr<A>();
+        p.part_pos_sum = parts[4].template data_ptr<A>();
+      }
       // The partials are [split][row] with the chunk's row count as the stride.
       launch_kernel(gemm_row_stats_kernel<A>, dim3(c, splits), dim3(kGemmRowThreads), 0, stream, p);
       GemmMergeParams<A> m{};
@@ -195,6 +203,9 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       m.part_sum = p.part_sum;
       m.part_positive = p.part_positive;
       m.part_count = p.part_count;
+      m.part_pos_shift = p.part_pos_shift;
+      m.part_pos_sum = p.part_pos_sum;
+      m.lse_positive = spec.positives_lse ? out.lse_positive.template data_ptr<A>() + r0 : nullptr;
       m.rows = c;
       m.splits = splits;
       m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
@@ -210,8 +221,10 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     }
     if (!grad) continue;
     at::Tensor g = g_buffer.narrow(0, 0, c);
+    const at::Tensor& lse_positive = stats ? out.lse_positive : spec.given_lse_positive;
     GemmCoefParams<T> q{p, (stats ? out.lse : spec.given_lse).template const_data_ptr<A>() + r0,
                         weight.template const_data_ptr<A>() + r0, inv_count.template const_data_ptr<A>() + r0,
+                        spec.positives_lse ? lse_positive.template const_data_ptr<A>() + r0 : nullptr,
                         reinterpret_cast<T*>(g.data_ptr())};
     launch_kernel(gemm_row_coef_kernel<T>, dim3(c, splits), dim3(kGemmRowThreads), 0, stream, q);
     if (spec.grad_q) {

@@ -9,12 +9,19 @@
 //   |scale| where usable, else the largest logit), sum exp(s - shift) over the
 //   candidates (self excluded), and the sum and count of positive logits
 //   (equal labels; or the column r + positive_offset). With the bounded shift
-//   the partial sums of the splits simply add.
+//   the partial sums of the splits simply add. With the positives inside the
+//   log (part_pos_sum given), also their sum of exps: the same exps under the
+//   bounded shift, else shifted by the positives' own largest logit (one exp
+//   more per positive), so a positive far below the row's largest logit
+//   keeps its weight.
 // gemm_row_merge_kernel: one thread per row merges the splits (and MoCo's
 //   positive-key logit, the first term of each row) into lse_r, the positive
-//   sum and count, and the row's gradient weight w_r and 1 / |P(r)|.
+//   sum and count, and the row's gradient weight w_r and 1 / |P(r)|; with the
+//   positives inside the log, lse_pos_r (the logit itself for one positive) and
+//   inv = 1 for one positive, 0 for more (their term is exp(s - lse_pos_r)).
 // gemm_row_coef_kernel: block (row, column split) writes
 //   G_rc = kGScale * w_r * (exp(s - lse_r) - positive_rc / |P(r)|)   (0 at self)
+//   (positive_rc exp(s - lse_pos_r) where inv is 0 in the log-sum-exp form)
 //   in the input dtype, over S (fp32/fp64 inputs: same element, same thread)
 //   or into its own buffer (fp16/bf16: half the bytes for the gradient GEMMs).
 //   The host passes w normalised to max |w| = 1 and multiplies the fp32
@@ -55,6 +62,8 @@ struct GemmRowParams {
   A* part_sum;
   A* part_positive;
   int64_t* part_count;
+  A* part_pos_shift;       // positives inside the log only, else null
+  A* part_pos_sum;
 };
 
 template <typename A>
@@ -98,33 +107,41 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_stats_kernel(GemmRow
   const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
   const A* s = p.s + row * p.cols;
   const int64_t label = p.labels ? p.labels[p.first_row + row] : 0;
+  const bool pos_lse = p.part_pos_sum != nullptr;
   A shift = p.bounded ? (p.scale < 0 ? -p.scale : p.scale) : negative_infinity<A>();
+  A pos_shift = shift;
   if (!p.bounded) {
-    A local = negative_infinity<A>();
+    A local = negative_infinity<A>(), local_pos = negative_infinity<A>();
     for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
-      if (classify(p, row, c, label).candidate) {
+      const RowColumn<A> kind = classify(p, row, c, label);
+      if (kind.candidate) {
         const A logit = p.scale * s[c];
         local = logit > local ? logit : local;
+        if (kind.positive && logit > local_pos) local_pos = logit;
       }
     }
     shift = block_reduce(local, smem, true);
+    if (pos_lse) pos_shift = block_reduce(local_pos, smem, true);
   }
-  A sum = 0, positive = 0;
+  A sum = 0, positive = 0, pos_sum = 0;
   int64_t count = 0;
   if (shift != negative_infinity<A>()) {
     for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
       const RowColumn<A> kind = classify(p, row, c, label);
       if (!kind.candidate) continue;
       const A logit = p.scale * s[c];
-      sum += device_exp(logit - shift);
+      const A e = device_exp(logit - shift);
+      sum += e;
       if (kind.positive) {
         positive += logit;
         ++count;
+        if (pos_lse) pos_sum += p.bounded ? e : device_exp(logit - pos_shift);
       }
     }
   }
   sum = block_reduce(sum, smem, false);
   positive = block_reduce(positive, smem, false);
+  if (pos_lse) pos_sum = block_reduce(pos_sum, smem, false);
   // Counts: a warp sum, then the warps' partials through shared memory.
   for (int offset = 16; offset > 0; offset /= 2) count += __shfl_xor_sync(0xffffffffu, count, offset);
   if (threadIdx.x % 32 == 0) smem_count[threadIdx.x / 32] = count;
@@ -137,6 +154,10 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_stats_kernel(GemmRow
     p.part_sum[at] = sum;
     p.part_positive[at] = positive;
     p.part_count[at] = total;
+    if (pos_lse) {
+      p.part_pos_shift[at] = pos_shift;
+      p.part_pos_sum[at] = pos_sum;
+    }
   }
 }
 
@@ -146,6 +167,8 @@ struct GemmMergeParams {
   const A* part_sum;
   const A* part_positive;
   const int64_t* part_count;
+  const A* part_pos_shift;  // positives inside the log only, else null
+  const A* part_pos_sum;
   int64_t rows, splits;
   const A* initial_logit;   // MoCo: the positive-key logit of each row (the first term); or null
   const A* weight_in;       // per-row gradient weight (the backward op); null: 1 where the row counts
@@ -154,7 +177,8 @@ struct GemmMergeParams {
   A* positive_sum;
   int64_t* positive_count;
   A* weight;                // w_r, for the coef kernel
-  A* inv_count;             // 1 / |P(r)| (0 without positives)
+  A* inv_count;             // 1 / |P(r)| (0 without positives; log-sum-exp form: 1 for one positive, else 0)
+  A* lse_positive;          // log-sum-exp form: lse_pos_r (0 without positives)
 };
 
 template <typename A>
@@ -178,10 +202,25 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_merge_kernel(GemmMer
   p.lse[row] = shift + log(sum);
   if (p.positive_sum) p.positive_sum[row] = positive;
   if (p.positive_count) p.positive_count[row] = count;
+  const bool pos_lse = p.part_pos_sum != nullptr;
+  if (pos_lse) {
+    A pos_shift = negative_infinity<A>();
+    for (int64_t k = 0; k < p.splits; ++k) {
+      const A part = p.part_pos_shift[k * p.rows + row];
+      pos_shift = part > pos_shift ? part : pos_shift;
+    }
+    A pos_sum = 0;
+    for (int64_t k = 0; k < p.splits; ++k) {
+      const A part = p.part_pos_shift[k * p.rows + row];
+      if (part != negative_infinity<A>()) pos_sum += p.part_pos_sum[k * p.rows + row] * device_exp(part - pos_shift);
+    }
+    // One positive: its logit, exactly (the mean form's arithmetic).
+    p.lse_positive[row] = count == 1 ? positive : (count > 1 ? pos_shift + log(pos_sum) : A(0));
+  }
   if (p.weight) {
     const bool counts = !p.rows_need_positives || count > 0;
     p.weight[row] = counts ? (p.weight_in ? p.weight_in[row] : A(1)) : A(0);
-    p.inv_count[row] = count > 0 ? A(1) / A(count) : A(0);
+    p.inv_count[row] = pos_lse ? A(count == 1) : (count > 0 ? A(1) / A(count) : A(0));
   }
 }
 
@@ -191,6 +230,7 @@ struct GemmCoefParams {
   const acc_t<T>* lse;
   const acc_t<T>* weight;        // |w| <= 1 (normalised by the host)
   const acc_t<T>* inv_count;
+  const acc_t<T>* lse_positive;  // log-sum-exp form, else null
   T* g;                          // rows x cols; may be S itself when T is the accumulation type
 };
 
@@ -205,11 +245,17 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_coef_kernel(GemmCoef
   T* g = q.g + row * p.cols;
   const int64_t label = p.labels ? p.labels[p.first_row + row] : 0;
   const A w = q.weight[row], lse = q.lse[row], inv = q.inv_count[row];
+  // The positives' term: inv, or exp(s - lse_pos) (log-sum-exp form, more than one positive).
+  const bool positive_exp = q.lse_positive != nullptr && inv == A(0);
+  const A lse_pos = positive_exp ? q.lse_positive[row] : A(0);
   for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
     const RowColumn<A> kind = classify(p, row, c, label);
     A coef = 0;
     if (kind.candidate && w != A(0)) {
-      coef = A(kGScale) * w * (device_exp(p.scale * s[c] - lse) - (kind.positive ? inv : A(0)));
+      const A logit = p.scale * s[c];
+      A positive_term = 0;
+      if (kind.positive) positive_term = positive_exp ? device_exp(logit - lse_pos) : inv;
+      coef = A(kGScale) * w * (device_exp(logit - lse) - positive_term);
     }
     g[c] = static_cast<T>(coef);  // after the read of s[c] by this thread: safe in place
   }
