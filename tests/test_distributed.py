@@ -139,25 +139,26 @@ def check_solo_compat(rank):
     ranks against solo-learn's own formulas (main branch), values and gradients."""
     from ssl_ops.compat import solo_learn
 
-    g = torch.Generator().manual_seed(7)
-    z_all = torch.randn(WORLD * 2 * BATCH, DIM, generator=g, dtype=torch.float64)
-    idx_all = torch.arange(WORLD * BATCH).repeat_interleave(2)  # two crops of each sample, side by side
-    rows = slice(rank * 2 * BATCH, (rank + 1) * 2 * BATCH)
-    z = z_all[rows].clone().requires_grad_()
-    loss = solo_learn.simclr_loss_func(z, idx_all[rows], temperature=0.2)
-    loss.backward()
-    zs = z_all[rows].clone().requires_grad_()
-    zn = F.normalize(zs, dim=-1)
-    gathered = torch.cat(_SoloGatherLayer.apply(zn))
-    sim = torch.exp(zn @ gathered.t() / 0.2)
-    pos_mask = idx_all[rows][:, None] == idx_all[None, :]
-    pos_mask[:, zs.size(0) * rank :].fill_diagonal_(False)
-    neg_mask = idx_all[rows][:, None] != idx_all[None, :]
-    pos, neg = (sim * pos_mask).sum(1), (sim * neg_mask).sum(1)
-    expected = -torch.log(pos / (pos + neg)).mean()
-    expected.backward()
-    torch.testing.assert_close(loss.detach(), expected.detach())
-    torch.testing.assert_close(z.grad, zs.grad)
+    for crops in (2, 3):  # three crops: the positives inside the log
+        g = torch.Generator().manual_seed(7)
+        z_all = torch.randn(WORLD * crops * BATCH, DIM, generator=g, dtype=torch.float64)
+        idx_all = torch.arange(WORLD * BATCH).repeat_interleave(crops)  # the crops of each sample, side by side
+        rows = slice(rank * crops * BATCH, (rank + 1) * crops * BATCH)
+        z = z_all[rows].clone().requires_grad_()
+        loss = solo_learn.simclr_loss_func(z, idx_all[rows], temperature=0.2)
+        loss.backward()
+        zs = z_all[rows].clone().requires_grad_()
+        zn = F.normalize(zs, dim=-1)
+        gathered = torch.cat(_SoloGatherLayer.apply(zn))
+        sim = torch.exp(zn @ gathered.t() / 0.2)
+        pos_mask = idx_all[rows][:, None] == idx_all[None, :]
+        pos_mask[:, zs.size(0) * rank :].fill_diagonal_(False)
+        neg_mask = idx_all[rows][:, None] != idx_all[None, :]
+        pos, neg = (sim * pos_mask).sum(1), (sim * neg_mask).sum(1)
+        expected = -torch.log(pos / (pos + neg)).mean()
+        expected.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach())
+        torch.testing.assert_close(z.grad, zs.grad)
 
     query_all, key_all = whole_batch(seed=4)
     q = shard(query_all, rank).double().detach().requires_grad_()

@@ -240,6 +240,73 @@ def test_supervised_matches_solo_learn_with_one_positive_each():
     torch.testing.assert_close(ssl_ops.nt_xent_loss(z, labels=indexes, temperature=0.1), solo)
 
 
+@pytest.mark.parametrize("num_views", [2, 3, 4])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_positives_inside_the_log(num_views, reduction):
+    """positives="logsumexp": each row's positives inside the log, against
+    the float64 formula -log(sum_P exp(s) / sum_{k != i} exp(s)) written out
+    with exps (as solo-learn does), for values and gradients; with two views
+    it is NT-Xent itself, the same bits as the default."""
+    g = torch.Generator().manual_seed(7)
+    views_ = [torch.randn(24, 16, generator=g).requires_grad_() for _ in range(num_views)]
+    loss = ssl_ops.nt_xent_loss(views_, temperature=0.2, positives="logsumexp", reduction=reduction)
+    grads = torch.autograd.grad(loss.sum(), views_)
+    ref_views = [v.detach().double().requires_grad_() for v in views_]
+    z = torch.nn.functional.normalize(torch.cat(ref_views), dim=1)
+    sim = torch.exp(z @ z.t() / 0.2)
+    group = torch.arange(24).repeat(num_views)
+    same = group[:, None] == group[None, :]
+    eye = torch.eye(len(group), dtype=torch.bool)
+    pos = (sim * (same & ~eye)).sum(1)
+    neg = (sim * ~same).sum(1)
+    ref = -torch.log(pos / (pos + neg))
+    ref = ref if reduction == "none" else ref.mean()
+    ref_grads = torch.autograd.grad(ref.sum(), ref_views)
+    loss_tol, grad_tol = tolerances(torch.float32, 12 * num_views, 16, 0.2)
+    assert_close(loss, ref.detach(), loss_tol, "loss")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, b, grad_tol, f"grad views[{i}]")
+    if num_views == 2:
+        default = ssl_ops.nt_xent_loss(views_, temperature=0.2, reduction=reduction)
+        assert torch.equal(loss, default)
+    else:  # several positives: the forms differ
+        mean_form = ssl_ops.nt_xent_loss(views_, temperature=0.2, reduction="mean")
+        assert not torch.allclose(loss.mean(), mean_form, rtol=1e-3)
+
+
+def test_positives_inside_the_log_gradcheck_opcheck_and_compile():
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3])  # 2, 1 and 0 positives
+    for reduction in ("mean", "sum", "none"):
+        assert torch.autograd.gradcheck(
+            lambda t: ssl_ops.nt_xent_loss(t, labels=labels, temperature=0.3, positives="logsumexp",
+                                           reduction=reduction), (z,))
+    zf = z.detach().float().requires_grad_()
+    for reduction in (0, 1, 2):
+        for compute_grad in (False, True):
+            torch.library.opcheck(torch.ops.ssl_ops.contrastive_sym_loss.default,
+                                  (zf, labels, 0, 9, 2.0, 1e-12, True, reduction, compute_grad, 1))
+    _, lse, count, _, lse_pos = torch.ops.ssl_ops.contrastive_sym_loss(zf, labels, 0, 9, 2.0, 1e-12, True, 0, False, 1)
+    torch.library.opcheck(
+        torch.ops.ssl_ops.contrastive_sym_backward.default,
+        (torch.randn(9), zf.detach(), labels, 0, 9, lse, count, 2.0, 1e-12, True, 0, lse_pos, 1),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch._dynamo.reset()
+
+    def loss_fn(t):
+        return ssl_ops.nt_xent_loss(t, labels=labels, positives="logsumexp")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(zf), [zf])
+    (eager_grad,) = torch.autograd.grad(loss_fn(zf), [zf])
+    torch.testing.assert_close(compiled(zf), loss_fn(zf))
+    torch.testing.assert_close(grad, eager_grad)
+    with pytest.raises(ValueError, match=r"positives must be one of \('mean', 'logsumexp'\), got 'sum'"):
+        ssl_ops.nt_xent_loss(zf[:4], zf[4:8], positives="sum")
+
+
 def test_gradcheck_float64():
     z0, z1 = views(5, 4, torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.3), (z0, z1))

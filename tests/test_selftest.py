@@ -43,6 +43,8 @@ def _loss_and_grads(fn, inputs):
 @pytest.mark.parametrize("family, fn", [
     ("contrastive", lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.2)),
     ("contrastive", lambda a, b: ssl_ops.nt_xent_loss(torch.cat([a, b]), labels=torch.tensor([0, 1, 0, 2, 1, 0] * 2))),
+    ("contrastive", lambda a, b: ssl_ops.nt_xent_loss(torch.cat([a, b]), labels=torch.tensor([0, 1, 0, 2, 1, 3] * 2),
+                                                      positives="logsumexp", reduction="none")),
     ("contrastive", lambda a, b: ssl_ops.info_nce_loss(a, b, torch.cat([a, b]).detach() * 0.5, 0.1)),
     ("contrastive", lambda a, b: ssl_ops.info_nce_loss(a, b, temperature=0.3, symmetric=True, reduction="none")),
     ("cosine", lambda a, b: ssl_ops.byol_loss(a, b)),

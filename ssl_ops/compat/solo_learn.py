@@ -26,12 +26,12 @@ def simclr_loss_func(z: torch.Tensor, indexes: torch.Tensor, temperature: float 
     """solo's SimCLR loss: z (all crops stacked, N x D), rows with equal
     ``indexes`` are positives of each other (self excluded), all others
     negatives; ``-mean_i log(sum_pos exp(s) / (sum_pos exp(s) + sum_neg exp(s)))``
-    over s = cos / temperature, from the log-sum-exps (solo sums raw exps).
+    over s = cos / temperature, any number of crops per index (the positives
+    inside the log: ``nt_xent_loss(..., positives="logsumexp")``), from
+    log-sum-exps where solo sums raw exps. With two crops it is NT-Xent.
 
-    Each row must have exactly one positive (two crops per index, solo's
-    SimCLR default); there this is NT-Xent exactly. With more crops solo puts
-    the positives inside the log, which ssl_ops' kernels do not compute yet:
-    that raises NotImplementedError rather than give another loss.
+    An index that appears once has no positive, where solo's loss is
+    infinite; that raises ValueError instead.
     """
     if not isinstance(indexes, torch.Tensor) or indexes.dim() != 1 or indexes.shape[0] != z.shape[0]:
         raise ValueError(f"indexes must be a 1-D tensor with one entry per row of z ({z.shape[0]}), "
@@ -39,19 +39,21 @@ def simclr_loss_func(z: torch.Tensor, indexes: torch.Tensor, temperature: float 
     group = indexes.to(torch.int64)
     gathered = distributed.world_size() > 1
     group_all = distributed.gather(group) if gathered else group
-    counts = torch.bincount(group_all - group_all.min()) if group_all.numel() else group_all
-    if group_all.numel() and bool((counts[counts > 0] != 2).any()):
-        raise NotImplementedError(
-            "ssl_ops.compat.solo_learn.simclr_loss_func: every index must appear exactly twice (two crops); "
-            "solo's loss with more crops per index (positives inside the log) is not implemented in ssl_ops yet"
+    _, counts = torch.unique(group_all, return_counts=True)
+    if bool((counts < 2).any()):
+        lonely = torch.unique(group_all)[counts < 2][:5].tolist()
+        raise ValueError(
+            "ssl_ops.compat.solo_learn.simclr_loss_func: every index needs at least two crops (a positive); "
+            f"indexes {lonely} appear once, where solo's loss is infinite"
         )
     if gathered:
         rank, rows = distributed.rank(), z.shape[0]
         anchors = (rank * rows, (rank + 1) * rows)
         # solo gathers z through its GatherLayer (the backward keeps this rank's
         # slice, unsummed) and scores this rank's rows against all.
-        return _sym_loss(distributed.gather_local_grad(z), group_all, temperature, "mean", True, anchors)
-    return _sym_loss(z, group, temperature, "mean", True)
+        return _sym_loss(distributed.gather_local_grad(z), group_all, temperature, "mean", True, anchors,
+                         positives="logsumexp")
+    return _sym_loss(z, group, temperature, "mean", True, positives="logsumexp")
 
 
 def mocov2plus_loss_func(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor,
