@@ -8,6 +8,8 @@ and runs it once before it measures).
   ssl_ops.reference.nt_xent_loss)
 * moco: InfoNCE of B queries against a queue (ssl_ops.info_nce_loss vs
   ssl_ops.reference.info_nce_loss)
+* dcl: decoupled contrastive loss over 2N rows (ssl_ops.dcl_loss vs
+  ssl_ops.reference.dcl_loss, lightly's DCLLoss computation)
 
 Each case is timed forward only and forward+backward (median of
 timed blocks of calls, benchmarks/common.py; both implementations in this
@@ -37,8 +39,10 @@ from ssl_ops import reference
 
 from .common import cuda_peak_extra, machine, measure_in_subprocess, median_seconds, peak_extra_bytes_here
 
+TWO_VIEW_LOSSES = ("nt_xent", "dcl")  # 2N rows from two views; the rest: B queries against a queue
 MEMORY_LIMIT = 20 * 2**30  # address-space cap of the memory-measuring process
 TEMPERATURE = 0.5
+DCL_TEMPERATURE = 0.1  # lightly's DCLLoss default
 
 
 def make_inputs(case, requires_grad):
@@ -49,7 +53,7 @@ def make_inputs(case, requires_grad):
         t = torch.randn(rows, case["d"], generator=g).to(device=device, dtype=dtype)
         return t.requires_grad_(grad)
 
-    if case["loss"] == "nt_xent":
+    if case["loss"] in TWO_VIEW_LOSSES:
         half = case["rows"] // 2
         return rand(half, requires_grad), rand(half, requires_grad)
     return rand(case["rows"], requires_grad), rand(case["rows"], False), rand(case["queue"], False)
@@ -66,6 +70,8 @@ def loss_fn(case, impl):
     module = ssl_ops if impl == "fused" else reference
     if case["loss"] == "nt_xent":
         return lambda z0, z1: module.nt_xent_loss(z0, z1, TEMPERATURE)
+    if case["loss"] == "dcl":
+        return lambda z0, z1: module.dcl_loss(z0, z1, DCL_TEMPERATURE)
     return lambda q, k, queue: module.info_nce_loss(q, k, queue, temperature=0.07)
 
 
@@ -130,7 +136,7 @@ def model_flops(case):
     """Matrix-multiply FLOPs of the eager computation: S = Q K^T forward; with
     the backward also dQ = G K and (NT-Xent) dK = G^T Q. The fused NT-Xent does
     fewer (each symmetric tile once), so its figure is an effective rate."""
-    if case["loss"] == "nt_xent":
+    if case["loss"] in TWO_VIEW_LOSSES:
         one = 2 * case["rows"] ** 2 * case["d"]
         return one * (1 if case["mode"] == "forward" else 3)
     one = 2 * case["rows"] * case["queue"] * case["d"]
@@ -142,7 +148,7 @@ def matmul_tflops(case, min_run_time):
     the hardware gives at that size."""
     g = torch.Generator().manual_seed(1)
     device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
-    cols = case["rows"] if case["loss"] == "nt_xent" else case["queue"]
+    cols = case["rows"] if case["loss"] in TWO_VIEW_LOSSES else case["queue"]
     a = torch.randn(case["rows"], case["d"], generator=g).to(device, dtype)
     b = torch.randn(cols, case["d"], generator=g).to(device, dtype)
     seconds = median_seconds(lambda: a @ b.t(), min_run_time, device)
@@ -197,6 +203,9 @@ def cases(full, device):
             for n in rows:
                 for mode in ("forward", "forward+backward"):
                     out.append({"loss": "nt_xent", "rows": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
+            for n in rows[-2:]:
+                for mode in ("forward", "forward+backward"):
+                    out.append({"loss": "dcl", "rows": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
         for mode in ("forward", "forward+backward"):
             queue = 65536 if full or on_gpu else 16384
             out.append({"loss": "moco", "rows": 256, "queue": queue, "d": 128, "mode": mode, "device": device,
@@ -260,7 +269,9 @@ def main():
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
         if case["device"] == "cuda":
-            impls += ("gemm_big_chunks", "tiles") + (("row_tiles",) if case["loss"] == "nt_xent" else ())
+            # DCL takes the GEMM route on either setting (the tile kernels have the mean form only).
+            impls += ("gemm_big_chunks",) + (("tiles",) if case["loss"] != "dcl" else ()) \
+                + (("row_tiles",) if case["loss"] == "nt_xent" else ())
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls, compiled_memory=args.full))
         # Written after every case, so a run cut short by a time limit keeps what it measured.
         with open(path, "w") as f:

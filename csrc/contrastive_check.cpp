@@ -50,8 +50,9 @@ void check_sym_contrastive_args(
   check_matrix(z, op, "z");
   check_scalars(op, scale, eps, reduction);
   TORCH_CHECK_VALUE(
-      positives == 0 || positives == 1, ssl_ops::message(op,
-      ": positives must be 0 (mean outside the log) or 1 (log-sum-exp inside it), got ", positives));
+      positives >= 0 && positives <= 2, ssl_ops::message(op,
+      ": positives must be 0 (mean outside the log), 1 (log-sum-exp inside it) or 2 (excluded), got ",
+      positives));
   TORCH_CHECK_VALUE(
       labels.dim() == 1 && labels.size(0) == z.size(0), ssl_ops::message(op, ": labels must have shape [",
       z.size(0), "] (one per row of z), got ", labels.sizes()));

@@ -42,8 +42,10 @@ namespace ssl_ops {
 // reduction argument of the contrastive ops.
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
-// positives argument of the symmetric op: how a row's positive logits enter its loss.
-enum class PositiveReduction : int64_t { kMean = 0, kLogSumExp = 1 };
+// positives argument of the symmetric op: how a row's positive logits enter
+// its loss. kExcluded: not at all, neither in the numerator nor among the
+// candidates (DCL's negative term: loss_a = logsumexp over a's negatives).
+enum class PositiveReduction : int64_t { kMean = 0, kLogSumExp = 1, kExcluded = 2 };
 
 // Throws unless z is a non-empty floating (M, D) matrix, labels an int64 vector
 // of length M on z's device, 0 <= anchor_begin < anchor_end <= M, and the

@@ -17,8 +17,10 @@
 // (and a reduction) grad_z is the gradient of the loss, computed in the same
 // call; otherwise it is empty. positives: how a row's positive logits are
 // reduced, 0 their mean outside the log (SupCon L_out), 1 their log-sum-exp
-// (solo-learn's SimCLR: -log(sum_P exp / sum_all exp)); with 1, lse_positive
-// holds each anchor's log-sum-exp over its positives (else it is empty).
+// (solo-learn's SimCLR: -log(sum_P exp / sum_all exp)), 2 excluded (the loss
+// is the log-sum-exp over the negatives alone: DCL's negative term); with 1,
+// lse_positive holds each anchor's log-sum-exp over its positives (else it is
+// empty).
 // contrastive_sym_backward: the gradient for any grad_loss, from the saved
 // lse (and lse_positive).
 // contrastive_asym_loss / _backward: InfoNCE of query rows against key rows,

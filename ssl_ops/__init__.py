@@ -7,6 +7,7 @@ holds the pure-PyTorch versions used as the baseline in tests and benchmarks.
 
 from ._extension import build_info, cuda_kernels_available
 from .contrastive import info_nce_loss, nt_xent_loss
+from .dcl import dcl_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
 from . import nn
@@ -14,6 +15,8 @@ from .nn import (
     BYOLLoss,
     BYOLPredictionHead,
     BYOLProjectionHead,
+    DCLLoss,
+    DCLWLoss,
     InfoNCELoss,
     MemoryBank,
     MoCoProjectionHead,
@@ -30,6 +33,8 @@ __all__ = [
     "BYOLLoss",
     "BYOLPredictionHead",
     "BYOLProjectionHead",
+    "DCLLoss",
+    "DCLWLoss",
     "InfoNCELoss",
     "MemoryBank",
     "MoCoProjectionHead",
@@ -43,6 +48,7 @@ __all__ = [
     "cuda_kernels_available",
     "cosine_schedule",
     "cosine_similarity_matrix",
+    "dcl_loss",
     "ema_update_",
     "info_nce_loss",
     "negative_cosine_similarity",

@@ -57,7 +57,10 @@ def sym_loss(z, group, temperature, reduction, normalize, eps, anchors=None, pos
     lse = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
     count = positive_mask.sum(1)
     has_positive = count > 0
-    if positives == "logsumexp":
+    if positives == "excluded":  # the negatives' log-sum-exp alone
+        lse = torch.logsumexp(logits.masked_fill(self_mask | positive_mask, float("-inf")), dim=1)
+        positive_term = torch.zeros_like(lse)
+    elif positives == "logsumexp":
         # Rows without positives take a finite stand-in (their loss is 0), so
         # no -inf - -inf turns their zero gradient into NaN.
         only_positives = logits.masked_fill(~positive_mask, float("-inf"))

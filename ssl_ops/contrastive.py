@@ -11,6 +11,7 @@ from . import _fallback, distributed
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _POSITIVES = {"mean": 0, "logsumexp": 1}  # how a row's positive logits enter its loss
+_EXCLUDED = 2  # the op's third form: positives left out entirely (DCL's negative term; ssl_ops.dcl)
 _EPS = 1e-12  # F.normalize's default, as lightly uses it
 
 
@@ -178,9 +179,11 @@ def _check_positives(positives):
 
 
 def _sym_loss(z, labels, temperature, reduction, normalize, anchors=None, positives="mean"):
+    """The symmetric op on rows [anchors) of z; positives: "mean", "logsumexp"
+    or "excluded" (the log-sum-exp over each row's negatives alone)."""
     anchor_begin, anchor_end = anchors if anchors is not None else (0, z.shape[0])
-    positives_code = _check_positives(positives)
-    if z.shape[0] == 2:
+    positives_code = _EXCLUDED if positives == "excluded" else _check_positives(positives)
+    if z.shape[0] == 2 and positives_code != _EXCLUDED:
         # Each row's one candidate is the other row, its positive or nothing: the
         # softmax is exactly 1, so the loss is exactly 0 for any z (as lightly's
         # cross-entropy gives), where a shifted log-sum-exp would leave an ulp of

@@ -7,6 +7,7 @@ against every rank's, with gradient; the memory bank enqueues every rank's
 batch. With one process nothing is gathered.
 """
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .contrastive import info_nce_loss, nt_xent_loss
+from .dcl import dcl_loss, negative_mises_fisher_weights
 from .cosine import byol_loss, negative_cosine_similarity
 from .heads import (  # noqa: F401  (re-exported)
     BYOLPredictionHead,
@@ -121,6 +123,38 @@ class NTXentLoss(nn.Module):
         # The bank stores normalised rows, as lightly enqueues them.
         _, negatives = self.memory_bank(F.normalize(out1.detach(), dim=1), update=out0.requires_grad)
         return info_nce_loss(out0, out1, negatives.t().to(out0.dtype), self.temperature)
+
+
+class DCLLoss(nn.Module):
+    """lightly's ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)``:
+    decoupled contrastive loss (``ssl_ops.dcl_loss``), NT-Xent with each row's
+    positive left out of its denominator and, with ``weight_fn(out0, out1)``, a
+    per-row weight on the positive term."""
+
+    def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = temperature
+        self.weight_fn = weight_fn
+        self.gather_distributed = gather_distributed
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed is True but torch.distributed is not available. "
+                "Please set gather_distributed=False or install a torch version with "
+                "distributed support."
+            )
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return dcl_loss(out0, out1, self.temperature, self.weight_fn, self.gather_distributed)
+
+
+class DCLWLoss(DCLLoss):
+    """lightly's ``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``:
+    ``DCLLoss`` weighted by the negative von Mises-Fisher weights
+    ``2 - N * softmax(<out0_i, out1_i> / sigma)`` (detached)."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False):
+        super().__init__(temperature, functools.partial(negative_mises_fisher_weights, sigma=sigma),
+                         gather_distributed)
 
 
 class InfoNCELoss(nn.Module):

@@ -54,6 +54,27 @@ def supcon_loss(z, labels, temperature=0.5, reduction="mean", normalize=True, po
     return per_row.sum() / has_positive.sum().clamp_min(1)
 
 
+def dcl_loss(z0, z1, temperature=0.1, weight_fn=None):
+    """Eager DCL as lightly's DCLLoss computes it: for each direction the
+    (N x N) similarities within and across the views, the positive removed from
+    the denominator, then the mean of both directions."""
+    import torch.nn.functional as F
+
+    z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+    n = z0.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z0.device)
+
+    def one_direction(a, b):
+        s_aa, s_ab = a @ a.t() / temperature, a @ b.t() / temperature
+        positive = -s_ab[eye]
+        if weight_fn:
+            positive = positive * weight_fn(a, b)
+        negatives = torch.cat([s_aa[~eye].view(n, -1), s_ab[~eye].view(n, -1)], dim=1)
+        return (positive + torch.logsumexp(negatives, dim=1)).mean()
+
+    return 0.5 * (one_direction(z0, z1) + one_direction(z1, z0))
+
+
 def info_nce_loss(query, key, queue=None, temperature=0.07, reduction="mean", symmetric=False, normalize=True):
     """Eager InfoNCE: MoCo's ``[q.k+, q.queue]`` logits with label 0 when a queue
     (K, D) is given, else in-batch ``q . k^T`` logits with labels arange (MoCo v3,

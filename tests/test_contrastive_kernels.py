@@ -262,11 +262,57 @@ def test_sym_op_one_positive_per_row_is_the_mean_form_bit_for_bit(backend, dtype
     assert torch.equal(mean_form[3], lse_form[3])
 
 
+EXCLUDED = 2  # the op's positives argument: positives are no candidates (DCL's negatives)
+
+
+def sym_excluded_reference(z, labels, scale, weight):
+    """float64 log-sum-exp over each row's negatives (0 for rows without positives)."""
+    z64 = z.detach().double().cpu().requires_grad_()
+    zn = F.normalize(z64, dim=1)
+    logits = scale * zn @ zn.t()
+    labels = labels.cpu()
+    same = labels[:, None] == labels[None, :]
+    has_positive = (same.sum(1) - 1) > 0
+    lse = torch.logsumexp(logits.masked_fill(same, float("-inf")), dim=1)
+    rows = torch.where(has_positive, lse, torch.zeros_like(lse))
+    (grad,) = torch.autograd.grad((rows * weight.double()).sum(), [z64])
+    return rows.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,d,scale", [(7, 3, 2.0), (130, 65, 1 / 0.1), (66, 130, -3.0), (150, 20, 1 / 0.01)])
+def test_sym_op_positives_excluded(backend, dtype, rows, d, scale):
+    """positives = 2 (DCL's negative term): each row's loss is the log-sum-exp
+    over its negatives only; groups of 1 to 4 rows; bounded and running-max
+    shifts; forward gradient and the backward op against float64."""
+    z = rand((rows, d), dtype, backend.device, 27)
+    sizes = torch.tensor([1, 2, 3, 4])
+    labels = torch.repeat_interleave(torch.arange(rows), sizes.repeat(rows)[:rows])[:rows]
+    labels = labels[torch.randperm(rows, generator=torch.Generator().manual_seed(28))]
+    dev_labels = labels.to(backend.device)
+    valid = ((labels[:, None] == labels[None, :]).sum(1) - 1) > 0
+    check = checker(dtype, rows + d, scale)
+    loss, lse, count, grad, _ = backend.ops.contrastive_sym_loss(
+        z, dev_labels, 0, rows, scale, EPS, True, 2, True, EXCLUDED)
+    ref_rows, ref_grad = sym_excluded_reference(z, labels, scale, valid.double())
+    check(loss, ref_rows.sum(), "sum loss")
+    check(grad, ref_grad, "forward gradient")
+    rows_loss, lse, count, _, _ = backend.ops.contrastive_sym_loss(
+        z, dev_labels, 0, rows, scale, EPS, True, 0, False, EXCLUDED)
+    check(rows_loss, ref_rows, "row losses")
+    weight = rand((rows,), torch.float64, "cpu", 29)
+    grad_b = backend.ops.contrastive_sym_backward(
+        weight.to(lse.dtype).to(backend.device), z, dev_labels, 0, rows, lse, count, scale, EPS, True, 0, None,
+        EXCLUDED)
+    _, ref_grad_b = sym_excluded_reference(z, labels, scale, weight * valid)
+    check(grad_b, ref_grad_b, "backward gradient")
+
+
 def test_sym_op_positives_argument_is_checked(backend):
     z = rand((6, 4), torch.float32, backend.device, 26)
     labels = torch.arange(3).repeat(2).to(backend.device)
-    with pytest.raises(ValueError, match="positives must be 0 \\(mean outside the log\\) or 1 .*got 2"):
-        backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, False, 2)
+    with pytest.raises(ValueError, match="positives must be 0 \\(mean outside the log\\), 1 .* or 2 .*got 3"):
+        backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, False, 3)
     _, lse, count, _, _ = backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 0, False)
     grad_loss = torch.ones(6, device=backend.device)
     with pytest.raises(ValueError, match="positives = 1 needs lse_positive"):

@@ -68,6 +68,27 @@ def check_nt_xent_lightly(rank):
     torch.testing.assert_close(b.grad, lb.grad, rtol=1e-5, atol=1e-7)
 
 
+def check_dcl_lightly(rank):
+    """lightly's DCLLoss and DCLWLoss with gather_distributed: negatives from every rank."""
+    import warnings
+
+    from lightly.loss import DCLLoss as LightlyDCL, DCLWLoss as LightlyDCLW
+
+    out0, out1 = whole_batch(seed=5)
+    for ours_cls, theirs_cls in ((ssl_ops.DCLLoss, LightlyDCL), (ssl_ops.DCLWLoss, LightlyDCLW)):
+        a, b = shard(out0, rank), shard(out1, rank)
+        loss = ours_cls(temperature=0.2, gather_distributed=True)(a, b)
+        loss.backward()
+        la, lb = shard(out0, rank), shard(out1, rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # lightly's torch.tensor(tensor) in its DCLW weights
+            expected = theirs_cls(temperature=0.2, gather_distributed=True)(la, lb)
+        expected.backward()
+        torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, la.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.grad, lb.grad, rtol=1e-5, atol=1e-7)
+
+
 def check_multi_positive(rank):
     """Several views and SupCon labels: labels are compared across ranks."""
     g = torch.Generator().manual_seed(1)
@@ -207,7 +228,7 @@ def check_memory_bank_lightly(rank):
 
 SUITES = {
     "one_process": (check_nt_xent, check_multi_positive, check_info_nce, check_bank_order, check_solo_compat),
-    "lightly": (check_nt_xent_lightly, check_memory_bank_lightly),
+    "lightly": (check_nt_xent_lightly, check_memory_bank_lightly, check_dcl_lightly),
 }
 
 

@@ -16,6 +16,10 @@
 // lse_pos from the exps pass 1 takes anyway (bounded shift) or a running max
 // of its own (so a positive far below the row's largest logit cannot
 // underflow); a row with one positive keeps the mean form's arithmetic.
+// Excluded (PositiveReduction::kExcluded, the negatives' part of DCL): the
+// positives are no candidates, loss_i = log sum_{k not in P(i), k != i}
+// exp(S_ik), G_ik = w_i softmax over those (0 at the positives); the caller
+// adds its own (weighted) positive term.
 //
 // S is symmetric, so tiles are visited as unordered pairs (I, K), I <= K, once
 // each: pass 1 updates the running log-sum-exp of rows I from the tile and of
@@ -93,11 +97,14 @@ at::Tensor tile_dots(const at::Tensor& rows, int64_t i0, int64_t bi, int64_t k0,
 
 // Pass 1 with the logit bound as the shift (logit_bound_usable): one exp per
 // element feeds both its row's and its column's sum.
-template <typename C, bool kPosLse>
+template <typename C, PositiveReduction kForm>
 SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                                      const int64_t* labels, C scale, C bound, bool diagonal,
                                                      RowStats<C>& stats) {
-  std::array<C, kTileRows> col_sum, row_exp;  // row_exp: the row's exps again, for its positives
+  constexpr bool kPosLse = kForm == PositiveReduction::kLogSumExp;
+  constexpr bool kExcluded = kForm == PositiveReduction::kExcluded;
+  // row_exp: the row's exps again, for its positives (or, excluded, its negatives)
+  std::array<C, kTileRows> col_sum, row_exp;
   col_sum.fill(0);
   ColumnPositives<C> col_pos;
   const int64_t* col_labels = labels + k0;
@@ -112,12 +119,14 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
 #pragma omp simd reduction(+ : row_sum)
     for (int64_t k = 0; k < bk; ++k) {
       const C e = tile_exp(std::fma(row[k], scale, -bound));
-      row_sum += e;
-      col_sum[k] += e;
-      if constexpr (kPosLse) row_exp[k] = e;
+      if constexpr (!kExcluded) {
+        row_sum += e;
+        col_sum[k] += e;
+      }
+      if constexpr (kPosLse || kExcluded) row_exp[k] = e;
     }
     int64_t pos_count = 0;
-#pragma omp simd reduction(+ : pos_sum, pos_count, pos_exp)
+#pragma omp simd reduction(+ : pos_sum, pos_count, pos_exp, row_sum)
     for (int64_t k = 0; k < bk; ++k) {
       const bool self = diagonal & (k == i);
       const C logit = row[k] * scale;
@@ -130,6 +139,11 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
         const C e = positive ? row_exp[k] : C(0);
         pos_exp += e;
         col_pos.exp_sum[k] += e;
+      }
+      if constexpr (kExcluded) {  // summed apart, not subtracted: no cancellation
+        const C e = positive ? C(0) : row_exp[k];
+        row_sum += e;
+        col_sum[k] += e;
       }
     }
     RunningLse<C>& lse = stats.lse[i0 + i];
@@ -147,9 +161,11 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile_bounded(C* s, int64_t bi, int64_t b
   col_pos.add_to(stats, k0, bk);
 }
 
-template <typename C, bool kPosLse>
+template <typename C, PositiveReduction kForm>
 SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
                 C scale, bool diagonal, RowStats<C>& stats) {
+  constexpr bool kPosLse = kForm == PositiveReduction::kLogSumExp;
+  constexpr bool kExcluded = kForm == PositiveReduction::kExcluded;
   std::array<C, kTileRows> col_max, col_sum;
   col_max.fill(kNegInf<C>);
   col_sum.fill(0);
@@ -163,25 +179,37 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
     C pos_sum = 0;
     int64_t pos_count = 0;
     const int64_t label = labels[i0 + i];
-#pragma omp simd reduction(max : row_max, pos_max) reduction(+ : pos_sum, pos_count)
+#pragma omp simd reduction(max : row_max) reduction(+ : pos_sum, pos_count)
     for (int64_t k = 0; k < bk; ++k) {
-      row_max = std::max(row_max, row[k]);
-      col_max[k] = std::max(col_max[k], row[k]);
       const bool positive = (col_labels[k] == label) & !(diagonal & (k == i));
+      const C candidate = kExcluded && positive ? kNegInf<C> : row[k];  // excluded: max over negatives
+      row_max = std::max(row_max, candidate);
+      col_max[k] = std::max(col_max[k], candidate);
       pos_sum += positive ? row[k] : C(0);
       pos_count += positive;
       col_pos.sum[k] += positive ? row[k] : C(0);
       col_pos.count[k] += positive;
-      if constexpr (kPosLse) {
-        pos_max = std::max(pos_max, positive ? row[k] : kNegInf<C>);
-        col_pos.max[k] = std::max(col_pos.max[k], positive ? row[k] : kNegInf<C>);
+    }
+    if constexpr (kPosLse) {
+      // A loop of its own, plain compares: reduced as a second max in the
+      // simd loop above, the build lost the positives' max (-inf lse_pos for
+      // rows whose positive logits were all negative, in full 128-row tiles;
+      // seen with GCC, cause not pinned down; a kernel test holds it).
+      for (int64_t k = 0; k < bk; ++k) {
+        const bool positive = (col_labels[k] == label) & !(diagonal & (k == i));
+        const C value = positive ? row[k] : kNegInf<C>;
+        pos_max = value > pos_max ? value : pos_max;
+        col_pos.max[k] = value > col_pos.max[k] ? value : col_pos.max[k];
       }
     }
     RunningLse<C>& lse = stats.lse[i0 + i];
     const C row_shift = lse.next_max(row_max);
     C row_sum = 0;
 #pragma omp simd reduction(+ : row_sum)
-    for (int64_t k = 0; k < bk; ++k) row_sum += tile_exp(row[k] - row_shift);
+    for (int64_t k = 0; k < bk; ++k) {
+      const bool skip = kExcluded && (col_labels[k] == label) & !(diagonal & (k == i));
+      row_sum += skip ? C(0) : tile_exp(row[k] - row_shift);
+    }
     lse.merge(row_shift, row_sum);
     if constexpr (kPosLse) {
       // The positives' own shift: relative to the row's largest logit, a
@@ -204,7 +232,11 @@ SSL_OPS_ALWAYS_INLINE inline void pass1_tile(C* s, int64_t bi, int64_t bk, int64
   for (int64_t k = 0; k < bk; ++k) shift[k] = stats.lse[k0 + k].next_max(col_max[k]);
   for (int64_t i = 0; i < bi; ++i) {
     const C* row = s + i * bk;
-    for (int64_t k = 0; k < bk; ++k) col_sum[k] += tile_exp(row[k] - shift[k]);
+    const int64_t label = labels[i0 + i];
+    for (int64_t k = 0; k < bk; ++k) {
+      const bool skip = kExcluded && col_labels[k] == label;  // off the diagonal: no self here
+      col_sum[k] += skip ? C(0) : tile_exp(row[k] - shift[k]);
+    }
   }
   for (int64_t k = 0; k < bk; ++k) stats.lse[k0 + k].merge(shift[k], col_sum[k]);
   if constexpr (kPosLse) {
@@ -238,9 +270,11 @@ struct RowCoefs {
 // softmax_ik = exp(S_ik - bound) * factor_i with factor = exp(bound - lse)
 // (lse >= -bound, so factor <= exp(2 bound)): one exp per element, not two;
 // the log-sum-exp form's positive term is the same exp times pos_factor.
-template <typename C, bool kBounded, bool kPosLse>
+template <typename C, bool kBounded, PositiveReduction kForm>
 SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels,
                 const RowCoefs<C>& rc, C bound, C scale, bool diagonal) {
+  constexpr bool kPosLse = kForm == PositiveReduction::kLogSumExp;
+  constexpr bool kExcluded = kForm == PositiveReduction::kExcluded;
   const int64_t* __restrict__ col_labels = labels + k0;
   const C* __restrict__ col_lse = rc.lse + k0;
   const C* __restrict__ col_factor = kBounded ? rc.factor + k0 : nullptr;
@@ -277,8 +311,9 @@ SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64
           col_pos = tile_exp(logit - col_pos_lse[k]);
         }
       }
-      const C row_positive = (!kPosLse || row_inv != 0) ? row_inv : row_pos;
-      const C col_positive = (!kPosLse || col_inv[k] != 0) ? col_inv[k] : col_pos;
+      // Excluded: the positives are no candidates, so their coefficient is 0.
+      const C row_positive = kExcluded ? row_softmax : ((!kPosLse || row_inv != 0) ? row_inv : row_pos);
+      const C col_positive = kExcluded ? col_softmax : ((!kPosLse || col_inv[k] != 0) ? col_inv[k] : col_pos);
       const C from_row = row_weight * (row_softmax - (positive ? row_positive : C(0)));
       const C from_col = col_weight[k] * (col_softmax - (positive ? col_positive : C(0)));
       row[k] = (row_weight != 0 ? from_row : C(0)) + (col_weight[k] != 0 ? from_col : C(0));
@@ -288,66 +323,80 @@ SSL_OPS_ALWAYS_INLINE inline void pass2_tile(C* s, int64_t bi, int64_t bk, int64
 }
 
 // The tile loops again, compiled for AVX2+FMA; chosen at run time.
-template <typename C, bool kPosLse>
+template <typename C, PositiveReduction kForm>
 SSL_OPS_TARGET_AVX2 void pass1_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                          const int64_t* labels, C scale, bool diagonal, RowStats<C>& stats) {
-  pass1_tile<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+  pass1_tile<C, kForm>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
 }
-template <typename C, bool kPosLse>
+template <typename C, PositiveReduction kForm>
 SSL_OPS_TARGET_AVX2 void pass1_tile_bounded_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                                  const int64_t* labels, C scale, C bound, bool diagonal,
                                                  RowStats<C>& stats) {
-  pass1_tile_bounded<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+  pass1_tile_bounded<C, kForm>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
 }
-template <typename C, bool kBounded, bool kPosLse>
+template <typename C, bool kBounded, PositiveReduction kForm>
 SSL_OPS_TARGET_AVX2 void pass2_tile_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0,
                                          const int64_t* labels, const RowCoefs<C>& rc, C bound, C scale,
                                          bool diagonal) {
-  pass2_tile<C, kBounded, kPosLse>(s, bi, bk, i0, k0, labels, rc, bound, scale, diagonal);
+  pass2_tile<C, kBounded, kForm>(s, bi, bk, i0, k0, labels, rc, bound, scale, diagonal);
 }
 
 // The compiled variant for this call: shift (bounded or running max), form
 // of the positives, and ISA.
 template <typename C>
 using Pass1 = void (*)(C*, int64_t, int64_t, int64_t, int64_t, const int64_t*, C, C, bool, RowStats<C>&);
-template <typename C, bool kBounded, bool kPosLse>
+template <typename C, bool kBounded, PositiveReduction kForm>
 void pass1_variant(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels, C scale, C bound,
                    bool diagonal, RowStats<C>& stats) {
   if constexpr (kBounded) {
-    pass1_tile_bounded<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+    pass1_tile_bounded<C, kForm>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
   } else {
-    pass1_tile<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+    pass1_tile<C, kForm>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
   }
 }
-template <typename C, bool kBounded, bool kPosLse>
+template <typename C, bool kBounded, PositiveReduction kForm>
 void pass1_variant_avx2(C* s, int64_t bi, int64_t bk, int64_t i0, int64_t k0, const int64_t* labels, C scale,
                         C bound, bool diagonal, RowStats<C>& stats) {
   if constexpr (kBounded) {
-    pass1_tile_bounded_avx2<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
+    pass1_tile_bounded_avx2<C, kForm>(s, bi, bk, i0, k0, labels, scale, bound, diagonal, stats);
   } else {
-    pass1_tile_avx2<C, kPosLse>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+    pass1_tile_avx2<C, kForm>(s, bi, bk, i0, k0, labels, scale, diagonal, stats);
+  }
+}
+template <typename C, bool kBounded, PositiveReduction kForm>
+Pass1<C> pick_pass1(bool avx2) {
+  return avx2 ? &pass1_variant_avx2<C, kBounded, kForm> : &pass1_variant<C, kBounded, kForm>;
+}
+template <typename C, bool kBounded>
+Pass1<C> pick_pass1(PositiveReduction form, bool avx2) {
+  switch (form) {
+    case PositiveReduction::kLogSumExp: return pick_pass1<C, kBounded, PositiveReduction::kLogSumExp>(avx2);
+    case PositiveReduction::kExcluded: return pick_pass1<C, kBounded, PositiveReduction::kExcluded>(avx2);
+    default: return pick_pass1<C, kBounded, PositiveReduction::kMean>(avx2);
   }
 }
 template <typename C>
-Pass1<C> choose_pass1(bool bounded, bool pos_lse, bool avx2) {
-  if (bounded) {
-    if (pos_lse) return avx2 ? &pass1_variant_avx2<C, true, true> : &pass1_variant<C, true, true>;
-    return avx2 ? &pass1_variant_avx2<C, true, false> : &pass1_variant<C, true, false>;
-  }
-  if (pos_lse) return avx2 ? &pass1_variant_avx2<C, false, true> : &pass1_variant<C, false, true>;
-  return avx2 ? &pass1_variant_avx2<C, false, false> : &pass1_variant<C, false, false>;
+Pass1<C> choose_pass1(bool bounded, PositiveReduction form, bool avx2) {
+  return bounded ? pick_pass1<C, true>(form, avx2) : pick_pass1<C, false>(form, avx2);
 }
 
 template <typename C>
 using Pass2 = void (*)(C*, int64_t, int64_t, int64_t, int64_t, const int64_t*, const RowCoefs<C>&, C, C, bool);
-template <typename C>
-Pass2<C> choose_pass2(bool bounded, bool pos_lse, bool avx2) {
-  if (bounded) {
-    if (pos_lse) return avx2 ? &pass2_tile_avx2<C, true, true> : &pass2_tile<C, true, true>;
-    return avx2 ? &pass2_tile_avx2<C, true, false> : &pass2_tile<C, true, false>;
+template <typename C, bool kBounded, PositiveReduction kForm>
+Pass2<C> pick_pass2(bool avx2) {
+  return avx2 ? &pass2_tile_avx2<C, kBounded, kForm> : &pass2_tile<C, kBounded, kForm>;
+}
+template <typename C, bool kBounded>
+Pass2<C> pick_pass2(PositiveReduction form, bool avx2) {
+  switch (form) {
+    case PositiveReduction::kLogSumExp: return pick_pass2<C, kBounded, PositiveReduction::kLogSumExp>(avx2);
+    case PositiveReduction::kExcluded: return pick_pass2<C, kBounded, PositiveReduction::kExcluded>(avx2);
+    default: return pick_pass2<C, kBounded, PositiveReduction::kMean>(avx2);
   }
-  if (pos_lse) return avx2 ? &pass2_tile_avx2<C, false, true> : &pass2_tile<C, false, true>;
-  return avx2 ? &pass2_tile_avx2<C, false, false> : &pass2_tile<C, false, false>;
+}
+template <typename C>
+Pass2<C> choose_pass2(bool bounded, PositiveReduction form, bool avx2) {
+  return bounded ? pick_pass2<C, true>(form, avx2) : pick_pass2<C, false>(form, avx2);
 }
 
 struct AnchorRange {
@@ -372,12 +421,15 @@ void for_each_tile_pair(int64_t rows, AnchorRange anchors,
 
 // The positive term of each row's gradient: inv_positives = 1 / |P| in the
 // mean form; in the log-sum-exp form 1 for a row with one positive (the mean
-// form's arithmetic), else 0 and pos_lse = lse_pos, the term exp(S - lse_pos).
+// form's arithmetic), else 0 and pos_lse = lse_pos, the term exp(S - lse_pos);
+// excluded, none (inv_positives unused).
 template <typename C>
 struct PositiveTerms {
+  PositiveReduction form;
   std::vector<C> inv_positives, pos_lse;
-  PositiveTerms(const int64_t* positive_count, const C* lse_positive, int64_t m, bool pos_lse_form)
-      : inv_positives(m, 0), pos_lse(pos_lse_form ? m : 0, 0) {
+  PositiveTerms(const int64_t* positive_count, const C* lse_positive, int64_t m, PositiveReduction form_in)
+      : form(form_in), inv_positives(m, 0), pos_lse(form_in == PositiveReduction::kLogSumExp ? m : 0, 0) {
+    const bool pos_lse_form = form == PositiveReduction::kLogSumExp;
     for (int64_t i = 0; i < m; ++i) {
       const int64_t count = positive_count[i];
       if (count == 0) continue;
@@ -398,7 +450,7 @@ at::Tensor gradient_pass(const at::Tensor& rows, AnchorRange anchors, const int6
   const int64_t m = rows.size(0);
   at::Tensor grad = at::zeros_like(rows);
   const bool bounded = logit_bound_usable<C>(scale, normalize);
-  const bool pos_lse_form = !positives.pos_lse.empty();
+  const bool pos_lse_form = positives.form == PositiveReduction::kLogSumExp;
   const C bound = std::abs(scale);
   std::vector<C> factor(bounded ? m : 0), pos_factor(bounded && pos_lse_form ? m : 0);
   for (size_t i = 0; i < factor.size(); ++i) factor[i] = std::exp(bound - lse[i]);
@@ -408,7 +460,7 @@ at::Tensor gradient_pass(const at::Tensor& rows, AnchorRange anchors, const int6
   }
   const RowCoefs<C> rc{lse, factor.data(), positives.inv_positives.data(), positives.pos_lse.data(),
                        pos_factor.data(), weight};
-  const Pass2<C> pass2 = choose_pass2<C>(bounded, pos_lse_form, cpu_has_avx2_fma());
+  const Pass2<C> pass2 = choose_pass2<C>(bounded, positives.form, cpu_has_avx2_fma());
   for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(rows, i0, bi, k0, bk);
     pass2(tile.data_ptr<C>(), bi, bk, i0, k0, labels, rc, bound, scale, diagonal);
@@ -447,7 +499,9 @@ using SymOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 
 template <typename C>
 SymOutputs sym_loss_impl(const at::Tensor& z, const at::Tensor& labels_in, AnchorRange anchors, double scale_d,
-                         double eps, bool normalize, Reduction reduction, bool compute_grad, bool pos_lse_form) {
+                         double eps, bool normalize, Reduction reduction, bool compute_grad,
+                         PositiveReduction form) {
+  const bool pos_lse_form = form == PositiveReduction::kLogSumExp;
   const int64_t m = z.size(0);
   const C scale = static_cast<C>(scale_d);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
@@ -458,7 +512,7 @@ SymOutputs sym_loss_impl(const at::Tensor& z, const at::Tensor& labels_in, Ancho
   RowStats<C> stats(m, pos_lse_form);
   const bool bounded = logit_bound_usable<C>(scale_d, normalize);
   const C bound = static_cast<C>(std::abs(scale_d));
-  const Pass1<C> pass1 = choose_pass1<C>(bounded, pos_lse_form, cpu_has_avx2_fma());
+  const Pass1<C> pass1 = choose_pass1<C>(bounded, form, cpu_has_avx2_fma());
   for_each_tile_pair(m, anchors, [&](int64_t i0, int64_t bi, int64_t k0, int64_t bk, bool diagonal) {
     at::Tensor tile = tile_dots(n.rows, i0, bi, k0, bk);
     pass1(tile.data_ptr<C>(), bi, bk, i0, k0, label_ptr, scale, bound, diagonal, stats);
@@ -489,6 +543,8 @@ SymOutputs sym_loss_impl(const at::Tensor& z, const at::Tensor& labels_in, Ancho
     count_p[i] = anchor ? stats.positive_count[i] : 0;
     if (count_p[i] == 0) {
       loss_p[i] = 0;
+    } else if (form == PositiveReduction::kExcluded) {
+      loss_p[i] = row.value();  // the negatives' log-sum-exp alone; the caller adds the positive term
     } else if (!pos_lse_form || count_p[i] == 1) {
       loss_p[i] = (row.max - stats.positive_sum[i] / C(count_p[i])) + std::log(row.sum);
       if (pos_lse_form) lse_pos_p[i] = stats.positive_sum[i];  // the one positive logit
@@ -508,7 +564,7 @@ SymOutputs sym_loss_impl(const at::Tensor& z, const at::Tensor& labels_in, Ancho
   at::Tensor grad = at::empty({0}, z.options());
   if (compute_grad && reduction != Reduction::None) {
     const std::vector<C> weight = row_weights<C>(count_p, m, reduction, at::ones({}, opts));
-    const PositiveTerms<C> positives(count_p, lse_pos_p, m, pos_lse_form);
+    const PositiveTerms<C> positives(count_p, lse_pos_p, m, form);
     grad = normalize_rows_backward(
         n, gradient_pass<C>(n.rows, anchors, label_ptr, lse_p, positives, weight.data(), scale, normalize),
         z.scalar_type());
@@ -516,9 +572,6 @@ SymOutputs sym_loss_impl(const at::Tensor& z, const at::Tensor& labels_in, Ancho
   return {loss, lse, positive_count, grad, lse_positive};
 }
 
-bool log_sum_exp_form(int64_t positives) {
-  return positives == static_cast<int64_t>(PositiveReduction::kLogSumExp);
-}
 
 SymOutputs contrastive_sym_loss(const at::Tensor& z, const at::Tensor& labels, int64_t anchor_begin,
                                 int64_t anchor_end, double scale, double eps, bool normalize, int64_t reduction,
@@ -526,18 +579,19 @@ SymOutputs contrastive_sym_loss(const at::Tensor& z, const at::Tensor& labels, i
   check_sym_contrastive_args(z, labels, anchor_begin, anchor_end, scale, eps, reduction, positives);
   const auto r = static_cast<Reduction>(reduction);
   const AnchorRange anchors{anchor_begin, anchor_end};
-  const bool pos_lse = log_sum_exp_form(positives);
+  const auto form = static_cast<PositiveReduction>(positives);
   if (z.scalar_type() == at::kDouble) {
-    return sym_loss_impl<double>(z, labels, anchors, scale, eps, normalize, r, compute_grad, pos_lse);
+    return sym_loss_impl<double>(z, labels, anchors, scale, eps, normalize, r, compute_grad, form);
   }
-  return sym_loss_impl<float>(z, labels, anchors, scale, eps, normalize, r, compute_grad, pos_lse);
+  return sym_loss_impl<float>(z, labels, anchors, scale, eps, normalize, r, compute_grad, form);
 }
 
 template <typename C>
 at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& labels_in,
                              AnchorRange anchors, const at::Tensor& lse_in, const at::Tensor& positive_count_in,
-                             const std::optional<at::Tensor>& lse_positive_in, bool pos_lse_form, double scale,
-                             double eps, bool normalize, Reduction reduction) {
+                             const std::optional<at::Tensor>& lse_positive_in, PositiveReduction form,
+                             double scale, double eps, bool normalize, Reduction reduction) {
+  const bool pos_lse_form = form == PositiveReduction::kLogSumExp;
   const int64_t m = z.size(0);
   const at::ScalarType compute = at::CppTypeToScalarType<C>::value;
   const NormalizedRows n = normalize_rows(z, eps, normalize, compute);
@@ -547,8 +601,7 @@ at::Tensor sym_backward_impl(const at::Tensor& grad_loss, const at::Tensor& z, c
   const int64_t* count_p = counts.const_data_ptr<int64_t>();
   const at::Tensor lse_positive = pos_lse_form ? lse_positive_in->to(compute).contiguous() : at::Tensor();
   const std::vector<C> weight = row_weights<C>(count_p, m, reduction, grad_loss);
-  const PositiveTerms<C> positives(count_p, pos_lse_form ? lse_positive.const_data_ptr<C>() : nullptr, m,
-                                   pos_lse_form);
+  const PositiveTerms<C> positives(count_p, pos_lse_form ? lse_positive.const_data_ptr<C>() : nullptr, m, form);
   const at::Tensor grad_rows = gradient_pass<C>(n.rows, anchors, labels.const_data_ptr<int64_t>(),
                                                 lse.const_data_ptr<C>(), positives, weight.data(),
                                                 static_cast<C>(scale), normalize);
@@ -564,12 +617,12 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
   check_sym_lse_positive(z, lse_positive, positives);
   const auto r = static_cast<Reduction>(reduction);
   const AnchorRange anchors{anchor_begin, anchor_end};
-  const bool pos_lse = log_sum_exp_form(positives);
+  const auto form = static_cast<PositiveReduction>(positives);
   if (z.scalar_type() == at::kDouble) {
-    return sym_backward_impl<double>(grad_loss, z, labels, anchors, lse, positive_count, lse_positive, pos_lse,
+    return sym_backward_impl<double>(grad_loss, z, labels, anchors, lse, positive_count, lse_positive, form,
                                      scale, eps, normalize, r);
   }
-  return sym_backward_impl<float>(grad_loss, z, labels, anchors, lse, positive_count, lse_positive, pos_lse, scale,
+  return sym_backward_impl<float>(grad_loss, z, labels, anchors, lse, positive_count, lse_positive, form, scale,
                                   eps, normalize, r);
 }
 

@@ -168,11 +168,13 @@ at::Tensor row_weights(const at::Tensor& grad_loss, Reduction reduction, const a
   return g / at::clamp_min(mask.sum(), 1) * mask;
 }
 
+// Summed in double, as on the CPU (Note [Loss rounding]): one row-count-sized
+// reduction, negligible next to the loss itself.
 at::Tensor reduce(const at::Tensor& row_loss, Reduction reduction, const at::Tensor& valid) {
   if (reduction == Reduction::None) return row_loss;
-  const at::Tensor total = row_loss.sum();
-  if (reduction == Reduction::Sum) return total;
-  return total / at::clamp_min(valid.sum(), 1).to(row_loss.scalar_type());
+  const at::Tensor total = row_loss.sum(at::kDouble);
+  if (reduction == Reduction::Sum) return total.to(row_loss.scalar_type());
+  return (total / at::clamp_min(valid.sum(), 1)).to(row_loss.scalar_type());
 }
 
 // ---- The GEMM route (contrastive_gemm.h; Note [Contrastive routes]) ---------------------
@@ -190,6 +192,7 @@ bool use_gemm_route() { return contrastive_route() == ContrastiveRoute::kGemm; }
 struct SymSaved {
   at::Tensor lse, positive_sum, positive_count;
   at::Tensor lse_positive;  // log-sum-exp form; else empty
+  at::Tensor row_loss;      // GEMM route: each row's loss, rounded as on the CPU
 };
 
 // The anchor rows [begin, end) of z: all rows in one process, this process's
@@ -201,7 +204,7 @@ struct Anchors {
 
 template <typename T>
 GemmLossSpec<T> sym_gemm_spec(const at::Tensor& z_hat, const at::Tensor& labels, Anchors anchors, double scale,
-                              bool normalize, bool positives_lse) {
+                              bool normalize, PositiveReduction form) {
   GemmLossSpec<T> spec;
   spec.q_hat = z_hat.narrow(0, anchors.begin, anchors.count());
   spec.k_hat = z_hat;
@@ -209,7 +212,8 @@ GemmLossSpec<T> sym_gemm_spec(const at::Tensor& z_hat, const at::Tensor& labels,
   spec.labels = data<int64_t>(labels);
   spec.exclude_self = true;
   spec.rows_need_positives = true;
-  spec.positives_lse = positives_lse;
+  spec.positives_lse = form == PositiveReduction::kLogSumExp;
+  spec.exclude_positives = form == PositiveReduction::kExcluded;
   spec.scale = scale;
   spec.bounded = logit_bound_usable<acc_t<T>>(scale, normalize);
   return spec;
@@ -226,6 +230,8 @@ SymSaved sym_saved_from(const GemmLossResult<T>& r, int64_t rows, Anchors anchor
   s.positive_count.narrow(0, anchors.begin, anchors.count()).copy_(r.positive_count);
   s.lse_positive = at::zeros({r.lse_positive.defined() ? rows : 0}, r.lse.options());
   if (r.lse_positive.defined()) s.lse_positive.narrow(0, anchors.begin, anchors.count()).copy_(r.lse_positive);
+  s.row_loss = at::zeros({rows}, r.lse.options());
+  s.row_loss.narrow(0, anchors.begin, anchors.count()).copy_(r.row_loss);
   return s;
 }
 
@@ -366,8 +372,8 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
   return finish_rows<T>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
 }
 
-// The positives inside the log (log-sum-exp form) take the GEMM route on
-// either setting: the tile kernels compute the mean form only.
+// The positives inside the log (log-sum-exp form) or excluded take the GEMM
+// route on either setting: the tile kernels compute the mean form only.
 bool positives_lse_form(int64_t positives) {
   return positives == static_cast<int64_t>(PositiveReduction::kLogSumExp);
 }
@@ -377,6 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     double eps, bool normalize, int64_t reduction_in, bool compute_grad, int64_t positives) {
   check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in, positives);
   const bool positives_lse = positives_lse_form(positives);
+  const auto form = static_cast<PositiveReduction>(positives);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -388,9 +395,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     const bool with_grad = compute_grad && reduction != Reduction::None;
     SymSaved s;
     at::Tensor gemm_grad_hat;  // the GEMM route forms the gradient with the statistics
-    if (use_gemm_route() || positives_lse) {
+    if (use_gemm_route() || form != PositiveReduction::kMean) {
       GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
-                                                            scale, normalize, positives_lse);
+                                                            scale, normalize, form);
       spec.grad_q = spec.grad_k = with_grad;  // weights: 1 where the row has positives
       GemmLossResult<scalar_t> r = gemm_contrastive(spec, z.device(), stream);
       s = sym_saved_from(r, z.size(0), anchors);
@@ -400,9 +407,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     }
     const at::Tensor valid = s.positive_count > 0;
     const at::Tensor count = s.positive_count.to(s.lse.scalar_type());
-    // The log-sum-exp form's lse_positive is the positive logit itself for one positive.
-    const at::Tensor positive_term = positives_lse ? s.lse_positive : s.positive_sum / at::clamp_min(count, 1);
-    const at::Tensor row_loss = at::where(valid, s.lse - positive_term, at::zeros_like(s.lse));
+    const at::Tensor row_loss =
+        s.row_loss.defined() ? s.row_loss
+                             : at::where(valid, s.lse - s.positive_sum / at::clamp_min(count, 1), at::zeros_like(s.lse));
     at::Tensor grad = at::empty({0}, z.options());
     if (with_grad && gemm_grad_hat.defined()) {
       if (reduction == Reduction::Mean) gemm_grad_hat.div_(at::clamp_min(valid.sum(), 1));
@@ -427,6 +434,7 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
   check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction, positives);
   check_sym_lse_positive(z_in, lse_positive, positives);
   const bool positives_lse = positives_lse_form(positives);
+  const auto form = static_cast<PositiveReduction>(positives);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -437,9 +445,9 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), positive_count > 0, denom.scalar_type());
     const Anchors anchors{anchor_begin, anchor_end};
-    if (use_gemm_route() || positives_lse) {
+    if (use_gemm_route() || form != PositiveReduction::kMean) {
       GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
-                                                            scale, normalize, positives_lse);
+                                                            scale, normalize, form);
       const at::Tensor count = positive_count.narrow(0, anchors.begin, anchors.count()).to(lse_acc.scalar_type());
       spec.given_lse = lse_acc.narrow(0, anchors.begin, anchors.count()).contiguous();
       spec.given_weight = weight.narrow(0, anchors.begin, anchors.count()).contiguous();

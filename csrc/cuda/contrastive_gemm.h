@@ -93,6 +93,7 @@ struct GemmLossSpec {
   int64_t positive_offset = 0;
   bool rows_need_positives = false;
   bool positives_lse = false;   // symmetric: the positives inside the log (log-sum-exp form)
+  bool exclude_positives = false;  // symmetric: the positives are no candidates (excluded form)
   at::Tensor initial_logit;     // MoCo's positive-key logits (na), or undefined
   double scale = 1;
   bool bounded = false;
@@ -109,6 +110,7 @@ template <typename T>
 struct GemmLossResult {
   at::Tensor lse, positive_sum, positive_count;  // per anchor (statistics pass only)
   at::Tensor lse_positive;                        // log-sum-exp form
+  at::Tensor row_loss;                            // rows_need_positives (symmetric)
   at::Tensor grad_q_hat, grad_k_hat;              // accumulation type, G including scale and w
 };
 
@@ -128,6 +130,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     out.positive_sum = at::empty({na}, acc_opts);
     out.positive_count = at::empty({na}, acc_opts.dtype(at::kLong));
     if (spec.positives_lse) out.lse_positive = at::empty({na}, acc_opts);
+    if (spec.rows_need_positives) out.row_loss = at::empty({na}, acc_opts);
   }
   if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
   if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
@@ -187,6 +190,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     p.exclude_self = spec.exclude_self;
     p.offset_positive = spec.offset_positive;
     p.positive_offset = spec.positive_offset;
+    p.exclude_positives = spec.exclude_positives;
     if (stats) {
       p.part_shift = parts[0].template data_ptr<A>();
       p.part_sum = parts[1].template data_ptr<A>();
@@ -206,11 +210,13 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       m.part_pos_shift = p.part_pos_shift;
       m.part_pos_sum = p.part_pos_sum;
       m.lse_positive = spec.positives_lse ? out.lse_positive.template data_ptr<A>() + r0 : nullptr;
+      m.row_loss = spec.rows_need_positives ? out.row_loss.template data_ptr<A>() + r0 : nullptr;
       m.rows = c;
       m.splits = splits;
       m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
       m.weight_in = weight_in.defined() ? weight_in.template const_data_ptr<A>() + r0 : nullptr;
       m.rows_need_positives = spec.rows_need_positives;
+      m.exclude_positives = spec.exclude_positives;
       m.lse = out.lse.template data_ptr<A>() + r0;
       m.positive_sum = out.positive_sum.template data_ptr<A>() + r0;
       m.positive_count = out.positive_count.template data_ptr<int64_t>() + r0;

@@ -13,7 +13,8 @@
 //   log (part_pos_sum given), also their sum of exps: the same exps under the
 //   bounded shift, else shifted by the positives' own largest logit (one exp
 //   more per positive), so a positive far below the row's largest logit
-//   keeps its weight.
+//   keeps its weight. With the positives excluded (DCL's negatives), they are
+//   counted but left out of the sum and the max.
 // gemm_row_merge_kernel: one thread per row merges the splits (and MoCo's
 //   positive-key logit, the first term of each row) into lse_r, the positive
 //   sum and count, and the row's gradient weight w_r and 1 / |P(r)|; with the
@@ -57,6 +58,7 @@ struct GemmRowParams {
   const int64_t* labels;   // symmetric: labels of all rows (= columns); null otherwise
   bool exclude_self;       // symmetric: column first_row + r is row r itself
   bool offset_positive;    // in-batch InfoNCE: column first_row + r + positive_offset is the positive
+  bool exclude_positives;  // symmetric, excluded form: positives are counted but are no candidates
   int64_t positive_offset;
   A* part_shift;           // [split][row]
   A* part_sum;
@@ -114,29 +116,30 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_stats_kernel(GemmRow
     A local = negative_infinity<A>(), local_pos = negative_infinity<A>();
     for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
       const RowColumn<A> kind = classify(p, row, c, label);
-      if (kind.candidate) {
+      if (kind.candidate && !(p.exclude_positives && kind.positive)) {
         const A logit = p.scale * s[c];
         local = logit > local ? logit : local;
-        if (kind.positive && logit > local_pos) local_pos = logit;
       }
+      if (kind.positive && p.scale * s[c] > local_pos) local_pos = p.scale * s[c];
     }
     shift = block_reduce(local, smem, true);
     if (pos_lse) pos_shift = block_reduce(local_pos, smem, true);
   }
   A sum = 0, positive = 0, pos_sum = 0;
   int64_t count = 0;
-  if (shift != negative_infinity<A>()) {
-    for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
-      const RowColumn<A> kind = classify(p, row, c, label);
-      if (!kind.candidate) continue;
-      const A logit = p.scale * s[c];
-      const A e = device_exp(logit - shift);
-      sum += e;
-      if (kind.positive) {
-        positive += logit;
-        ++count;
-        if (pos_lse) pos_sum += p.bounded ? e : device_exp(logit - pos_shift);
-      }
+  // shift is -inf where the split has no candidate (excluded form: no
+  // negative); its positives are still counted.
+  const bool any_candidate = shift != negative_infinity<A>();
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
+    const RowColumn<A> kind = classify(p, row, c, label);
+    if (!kind.candidate) continue;
+    const A logit = p.scale * s[c];
+    const A e = any_candidate ? device_exp(logit - shift) : A(0);
+    if (!(p.exclude_positives && kind.positive)) sum += e;
+    if (kind.positive) {
+      positive += logit;
+      ++count;
+      if (pos_lse) pos_sum += p.bounded ? e : device_exp(logit - pos_shift);
     }
   }
   sum = block_reduce(sum, smem, false);
@@ -173,12 +176,14 @@ struct GemmMergeParams {
   const A* initial_logit;   // MoCo: the positive-key logit of each row (the first term); or null
   const A* weight_in;       // per-row gradient weight (the backward op); null: 1 where the row counts
   bool rows_need_positives; // symmetric: rows without positives add no loss and no gradient
+  bool exclude_positives;   // symmetric, excluded form: the loss is lse alone
   A* lse;                   // outputs, chunk rows
   A* positive_sum;
   int64_t* positive_count;
   A* weight;                // w_r, for the coef kernel
   A* inv_count;             // 1 / |P(r)| (0 without positives; log-sum-exp form: 1 for one positive, else 0)
   A* lse_positive;          // log-sum-exp form: lse_pos_r (0 without positives)
+  A* row_loss;              // symmetric: loss_r (0 without positives), or null
 };
 
 template <typename A>
@@ -203,6 +208,13 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_merge_kernel(GemmMer
   if (p.positive_sum) p.positive_sum[row] = positive;
   if (p.positive_count) p.positive_count[row] = count;
   const bool pos_lse = p.part_pos_sum != nullptr;
+  // Note [Loss rounding] (csrc/cpu/contrastive_sym.cpp): the shift and the
+  // positive logit subtracted first, then the log, not (shift + log(sum)) -
+  // positive, which leaves an ulp of the shift in a small loss.
+  if (p.row_loss && (!pos_lse || count <= 1)) {
+    const A positive_term = p.exclude_positives ? A(0) : positive / A(count);
+    p.row_loss[row] = count > 0 ? (shift - positive_term) + log(sum) : A(0);
+  }
   if (pos_lse) {
     A pos_shift = negative_infinity<A>();
     for (int64_t k = 0; k < p.splits; ++k) {
@@ -216,6 +228,7 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_merge_kernel(GemmMer
     }
     // One positive: its logit, exactly (the mean form's arithmetic).
     p.lse_positive[row] = count == 1 ? positive : (count > 1 ? pos_shift + log(pos_sum) : A(0));
+    if (p.row_loss && count > 1) p.row_loss[row] = (shift - pos_shift) + (log(sum) - log(pos_sum));
   }
   if (p.weight) {
     const bool counts = !p.rows_need_positives || count > 0;
@@ -256,6 +269,7 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_coef_kernel(GemmCoef
       A positive_term = 0;
       if (kind.positive) positive_term = positive_exp ? device_exp(logit - lse_pos) : inv;
       coef = A(kGScale) * w * (device_exp(logit - lse) - positive_term);
+      if (kind.positive && p.exclude_positives) coef = 0;  // no candidates
     }
     g[c] = static_cast<T>(coef);  // after the read of s[c] by this thread: safe in place
   }

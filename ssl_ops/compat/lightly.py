@@ -4,7 +4,9 @@ A lightly script changes ``from lightly.loss import NTXentLoss`` (and the
 like) to ``from ssl_ops.compat.lightly import NTXentLoss`` and nothing else:
 
 * losses: ``NTXentLoss(temperature=0.5, memory_bank_size=0,
-  gather_distributed=False)``, ``NegativeCosineSimilarity(dim=1, eps=1e-8)``;
+  gather_distributed=False)``, ``NegativeCosineSimilarity(dim=1, eps=1e-8)``,
+  ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)``,
+  ``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``;
 * ``MemoryBankModule(size, gather_distributed=False, feature_dim_first=True)``;
 * heads: ``SimCLRProjectionHead``, ``MoCoProjectionHead``,
   ``BYOLProjectionHead``, ``BYOLPredictionHead``, ``ProjectionHead``;
@@ -21,10 +23,13 @@ import importlib
 
 from torch import nn
 
+from ..dcl import negative_mises_fisher_weights
 from ..ema import ema_update_
 from ..nn import (
     BYOLPredictionHead,
     BYOLProjectionHead,
+    DCLLoss,
+    DCLWLoss,
     MoCoProjectionHead,
     NegativeCosineSimilarity,
     NTXentLoss,
@@ -37,6 +42,8 @@ from ..schedule import cosine_schedule
 __all__ = [
     "BYOLPredictionHead",
     "BYOLProjectionHead",
+    "DCLLoss",
+    "DCLWLoss",
     "MemoryBankModule",
     "MoCoProjectionHead",
     "NTXentLoss",
@@ -46,6 +53,7 @@ __all__ = [
     "activate_requires_grad",
     "cosine_schedule",
     "deactivate_requires_grad",
+    "negative_mises_fisher_weights",
     "patch",
     "update_momentum",
 ]
@@ -72,8 +80,11 @@ def activate_requires_grad(model: nn.Module):
 
 # Where patch() puts ssl_ops' objects: lightly's modules and the names in them.
 _PATCH_TARGETS = {
-    "lightly.loss": {"NTXentLoss": NTXentLoss, "NegativeCosineSimilarity": NegativeCosineSimilarity},
+    "lightly.loss": {"NTXentLoss": NTXentLoss, "NegativeCosineSimilarity": NegativeCosineSimilarity,
+                     "DCLLoss": DCLLoss, "DCLWLoss": DCLWLoss},
     "lightly.loss.ntx_ent_loss": {"NTXentLoss": NTXentLoss},
+    "lightly.loss.dcl_loss": {"DCLLoss": DCLLoss, "DCLWLoss": DCLWLoss,
+                              "negative_mises_fisher_weights": negative_mises_fisher_weights},
     "lightly.loss.negative_cosine_similarity": {"NegativeCosineSimilarity": NegativeCosineSimilarity},
     "lightly.models.utils": {
         "update_momentum": update_momentum,
@@ -113,9 +124,10 @@ class Patch:
 
 
 def patch() -> Patch:
-    """Puts ssl_ops' ``NTXentLoss``, ``NegativeCosineSimilarity``,
-    ``update_momentum``, ``deactivate_requires_grad`` and
-    ``activate_requires_grad`` into ``lightly.loss``, ``lightly.loss.ntx_ent_loss``,
+    """Puts ssl_ops' ``NTXentLoss``, ``NegativeCosineSimilarity``, ``DCLLoss``,
+    ``DCLWLoss``, ``negative_mises_fisher_weights``, ``update_momentum``,
+    ``deactivate_requires_grad`` and ``activate_requires_grad`` into
+    ``lightly.loss``, ``lightly.loss.ntx_ent_loss``, ``lightly.loss.dcl_loss``,
     ``lightly.loss.negative_cosine_similarity`` and ``lightly.models.utils``, for a
     script that cannot be edited line by line::
 
