@@ -10,6 +10,9 @@ and runs it once before it measures).
   ssl_ops.reference.info_nce_loss)
 * dcl: decoupled contrastive loss over 2N rows (ssl_ops.dcl_loss vs
   ssl_ops.reference.dcl_loss, lightly's DCLLoss computation)
+* siglip: SigLIP's sigmoid loss of N images against N texts, scale 10 and
+  bias -10 learnable (ssl_ops.siglip_loss vs ssl_ops.reference.siglip_loss,
+  open_clip's SigLipLoss computation; "rows" is N)
 
 Each case is timed forward only and forward+backward (median of
 timed blocks of calls, benchmarks/common.py; both implementations in this
@@ -56,6 +59,12 @@ def make_inputs(case, requires_grad):
     if case["loss"] in TWO_VIEW_LOSSES:
         half = case["rows"] // 2
         return rand(half, requires_grad), rand(half, requires_grad)
+    if case["loss"] == "siglip":  # unit rows, as SigLIP's towers give them; fp32 scale and bias
+        x, y = (torch.nn.functional.normalize(rand(case["rows"], False), dim=1).requires_grad_(requires_grad)
+                for _ in range(2))
+        scale = torch.tensor(10.0, device=device, requires_grad=requires_grad)
+        bias = torch.tensor(-10.0, device=device, requires_grad=requires_grad)
+        return x, y, scale, bias
     return rand(case["rows"], requires_grad), rand(case["rows"], False), rand(case["queue"], False)
 
 
@@ -72,6 +81,8 @@ def loss_fn(case, impl):
         return lambda z0, z1: module.nt_xent_loss(z0, z1, TEMPERATURE)
     if case["loss"] == "dcl":
         return lambda z0, z1: module.dcl_loss(z0, z1, DCL_TEMPERATURE)
+    if case["loss"] == "siglip":
+        return lambda x, y, scale, bias: module.siglip_loss(x, y, scale, bias)
     return lambda q, k, queue: module.info_nce_loss(q, k, queue, temperature=0.07)
 
 
@@ -136,7 +147,7 @@ def model_flops(case):
     """Matrix-multiply FLOPs of the eager computation: S = Q K^T forward; with
     the backward also dQ = G K and (NT-Xent) dK = G^T Q. The fused NT-Xent does
     fewer (each symmetric tile once), so its figure is an effective rate."""
-    if case["loss"] in TWO_VIEW_LOSSES:
+    if case["loss"] in TWO_VIEW_LOSSES + ("siglip",):
         one = 2 * case["rows"] ** 2 * case["d"]
         return one * (1 if case["mode"] == "forward" else 3)
     one = 2 * case["rows"] * case["queue"] * case["d"]
@@ -148,7 +159,7 @@ def matmul_tflops(case, min_run_time):
     the hardware gives at that size."""
     g = torch.Generator().manual_seed(1)
     device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
-    cols = case["rows"] if case["loss"] in TWO_VIEW_LOSSES else case["queue"]
+    cols = case["rows"] if case["loss"] in TWO_VIEW_LOSSES + ("siglip",) else case["queue"]
     a = torch.randn(case["rows"], case["d"], generator=g).to(device, dtype)
     b = torch.randn(cols, case["d"], generator=g).to(device, dtype)
     seconds = median_seconds(lambda: a @ b.t(), min_run_time, device)
@@ -206,6 +217,9 @@ def cases(full, device):
             for n in rows[-2:]:
                 for mode in ("forward", "forward+backward"):
                     out.append({"loss": "dcl", "rows": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
+            for n in ([4096, 16384, 32768] if on_gpu or full else [2048, 8192]):
+                for mode in ("forward", "forward+backward"):
+                    out.append({"loss": "siglip", "rows": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
         for mode in ("forward", "forward+backward"):
             queue = 65536 if full or on_gpu else 16384
             out.append({"loss": "moco", "rows": 256, "queue": queue, "d": 128, "mode": mode, "device": device,
@@ -270,8 +284,9 @@ def main():
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
         if case["device"] == "cuda":
             # DCL takes the GEMM route on either setting (the tile kernels have the mean form only).
-            impls += ("gemm_big_chunks",) + (("tiles",) if case["loss"] != "dcl" else ()) \
-                + (("row_tiles",) if case["loss"] == "nt_xent" else ())
+            if case["loss"] != "siglip":  # SigLIP has one CUDA route
+                impls += ("gemm_big_chunks",) + (("tiles",) if case["loss"] != "dcl" else ()) \
+                    + (("row_tiles",) if case["loss"] == "nt_xent" else ())
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls, compiled_memory=args.full))
         # Written after every case, so a run cut short by a time limit keeps what it measured.
         with open(path, "w") as f:

@@ -29,6 +29,10 @@
 // queries among gathered keys); csrc/cpu/contrastive_asym.cpp has the math.
 // grad_mask: which of (query, key, positive_key) get gradients.
 //
+// siglip_loss: SigLIP's pairwise sigmoid loss of image rows against text rows
+// (Note [SigLIP loss], csrc/siglip_check.h), the positive of image i being
+// text i + positive_offset; with compute_grad, the gradients of the features,
+// the scale and the bias in the same call (else empty tensors).
 // cosine_rows: cos of each row pair, F.cosine_similarity's eps rule
 // (csrc/cpu/cosine.cpp); cosine_rows_backward: both gradients in one pass.
 // cosine_similarity_matrix: C[i, j] = cos(a_i, b_j), b = a when absent
@@ -58,6 +62,10 @@
       "contrastive_asym_backward(Tensor grad_loss, Tensor query, Tensor key, "        \
       "Tensor? positive_key, int positive_offset, Tensor lse, float scale, float eps, " \
       "bool normalize, int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)"); \
+  m.def(                                                                               \
+      "siglip_loss(Tensor image_features, Tensor text_features, Tensor logit_scale, "  \
+      "Tensor? logit_bias, int positive_offset, bool compute_grad) -> (Tensor loss, "  \
+      "Tensor grad_image, Tensor grad_text, Tensor grad_scale, Tensor grad_bias)");    \
   m.def("cosine_rows(Tensor x0, Tensor x1, float eps) -> Tensor");                     \
   m.def(                                                                               \
       "cosine_rows_backward(Tensor grad, Tensor x0, Tensor x1, float eps, "            \

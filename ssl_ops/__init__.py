@@ -8,6 +8,7 @@ holds the pure-PyTorch versions used as the baseline in tests and benchmarks.
 from ._extension import build_info, cuda_kernels_available
 from .contrastive import info_nce_loss, nt_xent_loss
 from .dcl import dcl_loss
+from .siglip import siglip_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
 from . import nn
@@ -24,6 +25,7 @@ from .nn import (
     NegativeCosineSimilarity,
     NTXentLoss,
     ProjectionHead,
+    SigLipLoss,
     SimCLRProjectionHead,
 )
 from .schedule import cosine_schedule, solo_learn_tau, timm_ema_decay
@@ -42,6 +44,7 @@ __all__ = [
     "NegativeCosineSimilarity",
     "NTXentLoss",
     "ProjectionHead",
+    "SigLipLoss",
     "SimCLRProjectionHead",
     "build_info",
     "byol_loss",
@@ -55,6 +58,7 @@ __all__ = [
     "nn",
     "nt_xent_loss",
     "reference",
+    "siglip_loss",
     "solo_learn_tau",
     "timm_ema_decay",
 ]

@@ -1,8 +1,8 @@
 """SSL_OPS_EAGER: send an op family to plain PyTorch instead of its kernels.
 
 The escape hatch ``python -m ssl_ops.selftest`` points to when a kernel fails on
-a user's GPU: ``SSL_OPS_EAGER=contrastive`` (nt_xent_loss, info_nce_loss and
-the modules built on them), ``cosine`` (byol_loss, negative_cosine_similarity),
+a user's GPU: ``SSL_OPS_EAGER=contrastive`` (nt_xent_loss, info_nce_loss, dcl_loss,
+siglip_loss and the modules built on them), ``cosine`` (byol_loss, negative_cosine_similarity),
 ``cosine_matrix``, ``ema``, or ``all``; several are separated by commas. Read
 on every call, so it can be set at any time. The eager code computes the same
 function (values and gradients, up to rounding) with the memory of the
@@ -87,3 +87,10 @@ def asym_loss(query, key, positive_key, temperature, reduction, normalize, eps, 
         logits = q @ k.t() / temperature
         targets = torch.arange(q.shape[0], device=q.device) + positive_offset
     return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def siglip_loss(x, y, scale, bias, positive_offset=0):
+    """open_clip's SigLIP loss with the full (N x M) logits (ssl_ops.reference's)."""
+    from . import reference
+
+    return reference.siglip_loss(_accumulation(x), _accumulation(y), scale, bias, positive_offset)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import distributed
 from .contrastive import info_nce_loss, nt_xent_loss
 from .dcl import dcl_loss, negative_mises_fisher_weights
+from .siglip import SigLipLoss  # noqa: F401  (re-exported)
 from .cosine import byol_loss, negative_cosine_similarity
 from .heads import (  # noqa: F401  (re-exported)
     BYOLPredictionHead,
@@ -25,6 +26,16 @@ from .heads import (  # noqa: F401  (re-exported)
     ProjectionHead,
     SimCLRProjectionHead,
 )
+
+
+def _check_distributed_available(gather_distributed):
+    """lightly's constructor error, word for word."""
+    if gather_distributed and not torch.distributed.is_available():
+        raise ValueError(
+            "gather_distributed is True but torch.distributed is not available. "
+            "Please set gather_distributed=False or install a torch version with "
+            "distributed support."
+        )
 
 
 class MemoryBank(nn.Module):
@@ -110,12 +121,7 @@ class NTXentLoss(nn.Module):
         self.eps = 1e-8
         if abs(self.temperature) < self.eps:
             raise ValueError("Illegal temperature: abs({}) < 1e-8".format(self.temperature))
-        if gather_distributed and not torch.distributed.is_available():
-            raise ValueError(
-                "gather_distributed is True but torch.distributed is not available. "
-                "Please set gather_distributed=False or install a torch version with "
-                "distributed support."
-            )
+        _check_distributed_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         if self.memory_bank.size[0] == 0:
@@ -136,12 +142,7 @@ class DCLLoss(nn.Module):
         self.temperature = temperature
         self.weight_fn = weight_fn
         self.gather_distributed = gather_distributed
-        if gather_distributed and not torch.distributed.is_available():
-            raise ValueError(
-                "gather_distributed is True but torch.distributed is not available. "
-                "Please set gather_distributed=False or install a torch version with "
-                "distributed support."
-            )
+        _check_distributed_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
         return dcl_loss(out0, out1, self.temperature, self.weight_fn, self.gather_distributed)

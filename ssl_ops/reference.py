@@ -75,6 +75,20 @@ def dcl_loss(z0, z1, temperature=0.1, weight_fn=None):
     return 0.5 * (one_direction(z0, z1) + one_direction(z1, z0))
 
 
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, positive_offset=0):
+    """Eager SigLIP loss as open_clip's SigLipLoss computes it in one process:
+    the (N x M) logits, labels +1 at text i + positive_offset of image i and -1
+    elsewhere, -sum(logsigmoid(labels * logits)) / N."""
+    import torch.nn.functional as F
+
+    logits = logit_scale * image_features @ text_features.t()
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = -torch.ones_like(logits)
+    labels.diagonal(positive_offset).fill_(1)
+    return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
 def info_nce_loss(query, key, queue=None, temperature=0.07, reduction="mean", symmetric=False, normalize=True):
     """Eager InfoNCE: MoCo's ``[q.k+, q.queue]`` logits with label 0 when a queue
     (K, D) is given, else in-batch ``q . k^T`` logits with labels arange (MoCo v3,

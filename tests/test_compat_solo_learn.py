@@ -2,28 +2,15 @@
 out here: its release on the package index is an older API), for values and
 gradients, on the CPU kernels and the emulated CUDA route."""
 
-import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_ops import emulation
 from ssl_ops.compat import solo_learn as solo
+from routes import route
 
 ROUTES = ["cpu", "emulated-gemm", "emulated-tiles"]
-
-
-@contextlib.contextmanager
-def route(name, monkeypatch):
-    if name == "cpu":
-        yield
-        return
-    if not emulation.available():
-        pytest.skip("the emulation module is not built")
-    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", name.split("-")[1])
-    with emulation.use_emulated_kernels():
-        yield
 
 
 def randn(*shape, seed=0):

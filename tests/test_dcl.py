@@ -3,7 +3,6 @@ float64 formula written out, against lightly's own classes where lightly is
 installed, on the CPU kernels and the emulated CUDA route; gradcheck, opcheck,
 compile and bad input."""
 
-import contextlib
 import functools
 import warnings
 
@@ -12,24 +11,13 @@ import torch
 import torch.nn.functional as F
 
 import ssl_ops
-from ssl_ops import emulation, reference
+from ssl_ops import reference
 from ssl_ops.compat import lightly as compat
+from routes import route
 from tolerances import assert_close, cancellation_floor, rtol
 
 ROUTES = ["cpu", "emulated-gemm", "emulated-tiles"]
 EXCLUDED = 2  # the op's positives argument: positives left out entirely
-
-
-@contextlib.contextmanager
-def route(name, monkeypatch):
-    if name == "cpu":
-        yield
-        return
-    if not emulation.available():
-        pytest.skip("the emulation module is not built")
-    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", name.split("-")[1])
-    with emulation.use_emulated_kernels():
-        yield
 
 
 def views(n, d, dtype=torch.float32, seed=0):

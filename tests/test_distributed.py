@@ -52,6 +52,26 @@ def check_nt_xent(rank):
     assert_ddp_update_is_one_process(rank, loss, full_loss, [(a, full0), (b, full1)])
 
 
+def check_siglip(rank):
+    """SigLIP with gathered texts: DDP's averaged update (features, scale and
+    bias) equals one process's on the whole batch."""
+    out0, out1 = whole_batch(seed=6)
+    full0, full1 = out0.clone().requires_grad_(), out1.clone().requires_grad_()
+    full_scale, full_bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    full_loss = ssl_ops.siglip_loss(full0, full1, full_scale, full_bias)
+    full_loss.backward()
+
+    a, b = shard(out0, rank), shard(out1, rank)
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    loss = ssl_ops.SigLipLoss(gather_distributed=True)(a, b, scale, bias)
+    loss.backward()
+    assert_ddp_update_is_one_process(rank, loss, full_loss, [(a, full0), (b, full1)])
+    for local, full in ((scale, full_scale), (bias, full_bias)):
+        averaged = local.grad.clone()
+        dist.all_reduce(averaged)
+        torch.testing.assert_close(averaged / WORLD, full.grad, rtol=1e-5, atol=1e-7)
+
+
 def check_nt_xent_lightly(rank):
     """lightly's own distributed loss, the drop-in oracle: this rank's value and gradients."""
     from lightly.loss import NTXentLoss as LightlyNTXent
@@ -227,7 +247,8 @@ def check_memory_bank_lightly(rank):
 
 
 SUITES = {
-    "one_process": (check_nt_xent, check_multi_positive, check_info_nce, check_bank_order, check_solo_compat),
+    "one_process": (check_nt_xent, check_multi_positive, check_info_nce, check_bank_order, check_solo_compat,
+                    check_siglip),
     "lightly": (check_nt_xent_lightly, check_memory_bank_lightly, check_dcl_lightly),
 }
 

@@ -2,14 +2,14 @@
 kernels: float64 reference parity, gradients, gradcheck, opcheck, compile,
 numerics at the edges, determinism and bad input."""
 
-import contextlib
 import math
 
 import pytest
 import torch
 
 import ssl_ops
-from ssl_ops import emulation, reference
+from ssl_ops import reference
+from routes import route as on_route
 from tolerances import accumulator, assert_close, cancellation_floor, rows_below, rtol
 
 
@@ -176,12 +176,7 @@ def test_as_accurate_and_swap_symmetric_as_eager_float32(d, route, monkeypatch):
     # on the CPU kernels and on both CUDA routes (emulated).
     worst = {"ours": 0.0, "eager": 0.0}
     swap = {"ours": 0.0, "eager": 0.0}
-    with contextlib.ExitStack() as stack:
-        if route != "cpu":
-            if not emulation.available():
-                pytest.skip("the emulation module is not built")
-            monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", route.split("-")[1])
-            stack.enter_context(emulation.use_emulated_kernels())
+    with on_route(route, monkeypatch):
         # The emulator runs a GEMM-route call in ~0.2 s: fewer cases there.
         _accuracy_and_swap(d, worst, swap, cases=(400 if d == 1 else 150) // (1 if route == "cpu" else 6))
     assert worst["ours"] <= worst["eager"], worst

@@ -1,0 +1,107 @@
+#pragma once
+// The SigLIP loss (Note [SigLIP loss], siglip_check.h) in chunks of image
+// rows, from ATen ops only, so one source serves every backend that
+// registers it: each chunk's (c x M) similarities from the vendor GEMM, then
+// vectorised elementwise passes for the loss and the logits' gradient G, then
+// two more GEMMs for the feature gradients. No buffer is ever N x M: S, the
+// logits and G hold c x M elements, c set by the caller's chunk budget.
+//
+// Numerics: logits and G in the accumulation type (float32 for half inputs,
+// float64 for float64); softplus and sigmoid are stable at |logit| ~ 100
+// (softplus(t) = t past 20, 40 in float64; sigmoid saturates to 0 or 1); the loss, d scale
+// and d bias are summed in double.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softplus.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#include "message.h"
+
+namespace ssl_ops {
+
+// SSL_OPS_SIGLIP_CHUNK_ELEMENTS, when set, replaces a backend's default chunk
+// budget (tests force many chunks with it).
+inline int64_t siglip_chunk_elements(int64_t default_elements) {
+  const char* value = std::getenv("SSL_OPS_SIGLIP_CHUNK_ELEMENTS");
+  if (value == nullptr || *value == '\0') return default_elements;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && parsed > 0,
+              ssl_ops::message("SSL_OPS_SIGLIP_CHUNK_ELEMENTS must be a positive integer, got \"", value, "\""));
+  return parsed;
+}
+
+using SiglipOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// loss (float32; float64 for float64 features), then with compute_grad the
+// gradients of x, y (their dtype), scale and bias (theirs; bias's empty
+// without a bias); otherwise empty tensors.
+inline SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
+                                         const std::optional<at::Tensor>& bias_in, int64_t positive_offset,
+                                         bool compute_grad, int64_t chunk_elements) {
+  const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = x_in.to(acc).contiguous(), y = y_in.to(acc).contiguous();
+  const int64_t n = x.size(0), m = y.size(0);
+  const at::Tensor scale = scale_in.reshape({}).to(acc);
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const at::Tensor bias = has_bias ? bias_in->reshape({}).to(acc) : at::Tensor();
+  const int64_t rows_per_chunk = std::clamp<int64_t>(chunk_elements / std::max<int64_t>(m, 1), 1, n);
+
+  const auto double_opts = x.options().dtype(at::kDouble);
+  at::Tensor loss = at::zeros({}, double_opts);
+  at::Tensor grad_scale = at::zeros({}, double_opts), grad_bias = at::zeros({}, double_opts);
+  at::Tensor grad_x = compute_grad ? at::empty({n, x.size(1)}, x.options()) : at::Tensor();
+  at::Tensor grad_y = compute_grad ? at::zeros({m, y.size(1)}, y.options()) : at::Tensor();
+  const at::Tensor y_t = y.t();
+  for (int64_t r0 = 0; r0 < n; r0 += rows_per_chunk) {
+    const int64_t c = std::min(rows_per_chunk, n - r0);
+    const at::Tensor x_chunk = x.narrow(0, r0, c);
+    const at::Tensor s = at::mm(x_chunk, y_t);
+    // t = -label * logit (logit for the negatives, -logit for the positives):
+    // softplus(t) is the loss of each pair, sigmoid(t) the size of its
+    // gradient. The positives are a diagonal of the chunk.
+    at::Tensor t = s * scale;
+    if (has_bias) t.add_(bias);
+    t.diagonal(r0 + positive_offset).neg_();
+    // softplus(t) = t past the threshold drops log1p(exp(-t)): below float32's
+    // ulp of t past 20, float64's past 40.
+    loss.add_(at::softplus(t, 1, acc == at::kDouble ? 40 : 20).sum(at::kDouble));
+    if (!compute_grad) continue;
+    at::Tensor g = at::sigmoid(t);  // d loss / d logit = -label sigmoid(t)
+    g.diagonal(r0 + positive_offset).neg_();
+    grad_bias.add_(g.sum(at::kDouble));
+    grad_scale.add_((g * s).sum(at::kDouble));
+    grad_x.narrow(0, r0, c).copy_(at::mm(g, y));
+    grad_y.addmm_(g.t(), x_chunk);
+  }
+  const at::ScalarType loss_type = acc;
+  const double inv_n = 1.0 / static_cast<double>(n);
+  at::Tensor loss_out = (loss * inv_n).to(loss_type);
+  if (!compute_grad) {  // distinct empty outputs: outputs may not alias
+    const auto opts = x_in.options();
+    return {loss_out, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  // The feature gradients carry scale / N; d scale and d bias 1 / N.
+  const at::Tensor feature_factor = scale * inv_n;
+  grad_x.mul_(feature_factor);
+  grad_y.mul_(feature_factor);
+  at::Tensor out_scale = (grad_scale * inv_n).to(scale_in.scalar_type()).reshape(scale_in.sizes());
+  at::Tensor out_bias = has_bias ? (grad_bias * inv_n).to(bias_in->scalar_type()).reshape(bias_in->sizes())
+                                 : at::empty({0}, x_in.options());
+  return {loss_out, grad_x.to(x_in.scalar_type()), grad_y.to(y_in.scalar_type()), out_scale, out_bias};
+}
+
+}  // namespace ssl_ops

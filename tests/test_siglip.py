@@ -1,0 +1,159 @@
+"""SigLIP's sigmoid loss (ssl_ops.siglip_loss, SigLipLoss; issue 15) against
+open_clip's formula in float64 (ssl_ops.reference.siglip_loss): values and the
+gradients of features, scale and bias; chunk edges; SigLIP's initial and
+trained scale and bias; gradcheck, opcheck, compile, memory and bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssl_ops
+from ssl_ops import reference
+from routes import route as on_route
+from tolerances import assert_close, rtol
+
+
+def features(n, m, d, dtype, seed=0, normalize=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64)
+    if normalize:  # as SigLIP's towers give them
+        x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    return x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
+
+
+def scalar(value, dtype=torch.float32):
+    return torch.tensor(value, dtype=dtype, requires_grad=True)
+
+
+def check(x, y, scale, bias, dtype):
+    loss = ssl_ops.siglip_loss(x, y, scale, bias)
+    inputs = [t for t in (x, y, scale, bias) if t is not None]
+    grads = torch.autograd.grad(loss, inputs)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference.siglip_loss(*ref_inputs[:3], ref_inputs[3] if bias is not None else None)
+    ref_grads = torch.autograd.grad(ref, ref_inputs)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Each logit is scale x . y: its rounding grows with the scale; the loss
+    # and d scale sum N rows of N terms each.
+    tol = rtol(dtype, length=x.shape[0] + x.shape[1], logit_scale=abs(float(scale.detach())))
+    assert_close(loss, ref.detach(), tol, "loss")
+    for name, a, b in zip(("image", "text", "scale", "bias"), grads, ref_grads):
+        assert_close(a, b, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("route", ["cpu", "emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d", [(1, 4), (7, 1), (33, 16), (130, 65)])
+@pytest.mark.parametrize("scale,bias", [(10.0, -10.0), (100.0, -5.0), (1.0, None)])
+def test_matches_open_clip_formula(route, dtype, n, d, scale, bias, monkeypatch):
+    """On the CPU kernel and on the CUDA source under the emulator."""
+    monkeypatch.setenv("SSL_OPS_SIGLIP_CHUNK_ELEMENTS", str(5 * n))  # chunks of 5 image rows, a partial last one
+    x, y = features(n, n, d, dtype, seed=n + d)
+    param = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 parameters with half features
+    with on_route(route, monkeypatch):
+        check(x, y, scalar(scale, param), scalar(bias, param) if bias is not None else None, dtype)
+
+
+def test_unnormalised_features_and_large_logits_stay_finite():
+    # |logit| in the hundreds: softplus and sigmoid saturate, nothing overflows.
+    x, y = features(40, 40, 8, torch.float32, seed=1, normalize=False)
+    check(x, y, scalar(30.0), scalar(-10.0), torch.float32)
+
+
+def test_scale_and_bias_shapes_and_numbers():
+    x, y = features(12, 12, 6, torch.float32, seed=2)
+    one_element = ssl_ops.siglip_loss(x, y, torch.tensor([10.0]), torch.tensor([-10.0]))
+    zero_dim = ssl_ops.siglip_loss(x, y, 10.0, -10.0)
+    torch.testing.assert_close(one_element, zero_dim)
+    scale = torch.tensor([10.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(ssl_ops.siglip_loss(x, y, scale, -10.0), [scale])
+    assert grad.shape == (1,)
+
+
+def test_module_is_open_clips_forward():
+    x, y = features(9, 9, 5, torch.float32, seed=3)
+    loss_fn = ssl_ops.SigLipLoss()
+    plain = loss_fn(x, y, scalar(10.0), scalar(-10.0))
+    as_dict = loss_fn(x, y, scalar(10.0), scalar(-10.0), output_dict=True)
+    assert set(as_dict) == {"contrastive_loss"}
+    torch.testing.assert_close(as_dict["contrastive_loss"], plain)
+
+
+def test_eager_fallback_computes_the_same_function(monkeypatch):
+    x, y = features(10, 10, 5, torch.float64, seed=4)
+    scale, bias = scalar(10.0, torch.float64), scalar(-10.0, torch.float64)
+    kernel = ssl_ops.siglip_loss(x, y, scale, bias)
+    kernel_grads = torch.autograd.grad(kernel, [x, y, scale, bias])
+    monkeypatch.setenv("SSL_OPS_EAGER", "contrastive")
+    eager = ssl_ops.siglip_loss(x, y, scale, bias)
+    eager_grads = torch.autograd.grad(eager, [x, y, scale, bias])
+    torch.testing.assert_close(kernel, eager, rtol=1e-10, atol=1e-12)
+    for a, b in zip(kernel_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_opcheck_and_compile():
+    x, y = features(5, 5, 3, torch.float64, seed=5, normalize=False)
+    scale, bias = scalar(2.0, torch.float64), scalar(-1.0, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: ssl_ops.siglip_loss(*t), (x, y, scale, bias))
+    assert torch.autograd.gradcheck(lambda a, b, s: ssl_ops.siglip_loss(a, b, s), (x, y, scale))
+    xf, yf = features(6, 8, 4, torch.float32, seed=6)
+    s32, b32 = scalar(10.0), scalar(-10.0)
+    for bias_arg in (b32, None):
+        for offset in (0, 2):
+            for compute_grad in (False, True):
+                torch.library.opcheck(torch.ops.ssl_ops.siglip_loss.default,
+                                      (xf, yf, s32, bias_arg, offset, compute_grad))
+    torch._dynamo.reset()
+
+    def loss_fn(a, b, s, c):
+        return ssl_ops.siglip_loss(a, b, s, c)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    xs, ys = features(6, 6, 4, torch.float32, seed=7)
+    got = compiled(xs, ys, s32, b32)
+    want = loss_fn(xs, ys, s32, b32)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, [xs, ys, s32, b32]), torch.autograd.grad(want, [xs, ys, s32, b32])):
+        torch.testing.assert_close(g, w)
+
+
+def test_memory_is_never_n_by_n():
+    common = pytest.importorskip("benchmarks.common")
+    n, d = 8192, 64  # the eager logits alone: 256 MB
+    x, y = features(n, n, d, torch.float32, seed=8)
+    scale, bias = scalar(10.0), scalar(-10.0)
+
+    def run():
+        torch.autograd.grad(ssl_ops.siglip_loss(x, y, scale, bias), [x, y, scale, bias])
+
+    run()  # warm the allocator and the thread pool first
+    extra = common.peak_extra_bytes_here(run)
+    assert extra < 64 * 2**20, f"forward + backward added {extra / 2**20:.1f} MB"
+
+
+def test_bad_input_errors():
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    s = torch.tensor(10.0)
+    with pytest.raises(ValueError, match=r"text_features has 6 features but image_features has 8"):
+        ssl_ops.siglip_loss(x, torch.randn(4, 6), s)
+    with pytest.raises(ValueError, match=r"text_features needs 4 \+ 0 rows, got 3"):
+        ssl_ops.siglip_loss(x, torch.randn(3, 8), s)
+    with pytest.raises(ValueError, match=r"logit_scale must be a scalar \(one element\), got shape \[2\]"):
+        ssl_ops.siglip_loss(x, y, torch.tensor([10.0, 1.0]))
+    with pytest.raises(ValueError, match=r"logit_bias must be a scalar \(one element\), got shape \[4\]"):
+        ssl_ops.siglip_loss(x, y, s, torch.zeros(4))
+    with pytest.raises(TypeError, match="text_features has dtype Double but image_features has dtype Float"):
+        ssl_ops.siglip_loss(x, y.double(), s)
+    with pytest.raises(TypeError, match="logit_scale must be a floating-point tensor, got dtype Long"):
+        ssl_ops.siglip_loss(x, y, torch.tensor(10))
+    with pytest.raises(ValueError, match=r"image_features must be a 2-D \(batch, features\) tensor"):
+        ssl_ops.siglip_loss(torch.randn(8), y, s)
+    with pytest.raises(ValueError, match="image_features is an empty batch"):
+        ssl_ops.siglip_loss(torch.randn(0, 8), y, s)
+    with pytest.raises(TypeError, match="logit_scale must be a tensor or a number"):
+        ssl_ops.siglip_loss(x, y, "10")
+    assert math.isfinite(ssl_ops.siglip_loss(x, y, 10.0).item())
