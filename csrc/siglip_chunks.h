@@ -8,8 +8,10 @@
 //
 // Numerics: logits and G in the accumulation type (float32 for half inputs,
 // float64 for float64); softplus and sigmoid are stable at |logit| ~ 100
-// (softplus(t) = t past 20, 40 in float64; sigmoid saturates to 0 or 1); the loss, d scale
-// and d bias are summed in double.
+// (softplus(t) = t past 20, 40 in float64; sigmoid saturates to 0 or 1); the
+// loss, d scale and d bias are summed in double. The elementwise pass is a
+// parameter: ATen's ops here (siglip_chunk_aten, CUDA), one fused loop on the
+// CPU (csrc/cpu/siglip.cpp).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -46,12 +48,43 @@ inline int64_t siglip_chunk_elements(int64_t default_elements) {
 
 using SiglipOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// One chunk's elementwise pass: from the similarities s (c x M, accumulation
+// type; the positives on its diagonal `positive_diagonal`) the sums of the
+// pairs' losses, of g * s and of g (0-dim double tensors), and with
+// compute_grad G itself (it may overwrite s), g = d loss / d logit without
+// the 1 / N.
+struct SiglipChunkSums {
+  at::Tensor loss, grad_scale, grad_bias, g;
+};
+
+// The elementwise pass from ATen's ops (any backend; about six passes over
+// the chunk): t = -label * logit, loss = softplus(t), g = -label sigmoid(t).
+inline SiglipChunkSums siglip_chunk_aten(const at::Tensor& s, int64_t positive_diagonal, const at::Tensor& scale,
+                                         const at::Tensor& bias, bool compute_grad) {
+  const bool wide = s.scalar_type() == at::kDouble;
+  at::Tensor t = s * scale;
+  if (bias.defined()) t.add_(bias);
+  t.diagonal(positive_diagonal).neg_();
+  // softplus(t) = t past the threshold drops log1p(exp(-t)): below float32's
+  // ulp of t past 20, float64's past 40.
+  SiglipChunkSums out;
+  out.loss = at::softplus(t, 1, wide ? 40 : 20).sum(at::kDouble);
+  if (!compute_grad) return out;
+  out.g = at::sigmoid(t);
+  out.g.diagonal(positive_diagonal).neg_();
+  out.grad_bias = out.g.sum(at::kDouble);
+  out.grad_scale = (out.g * s).sum(at::kDouble);
+  return out;
+}
+
 // loss (float32; float64 for float64 features), then with compute_grad the
 // gradients of x, y (their dtype), scale and bias (theirs; bias's empty
-// without a bias); otherwise empty tensors.
-inline SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
-                                         const std::optional<at::Tensor>& bias_in, int64_t positive_offset,
-                                         bool compute_grad, int64_t chunk_elements) {
+// without a bias); otherwise empty tensors. chunk_pass: siglip_chunk_aten or
+// a backend's fused equivalent, same signature.
+template <typename ChunkPass>
+SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
+                                  const std::optional<at::Tensor>& bias_in, int64_t positive_offset,
+                                  bool compute_grad, int64_t chunk_elements, ChunkPass chunk_pass) {
   const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor x = x_in.to(acc).contiguous(), y = y_in.to(acc).contiguous();
   const int64_t n = x.size(0), m = y.size(0);
@@ -70,22 +103,14 @@ inline SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tenso
     const int64_t c = std::min(rows_per_chunk, n - r0);
     const at::Tensor x_chunk = x.narrow(0, r0, c);
     const at::Tensor s = at::mm(x_chunk, y_t);
-    // t = -label * logit (logit for the negatives, -logit for the positives):
-    // softplus(t) is the loss of each pair, sigmoid(t) the size of its
-    // gradient. The positives are a diagonal of the chunk.
-    at::Tensor t = s * scale;
-    if (has_bias) t.add_(bias);
-    t.diagonal(r0 + positive_offset).neg_();
-    // softplus(t) = t past the threshold drops log1p(exp(-t)): below float32's
-    // ulp of t past 20, float64's past 40.
-    loss.add_(at::softplus(t, 1, acc == at::kDouble ? 40 : 20).sum(at::kDouble));
+    // The positives of the chunk's rows are its diagonal r0 + positive_offset.
+    const SiglipChunkSums sums = chunk_pass(s, r0 + positive_offset, scale, bias, compute_grad);
+    loss.add_(sums.loss);
     if (!compute_grad) continue;
-    at::Tensor g = at::sigmoid(t);  // d loss / d logit = -label sigmoid(t)
-    g.diagonal(r0 + positive_offset).neg_();
-    grad_bias.add_(g.sum(at::kDouble));
-    grad_scale.add_((g * s).sum(at::kDouble));
-    grad_x.narrow(0, r0, c).copy_(at::mm(g, y));
-    grad_y.addmm_(g.t(), x_chunk);
+    grad_bias.add_(sums.grad_bias);
+    grad_scale.add_(sums.grad_scale);
+    grad_x.narrow(0, r0, c).copy_(at::mm(sums.g, y));
+    grad_y.addmm_(sums.g.t(), x_chunk);
   }
   const at::ScalarType loss_type = acc;
   const double inv_n = 1.0 / static_cast<double>(n);

@@ -24,7 +24,7 @@ SiglipOutputs siglip_loss(const at::Tensor& x, const at::Tensor& y, const at::Te
   check_siglip_args(x, y, scale, bias, positive_offset);
   const DeviceGuard guard(x.device());
   const int64_t chunk = siglip_chunk_elements(kSiglipChunkElements);
-  return siglip_loss_chunked(x, y, scale, bias, positive_offset, compute_grad, chunk);
+  return siglip_loss_chunked(x, y, scale, bias, positive_offset, compute_grad, chunk, siglip_chunk_aten);
 }
 
 }  // namespace
