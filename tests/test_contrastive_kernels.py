@@ -536,6 +536,37 @@ def test_gemm_route_chunks(cuda_source_backend, monkeypatch, chunk_elements):
     test_asym_op_positive_offset(cuda_source_backend, torch.float64, 66, 200, 67)
 
 
+@pytest.mark.parametrize("form", [LOGSUMEXP, EXCLUDED])
+@pytest.mark.parametrize("scale", [5.0, 100.0])
+def test_gemm_route_column_splits_merge_both_new_forms(cuda_source_backend, monkeypatch, form, scale):
+    """2100 candidates make the row kernels split each row's columns (one split
+    per 1024) and a 3-row budget makes several chunks: the positives' partial
+    log-sum-exps (their own shift under the running max, scale 100) and the
+    negatives-only sums merge across splits. Positives sit 700 columns apart,
+    so each row's are in different splits. Anchors [1000, 1006)."""
+    import os
+
+    if os.environ.get("SSL_OPS_CUDA_CONTRASTIVE_ROUTE") == "tiles":
+        pytest.skip("the new forms take the GEMM route on either setting; once is enough")
+    backend = cuda_source_backend
+    rows, d, begin, end = 2100, 8, 1000, 1006
+    monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", str(3 * rows))
+    z = rand((rows, d), torch.float32, backend.device, 30)
+    labels = torch.arange(rows).remainder(700)
+    anchor = torch.zeros(rows, dtype=torch.bool)
+    anchor[begin:end] = True
+    weight = anchor.double() / anchor.sum()
+    loss, _, _, grad, lse_pos = backend.ops.contrastive_sym_loss(
+        z, labels.to(backend.device), begin, end, scale, EPS, True, 1, True, form)
+    reference_fn = sym_lse_reference if form == LOGSUMEXP else sym_excluded_reference
+    ref_rows, ref_grad = reference_fn(z, labels, scale, weight)
+    check = checker(torch.float32, rows + d, scale)
+    check(loss, (ref_rows * weight).sum(), "mean loss over anchors")
+    check(grad, ref_grad, "forward gradient")
+    if form == LOGSUMEXP:
+        check(lse_pos, positive_logsumexp(z, labels, scale) * anchor, "lse over the positives")
+
+
 def test_route_and_budget_settings_are_checked(cuda_source_backend, monkeypatch):
     z = rand((6, 4), torch.float32, cuda_source_backend.device, 1)
     labels = torch.arange(3).repeat(2).to(cuda_source_backend.device)
