@@ -1,25 +1,23 @@
 #pragma once
 // The SigLIP loss (Note [SigLIP loss], siglip_check.h) in chunks of image
-// rows, from ATen ops only, so one source serves every backend that
-// registers it: each chunk's (c x M) similarities from the vendor GEMM, then
-// vectorised elementwise passes for the loss and the logits' gradient G, then
-// two more GEMMs for the feature gradients. No buffer is ever N x M: S, the
-// logits and G hold c x M elements, c set by the caller's chunk budget.
+// rows, the host side shared by the backends: each chunk's (c x M)
+// similarities from the vendor GEMM (at::mm), the backend's fused elementwise
+// pass for the loss and the logits' gradient G, then two more GEMMs for the
+// feature gradients. No buffer is ever N x M: S (then G over it) holds c x M
+// elements, c set by the caller's chunk budget.
 //
-// Numerics: logits and G in the accumulation type (float32 for half inputs,
-// float64 for float64); softplus and sigmoid are stable at |logit| ~ 100
-// (softplus(t) = t past 20, 40 in float64; sigmoid saturates to 0 or 1); the
-// loss, d scale and d bias are summed in double. The elementwise pass is a
-// parameter: ATen's ops here (siglip_chunk_aten, CUDA), one fused loop on the
-// CPU (csrc/cpu/siglip.cpp).
+// Numerics: S and G in the accumulation type (float32 for half inputs,
+// float64 for float64); the passes form softplus and sigmoid from
+// e = exp(-|t|), stable for any |logit| (SigLIP's ~100 included); the loss,
+// d scale and d bias are summed in double. The elementwise pass is the
+// backend's: one fused loop per row on the CPU (csrc/cpu/siglip.cpp), one
+// fused row kernel on CUDA (csrc/cuda/siglip.cu).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sigmoid.h>
-#include <ATen/ops/softplus.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
@@ -57,30 +55,11 @@ struct SiglipChunkSums {
   at::Tensor loss, grad_scale, grad_bias, g;
 };
 
-// The elementwise pass from ATen's ops (any backend; about six passes over
-// the chunk): t = -label * logit, loss = softplus(t), g = -label sigmoid(t).
-inline SiglipChunkSums siglip_chunk_aten(const at::Tensor& s, int64_t positive_diagonal, const at::Tensor& scale,
-                                         const at::Tensor& bias, bool compute_grad) {
-  const bool wide = s.scalar_type() == at::kDouble;
-  at::Tensor t = s * scale;
-  if (bias.defined()) t.add_(bias);
-  t.diagonal(positive_diagonal).neg_();
-  // softplus(t) = t past the threshold drops log1p(exp(-t)): below float32's
-  // ulp of t past 20, float64's past 40.
-  SiglipChunkSums out;
-  out.loss = at::softplus(t, 1, wide ? 40 : 20).sum(at::kDouble);
-  if (!compute_grad) return out;
-  out.g = at::sigmoid(t);
-  out.g.diagonal(positive_diagonal).neg_();
-  out.grad_bias = out.g.sum(at::kDouble);
-  out.grad_scale = (out.g * s).sum(at::kDouble);
-  return out;
-}
-
 // loss (float32; float64 for float64 features), then with compute_grad the
 // gradients of x, y (their dtype), scale and bias (theirs; bias's empty
-// without a bias); otherwise empty tensors. chunk_pass: siglip_chunk_aten or
-// a backend's fused equivalent, same signature.
+// without a bias); otherwise empty tensors. chunk_pass: the backend's fused
+// elementwise pass (SiglipChunkSums), with the signature
+// (s, positive_diagonal, scale, bias, compute_grad).
 template <typename ChunkPass>
 SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
                                   const std::optional<at::Tensor>& bias_in, int64_t positive_offset,

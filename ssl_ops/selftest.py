@@ -35,9 +35,10 @@ class Check:
     """An op: make(gen, n, d) draws float64 inputs; the inputs at no_grad take no
     gradient (MoCo's key), the others do."""
 
-    def __init__(self, name, family, make, fused, eager, no_grad=()):
+    def __init__(self, name, family, make, fused, eager, no_grad=(), one_route=False):
         self.name, self.family, self.make, self.fused, self.eager = name, family, make, fused, eager
         self.no_grad = no_grad
+        self.one_route = one_route  # the CUDA route setting does not apply (SigLIP; the GEMM-only forms)
 
     def inputs(self, master, dtype, device):
         return [t.to(device, dtype).requires_grad_(i not in self.no_grad) for i, t in enumerate(master)]
@@ -56,6 +57,17 @@ def _checks():
         Check("supcon", "contrastive",
               lambda g, n, d: [_randn(g, 2 * n, d)],
               lambda z: ssl_ops.nt_xent_loss(z, labels=_labels(z)), lambda z: reference.supcon_loss(z, _labels(z))),
+        Check("multicrop", "contrastive",
+              lambda g, n, d: [_randn(g, 3 * n, d)],
+              lambda z: ssl_ops.nt_xent_loss(z, labels=_labels(z), positives="logsumexp"),
+              lambda z: reference.supcon_loss(z, _labels(z), positives="logsumexp"), one_route=True),
+        Check("dcl", "contrastive",
+              lambda g, n, d: [_randn(g, n, d), _randn(g, n, d)],
+              ssl_ops.dcl_loss, reference.dcl_loss, one_route=True),
+        Check("siglip", "contrastive",
+              lambda g, n, d: [_randn(g, n, d) / d ** 0.5, _randn(g, n, d) / d ** 0.5,
+                               torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)],
+              ssl_ops.siglip_loss, reference.siglip_loss, one_route=True),
         Check("moco", "contrastive",
               lambda g, n, d: [_randn(g, n, d), _randn(g, n, d), _randn(g, 4 * n + 3, d)],
               lambda q, k, queue: ssl_ops.info_nce_loss(q, k, queue, t_moco),
@@ -225,7 +237,8 @@ def main(argv=None):
     start = time.perf_counter()
     with mode:
         for check in _checks():
-            for route, settings in routes_of(check.family).items():
+            routes = {"default": {}} if check.one_route else routes_of(check.family)
+            for route, settings in routes.items():
                 try:
                     ok, err, tol, speed, dtype = check_op(check, device, dtypes, args.emulate, settings)
                     detail = f"worst error {err:.1e} (tolerance {tol:.0e})" + (

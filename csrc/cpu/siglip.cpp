@@ -2,7 +2,7 @@
 // in chunks of image rows (csrc/siglip_chunks.h: the GEMMs), with the
 // elementwise work in one fused, vectorised pass per chunk row (fused_rows):
 // one exp, one log1p and one division per pair, G written over the
-// similarities. ATen's composition of the same pass (siglip_chunk_aten) read
+// similarities. ATen's composition of the same pass (the first version) read
 // and wrote each chunk about six times and left the loss 2-20% behind
 // torch.compile of the eager form (benchmarks/RESULTS.md, session 6).
 // Chunks of 2^20 similarities (4 MB in float32), so N = 16384 images against
