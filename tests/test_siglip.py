@@ -15,24 +15,24 @@ from routes import route as on_route
 from tolerances import assert_close, rtol
 
 
-def features(n, m, d, dtype, seed=0, normalize=True):
+def features(n, m, d, dtype, seed=0, normalize=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     y = torch.randn(m, d, generator=g, dtype=torch.float64)
     if normalize:  # as SigLIP's towers give them
         x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
-    return x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
+    return x.to(device, dtype).requires_grad_(), y.to(device, dtype).requires_grad_()
 
 
-def scalar(value, dtype=torch.float32):
-    return torch.tensor(value, dtype=dtype, requires_grad=True)
+def scalar(value, dtype=torch.float32, device="cpu"):
+    return torch.tensor(value, dtype=dtype, device=device, requires_grad=True)
 
 
 def check(x, y, scale, bias, dtype):
     loss = ssl_ops.siglip_loss(x, y, scale, bias)
     inputs = [t for t in (x, y, scale, bias) if t is not None]
     grads = torch.autograd.grad(loss, inputs)
-    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in inputs]
     ref = reference.siglip_loss(*ref_inputs[:3], ref_inputs[3] if bias is not None else None)
     ref_grads = torch.autograd.grad(ref, ref_inputs)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -44,17 +44,20 @@ def check(x, y, scale, bias, dtype):
         assert_close(a, b, tol, f"grad {name}")
 
 
-@pytest.mark.parametrize("route", ["cpu", "emulated"])
+@pytest.mark.parametrize("route", ["cpu", "emulated", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,d", [(1, 4), (7, 1), (33, 16), (130, 65)])
 @pytest.mark.parametrize("scale,bias", [(10.0, -10.0), (100.0, -5.0), (1.0, None)])
 def test_matches_open_clip_formula(route, dtype, n, d, scale, bias, monkeypatch):
     """On the CPU kernel and on the CUDA source under the emulator."""
     monkeypatch.setenv("SSL_OPS_SIGLIP_CHUNK_ELEMENTS", str(5 * n))  # chunks of 5 image rows, a partial last one
-    x, y = features(n, n, d, dtype, seed=n + d)
+    device = "cuda" if route == "cuda" else "cpu"
+    if device == "cuda" and not ssl_ops.cuda_kernels_available():
+        pytest.skip("no GPU")
+    x, y = features(n, n, d, dtype, seed=n + d, device=device)
     param = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 parameters with half features
-    with on_route(route, monkeypatch):
-        check(x, y, scalar(scale, param), scalar(bias, param) if bias is not None else None, dtype)
+    with on_route(route if device == "cpu" else "cpu", monkeypatch):
+        check(x, y, scalar(scale, param, device), scalar(bias, param, device) if bias is not None else None, dtype)
 
 
 def test_unnormalised_features_and_large_logits_stay_finite():
