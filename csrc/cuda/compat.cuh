@@ -8,6 +8,8 @@
 // registration macro.
 #include <c10/core/Device.h>
 
+#include <array>
+#include <atomic>
 #include <utility>
 
 #if defined(SSL_OPS_CUDA_EMU)
@@ -45,18 +47,41 @@ inline cudaStream_t current_stream(c10::Device device) {
   return c10::cuda::getCurrentCUDAStream(device.index()).stream();
 }
 inline void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+// A value fixed per device for the life of the process, looked up once for
+// each device (the routes ask on every call). 0 means "not yet".
+using PerDeviceCache = std::array<std::atomic<int>, 64>;
+template <typename Lookup>
+inline int cached_for_device(PerDeviceCache& cache, int device, Lookup lookup) {
+  if (device < 0 || device >= static_cast<int>(cache.size())) return lookup(device);
+  int value = cache[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    value = lookup(device);
+    cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+inline int current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
 inline int multiprocessor_count(c10::Device device) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index()));
-  return count;
+  static PerDeviceCache cache{};
+  return cached_for_device(cache, device.has_index() ? device.index() : current_device(), [](int d) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, d));
+    return count;
+  });
 }
 // major * 10 + minor of the current device (the kernels' device guard set it).
 inline int current_compute_capability() {
-  int device = 0, major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major * 10 + minor;
+  static PerDeviceCache cache{};
+  return cached_for_device(cache, current_device(), [](int device) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    return major * 10 + minor;
+  });
 }
 namespace {
 __global__ void arch_probe_kernel() {}
@@ -66,9 +91,12 @@ __global__ void arch_probe_kernel() {}
 // driver compiles older PTX (TORCH_CUDA_ARCH_LIST="7.5+PTX" on an A100), so
 // paths that arch's code compiled out (Note [Tensor cores per arch]) stay unused.
 inline int loaded_code_arch() {
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, arch_probe_kernel));
-  return attributes.ptxVersion;
+  static PerDeviceCache cache{};
+  return cached_for_device(cache, current_device(), [](int) {
+    cudaFuncAttributes attributes{};  // of the code loaded for the current device
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, arch_probe_kernel));
+    return attributes.ptxVersion;
+  });
 }
 #define SSL_OPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(ssl_ops, CUDA, m)
 #define SSL_DYNAMIC_SMEM(type, name)                             \
