@@ -175,6 +175,28 @@ def test_chunks_overflow_one_launch(cuda_source_backend):
         assert emulation.load().launch_count() - launches_before >= 16
 
 
+@pytest.mark.emu
+@pytest.mark.parametrize("driver,launches", [(12000, 2), (12010, 1)])
+def test_parameter_tables_follow_the_driver(driver, launches):
+    """The 32 KB tables of Note [EMA chunk lists] only with a 12.1+ driver: on an
+    older one (r525-r529) the kernel keeps the 4 KB table, which the emulator
+    enforces as a real launch would. 400 chunks overflow the 4 KB table (320
+    chunks: a second launch) but fit the large one."""
+    from conftest import make_backend
+
+    backend = make_backend(("emu", 1))
+    sizes = [8 * 300 + 3] + [8] * 99
+    ema, online = make_lists(sizes, (torch.float32, torch.float32), backend.device)
+    emu = emulation.load()
+    emu.set_driver_version(driver)
+    try:
+        before = emu.launch_count()
+        check_case(backend, ema, online, chunk_size=8)
+        assert emu.launch_count() - before == launches
+    finally:
+        emu.set_driver_version(12000)
+
+
 def test_chunk_size_is_validated(cuda_source_backend):
     ema, online = make_lists([10], (torch.float32, torch.float32), cuda_source_backend.device)
     with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 8, got 12"):

@@ -10,6 +10,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <utility>
 
 #if defined(SSL_OPS_CUDA_EMU)
@@ -103,6 +104,28 @@ inline int loaded_code_arch() {
   extern __shared__ __align__(128) unsigned char name##_bytes[]; \
   type* name = reinterpret_cast<type*>(name##_bytes)
 #endif
+
+// N values moved as one aligned access (16 bytes: one LDG.128 / STG.128).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T val[N];
+};
+
+// Stores 16 bytes at a 16-byte aligned address in one instruction. A Vec
+// assembled value by value is stored value by value: nvcc 13 split both the
+// Vec and a plain uint4 assignment into 2- and 4-byte stores (PTX of
+// cosine_matrix.cu); __stwb's uint4 overload is one st.global.wb.v4.u32.
+template <typename T, int N>
+__device__ __forceinline__ void store16(T* dst, const Vec<T, N>& v) {
+  static_assert(sizeof(v) == 16, "16-byte vectors only");
+#if defined(SSL_OPS_CUDA_EMU)
+  std::memcpy(dst, &v, 16);
+#else
+  uint4 bits;
+  memcpy(&bits, &v, 16);
+  __stwb(reinterpret_cast<uint4*>(dst), bits);
+#endif
+}
 
 // Planted numeric bugs: under the emulator a test can switch one on
 // (ssl_emu::set_planted_bug) to prove that the kernel tests catch it; in the

@@ -15,7 +15,9 @@
 // elements per launch, so a 7B-parameter model is 35 launches, not the 333 a
 // portable 4 KB table (320 chunks) would need; at ~4 us each that is 0.15 ms of
 // launches against ~20 ms of memory traffic (84 GB at 4.3 TB/s, fp32).
-// Older toolkits and the emulator keep the 4 KB table.
+// Older toolkits, and drivers older than 12.1 (checked once at run time), keep
+// the 4 KB table; so does the emulator unless a test has it pretend to a newer
+// driver (it copies the parameters for every thread it runs).
 //
 // Note [EMA vector access]: a chunk whose ema and online pointers are both
 // aligned to one vector (16 bytes of the wider type) is read and written in
@@ -40,40 +42,56 @@
 namespace ssl_ops::cuda {
 namespace {
 
-// The emulator keeps the portable table: it copies the parameters for every
-// thread it runs, and the table logic is the same at either size.
-#if !defined(SSL_OPS_CUDA_EMU) && defined(CUDART_VERSION) && CUDART_VERSION >= 12010
-constexpr int kMaxTensors = 512;
-constexpr int kMaxBlocks = 3072;
-constexpr size_t kMaxParamBytes = 32764;
-#else
-constexpr int kMaxTensors = 96;
-constexpr int kMaxBlocks = 320;
-constexpr size_t kMaxParamBytes = 4096;
-#endif
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;  // vectors per thread per step (Note [EMA vector access])
 constexpr int64_t kDefaultChunkSize = 65536;
 constexpr int64_t kChunkMultiple = 8;  // the widest vector, in elements
 
-using TensorSlot = std::conditional_t<(kMaxTensors <= 256), uint8_t, uint16_t>;
+// The two table sizes of Note [EMA chunk lists]: the portable 4 KB of kernel
+// parameters, and the 32764 bytes that CUDA 12.1+ takes where the driver
+// does too (r530+; Volta and newer).
+struct PortableTable {
+  static constexpr int kTensors = 96, kBlocks = 320;
+  static constexpr size_t kParamBytes = 4096;
+};
+struct LargeTable {
+  static constexpr int kTensors = 512, kBlocks = 3072;
+  static constexpr size_t kParamBytes = 32764;
+};
 
+template <typename Table>
 struct EmaChunkList {
-  void* ema[kMaxTensors];
-  const void* online[kMaxTensors];
-  int64_t numel[kMaxTensors];
+  using TensorSlot = std::conditional_t<(Table::kTensors <= 256), uint8_t, uint16_t>;
+  void* ema[Table::kTensors];
+  const void* online[Table::kTensors];
+  int64_t numel[Table::kTensors];
   int64_t chunk_size;
-  TensorSlot tensor_of_block[kMaxBlocks];
-  int32_t chunk_of_block[kMaxBlocks];
+  TensorSlot tensor_of_block[Table::kBlocks];
+  int32_t chunk_of_block[Table::kBlocks];
 };
 // The other kernel parameters (m, w) take 16 bytes at most.
-static_assert(sizeof(EmaChunkList) <= kMaxParamBytes - 16, "kernel parameters over the limit");
-static_assert(kMaxTensors <= 65536, "tensor_of_block holds at most 16 bits");
+static_assert(sizeof(EmaChunkList<PortableTable>) <= PortableTable::kParamBytes - 16, "parameters over the limit");
+static_assert(sizeof(EmaChunkList<LargeTable>) <= LargeTable::kParamBytes - 16, "parameters over the limit");
+static_assert(LargeTable::kTensors <= 65536, "tensor_of_block holds at most 16 bits");
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T val[N];
-};
+// Whether this process may launch with the large table: this build's toolkit
+// and the installed driver both at 12.1 or newer (a CUDA 12.0 driver, r525-r529,
+// runs our 12.x-built code through its compatibility but refuses the larger
+// parameters at launch). The emulator answers for the driver it pretends to
+// have (ssl_emu::set_driver_version).
+bool large_tables_supported() {
+#if defined(SSL_OPS_CUDA_EMU)
+  return ::ssl_emu::driver_version() >= 12010;
+#elif defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+  static const bool supported = [] {
+    int driver = 0;
+    return cudaDriverGetVersion(&driver) == cudaSuccess && driver >= 12010;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
 
 // Explicit fmaf/fma: one rounding, and never a double-precision fma for floats.
 __device__ __forceinline__ float fused_multiply_add(float a, float b, float c) {
@@ -88,9 +106,9 @@ __device__ __forceinline__ E ema_value(E ema, O online, C m, C w) {
   return static_cast<E>(fused_multiply_add(m, static_cast<C>(ema), w * static_cast<C>(online)));
 }
 
-template <typename E, typename O>
+template <typename E, typename O, typename Table>
 __global__ void __launch_bounds__(kThreads)
-    ema_multi_tensor_kernel(EmaChunkList list, ema_compute_t<E> m, ema_compute_t<E> w) {
+    ema_multi_tensor_kernel(EmaChunkList<Table> list, ema_compute_t<E> m, ema_compute_t<E> w) {
   constexpr int kVec = 16 / (sizeof(E) > sizeof(O) ? sizeof(E) : sizeof(O));
   const int tensor = list.tensor_of_block[blockIdx.x];
   const int64_t begin = int64_t(list.chunk_of_block[blockIdx.x]) * list.chunk_size;
@@ -139,20 +157,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename E, typename O>
-void launch_ema_chunks(
+template <typename E, typename O, typename Table>
+void launch_ema_chunks_with(
     const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& online,
     const std::vector<size_t>& pairs, double momentum, int64_t chunk_size, cudaStream_t stream) {
   using C = ema_compute_t<E>;
+  using TensorSlot = typename EmaChunkList<Table>::TensorSlot;
+  constexpr int kMaxTensors = Table::kTensors, kMaxBlocks = Table::kBlocks;
   const C m = static_cast<C>(momentum);
   const C w = static_cast<C>(1.0 - momentum);
-  EmaChunkList list{};
+  EmaChunkList<Table> list{};
   list.chunk_size = chunk_size;
   int tensors = 0;
   int blocks = 0;
   auto flush = [&] {
     if (blocks > 0) {
-      launch_kernel(ema_multi_tensor_kernel<E, O>, dim3(blocks), dim3(kThreads), 0, stream, list, m, w);
+      launch_kernel(ema_multi_tensor_kernel<E, O, Table>, dim3(blocks), dim3(kThreads), 0, stream, list, m, w);
     }
     blocks = 0;
   };
@@ -186,6 +206,19 @@ void launch_ema_chunks(
   flush();
 }
 
+template <typename E, typename O>
+void launch_ema_chunks(
+    const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& online,
+    const std::vector<size_t>& pairs, double momentum, int64_t chunk_size, cudaStream_t stream) {
+#if defined(SSL_OPS_CUDA_EMU) || (defined(CUDART_VERSION) && CUDART_VERSION >= 12010)
+  if (large_tables_supported()) {
+    launch_ema_chunks_with<E, O, LargeTable>(ema, online, pairs, momentum, chunk_size, stream);
+    return;
+  }
+#endif
+  launch_ema_chunks_with<E, O, PortableTable>(ema, online, pairs, momentum, chunk_size, stream);
+}
+
 void ema_update_chunked_(
     at::TensorList ema, at::TensorList online, double momentum, int64_t chunk_size) {
   TORCH_CHECK_VALUE(
@@ -194,6 +227,12 @@ void ema_update_chunked_(
       ssl_ops::message("ssl_ops._ema_update_chunked_: chunk_size must be a positive multiple of ", kChunkMultiple,
       ", got ", chunk_size));
   check_ema_args(ema, online, momentum, kKernelDevice);
+  // chunk_of_block is int32 (Note [Launch limits]); checked before any tensor is written.
+  for (size_t i = 0; i < ema.size(); ++i) {
+    TORCH_CHECK_VALUE((ema[i].numel() - 1) / chunk_size < (int64_t(1) << 31),
+                      ssl_ops::message("ssl_ops.ema_update_: ema[", i, "] has ", ema[i].numel(),
+                                       " elements, over 2^31 chunks of ", chunk_size));
+  }
   if (ema.empty()) return;
   EmaOperands ops = prepare_ema_operands(ema, online);
   const DeviceGuard guard(ema[0].device());

@@ -101,6 +101,13 @@ void set_planted_bug(int bug);
 int compute_capability();
 void set_compute_capability(int capability);
 
+// The CUDA version of the driver the emulator pretends to have (default 12000,
+// an r525 driver): launches may pass 32764 bytes of parameters from 12010 (as
+// on a GPU), else 4096. Host code that sizes its parameter tables by the
+// driver (csrc/cuda/ema.cu) runs under test for both.
+int driver_version();
+void set_driver_version(int version);
+
 // Tensor-core products: wmma::mma_sync calls so far (which path a kernel took),
 // and the schedule seed, which also varies their summation order.
 uint64_t mma_count();

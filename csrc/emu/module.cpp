@@ -30,6 +30,10 @@ PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
         "The GPU generation the emulated host code sees (major * 10 + minor, e.g. 75 for a T4; "
         "default 90): it picks each kernel's path from it.");
   m.def("compute_capability", &ssl_emu::compute_capability);
+  m.def("set_driver_version", &ssl_emu::set_driver_version, pybind11::arg("version"),
+        "The CUDA version of the driver the emulated host code sees (e.g. 12000 for r525; "
+        "default 12000): from 12010 launches take 32764 bytes of parameters, not 4096.");
+  m.def("driver_version", &ssl_emu::driver_version);
   m.def("mma_count", &ssl_emu::mma_count, "wmma::mma_sync calls made so far in this process.");
   m.def("set_block_tail", &ssl_emu::set_block_tail, pybind11::arg("count"),
         "Run only the last `count` blocks of each launch from now on (0: all).");

@@ -27,7 +27,8 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // an H100 block's opt-in maximum
-constexpr size_t kMaxParamBytes = 4096;         // portable kernel-parameter limit
+constexpr size_t kPortableParamBytes = 4096;    // portable kernel-parameter limit
+constexpr size_t kLargeParamBytes = 32764;      // CUDA 12.1+ with a 12.1+ driver
 constexpr size_t kSmemAlignment = 128;
 
 struct Fiber {
@@ -212,9 +213,9 @@ std::string check_config(dim3 grid, dim3 block, size_t smem, size_t param_bytes)
     s << "invalid grid (" << grid.x << "," << grid.y << "," << grid.z << ")";
   } else if (smem > kMaxDynamicSmem) {
     s << "dynamic shared memory of " << smem << " bytes exceeds " << kMaxDynamicSmem;
-  } else if (param_bytes > kMaxParamBytes) {
-    s << "kernel parameters take " << param_bytes << " bytes, over the " << kMaxParamBytes
-      << "-byte limit";
+  } else if (const size_t limit = driver_version() >= 12010 ? kLargeParamBytes : kPortableParamBytes;
+             param_bytes > limit) {
+    s << "kernel parameters take " << param_bytes << " bytes, over the " << limit << "-byte limit";
   }
   return s.str();
 }
@@ -379,6 +380,15 @@ void set_compute_capability(int capability) {
                   capability == 89 || capability == 90,
               "the emulator pretends to be sm_70, 75, 80, 86, 89 or 90; got ", capability);
   emulated_capability.store(capability, std::memory_order_relaxed);
+}
+
+namespace {
+std::atomic<int> emulated_driver{12000};
+}  // namespace
+int driver_version() { return emulated_driver.load(std::memory_order_relaxed); }
+void set_driver_version(int version) {
+  TORCH_CHECK(version >= 11000, "the emulated driver's CUDA version is major * 1000 + minor * 10, got ", version);
+  emulated_driver.store(version, std::memory_order_relaxed);
 }
 
 PlantedBug planted_bug() { return static_cast<PlantedBug>(planted.load(std::memory_order_relaxed)); }
