@@ -520,6 +520,35 @@ def test_wide_features(backend, d):
     test_asym_op(backend, torch.bfloat16, 33, 33, d, False)
 
 
+@pytest.mark.emu
+def test_tile_route_refuses_more_features_than_its_grid(monkeypatch):
+    """The tile route's gradient grid holds 65535 blocks of 256 features
+    (Note [Launch limits]): one feature more is refused, naming the input,
+    before any kernel runs (the forward's log-sum-exp pass included), for every
+    entry point. The inputs are 2 rows of ones, 134 MB each."""
+    from conftest import make_backend
+    from ssl_ops import emulation
+
+    backend = make_backend(("emu", 0))
+    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "tiles")
+    d = 256 * 65535 + 1
+    z, labels = torch.ones(2, d), torch.zeros(2, dtype=torch.long)
+    lse, count = torch.zeros(2), torch.ones(2, dtype=torch.long)
+    mask = [True, True, False]
+    launches = emulation.load().launch_count()
+    for name, call in [
+        ("z", lambda: backend.ops.contrastive_sym_loss(z, labels, 0, 2, 2.0, EPS, True, 1, True)),
+        ("z", lambda: backend.ops.contrastive_sym_backward(torch.ones(()), z, labels, 0, 2, lse, count, 2.0, EPS,
+                                                           True, 1)),
+        ("query", lambda: backend.ops.contrastive_asym_loss(z, z, None, 0, 2.0, EPS, True, 1, mask)),
+        ("query", lambda: backend.ops.contrastive_asym_backward(torch.ones(()), z, z, None, 0, lse, 2.0, EPS, True, 1,
+                                                                mask)),
+    ]:
+        with pytest.raises(RuntimeError, match=f"tile route .*{name} may have at most 16776960 features, got {d}"):
+            call()
+    assert emulation.load().launch_count() == launches
+
+
 @pytest.mark.parametrize("chunk_elements", [1, 3 * 700, 7 * 700 + 5])
 def test_gemm_route_chunks(cuda_source_backend, monkeypatch, chunk_elements):
     """The GEMM route takes the anchors in chunks of budget // candidates rows

@@ -83,6 +83,23 @@ def test_launch_configuration_errors(emu):
     torch.ops.ssl_ops_emu._test_launch_config(anchor, 32, 2)  # errors are not sticky
 
 
+@pytest.mark.parametrize(
+    "grid,fits",
+    [((2**31 - 1, 65535, 65535), True), ((2**31, 1, 1), False), ((1, 65536, 1), False), ((1, 1, 65536), False),
+     ((0, 1, 1), False), ((2**35 + 1, 1, 1), False)],  # 2^35 + 1 would wrap to 1 in a bare dim3
+)
+def test_every_grid_is_checked_at_the_hardware_limits(emu, grid, fits):
+    """checked_grid (csrc/cuda/launch_limits.h), which builds every kernel's grid:
+    the largest grid passes whole, one block more in any dimension is an error
+    naming the grid, and an int64 is never truncated into a dim3."""
+    anchor = torch.empty(1)
+    if fits:
+        torch.ops.ssl_ops_emu._test_checked_grid(anchor, *grid)
+        return
+    with pytest.raises(RuntimeError, match=rf"the test grid needs a grid of \({grid[0]}, {grid[1]}, {grid[2]}\) blocks"):
+        torch.ops.ssl_ops_emu._test_checked_grid(anchor, *grid)
+
+
 # ---- Planted bugs ------------------------------------------------------------------
 
 

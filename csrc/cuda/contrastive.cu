@@ -91,6 +91,7 @@
 #include "contrastive_kernels.cuh"
 #include "contrastive_pairs.cuh"
 #include "contrastive_rows.cuh"
+#include "launch_limits.h"
 
 namespace ssl_ops::cuda {
 namespace {
@@ -108,7 +109,7 @@ T* mutable_data(at::Tensor& t) {
 
 template <typename T>
 void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
-  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()));
+  const dim3 grid = checked_grid("lse_kernel (row tiles)", ceil_div(p.n_rows, tile_size<T>()));
   with_tile_path<T>([&](auto tensor_cores) {
     constexpr bool kTc = decltype(tensor_cores)::value;
     if (p.bounded) {
@@ -130,6 +131,19 @@ int64_t feature_blocks(int64_t features, int parts) {
   return blocks;
 }
 
+// The tile route's grids for rows x (R, D) (Note [Launch limits]), checked
+// before any of its kernels runs.
+void check_tile_route_size(const at::Tensor& x, const char* name) {
+  const int64_t tile = x.scalar_type() == at::kDouble ? 32 : 64, features = x.size(1);
+  TORCH_CHECK(ceil_div(features, int64_t(kChunk) * feature_parts(features)) <= kMaxGridYZ,
+              ssl_ops::message("contrastive loss on the CUDA tile route (SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles): ", name,
+                               " may have at most ", kMaxGridYZ * kChunk * 4, " features, got ", features,
+                               "; the GEMM route (the default) has no such limit"));
+  TORCH_CHECK(ceil_div(x.size(0), tile) <= kMaxGridX,
+              ssl_ops::message("contrastive loss on the CUDA tile route: ", name, " may have at most ",
+                               kMaxGridX * tile, " rows, got ", x.size(0)));
+}
+
 template <typename Launch>
 void with_parts(int parts, Launch&& launch) {
   if (parts == 1) {
@@ -147,7 +161,8 @@ at::Tensor run_grad_kernel(GradParams<T> p, const at::Tensor& like_rows, cudaStr
   at::Tensor out = at::empty({p.n_rows, p.features}, like_rows.options().dtype(c10::CppTypeToScalarType<A>::value));
   p.out = mutable_data<A>(out);
   const int parts = feature_parts(p.features);
-  const dim3 grid(ceil_div(p.n_rows, tile_size<T>()), feature_blocks(p.features, parts));
+  const dim3 grid = checked_grid("grad_kernel (row tiles, feature blocks)", ceil_div(p.n_rows, tile_size<T>()),
+                                 feature_blocks(p.features, parts));
   with_tile_path<T>([&](auto tensor_cores) {
     with_parts(parts, [&](auto kParts) {
       launch_kernel(grad_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,
@@ -288,7 +303,7 @@ SymSaved sym_statistics(const at::Tensor& z, const at::Tensor& denom, const at::
     SymPairLseParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), static_cast<A>(bound),
                           data<int64_t>(labels), schedule, mutable_data<A>(s.lse),
                           mutable_data<A>(s.positive_sum), mutable_data<int64_t>(s.positive_count)};
-    const dim3 grid(schedule.tiles, schedule.slices());
+    const dim3 grid = checked_grid("sym_lse_pairs_kernel (row tiles, slices)", schedule.tiles, schedule.slices());
     with_tile_path<T>([&](auto tensor_cores) {
       launch_kernel(sym_lse_pairs_kernel<T, decltype(tensor_cores)::value>, grid, dim3(kTileThreads), 0, stream,
                     p);
@@ -331,7 +346,8 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
     SymPairGradParams<T> p{data<T>(z), data<A>(denom), m, d, static_cast<A>(scale), data<int64_t>(labels),
                            data<A>(lse), data<A>(weight), data<A>(inv_positives), schedule,
                            mutable_data<A>(grad_hat)};
-    const dim3 grid(schedule.tiles, schedule.slices(), blocks_per_row_tile);
+    const dim3 grid = checked_grid("sym_grad_pairs_kernel (row tiles, slices, feature blocks)", schedule.tiles,
+                                   schedule.slices(), blocks_per_row_tile);
     with_tile_path<T>([&](auto tensor_cores) {
       with_parts(parts, [&](auto kParts) {
         launch_kernel(sym_grad_pairs_kernel<T, decltype(tensor_cores)::value, decltype(kParts)::value>, grid,
@@ -384,6 +400,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
   check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in, positives);
   const bool positives_lse = positives_lse_form(positives);
   const auto form = static_cast<PositiveReduction>(positives);
+  if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z");
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -435,6 +452,7 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
   check_sym_lse_positive(z_in, lse_positive, positives);
   const bool positives_lse = positives_lse_form(positives);
   const auto form = static_cast<PositiveReduction>(positives);
+  if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z");
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -610,6 +628,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     int64_t positive_offset, double scale, double eps, bool normalize, int64_t reduction_in,
     std::array<bool, 3> grad_mask) {
   check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction_in);
+  if (!use_gemm_route()) {
+    check_tile_route_size(query, "query");
+    check_tile_route_size(key, "key");
+  }
   const DeviceGuard guard(query.device());
   const cudaStream_t stream = current_stream(query.device());
   const auto reduction = static_cast<Reduction>(reduction_in);
@@ -657,6 +679,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
     const std::optional<at::Tensor>& positive_key, int64_t positive_offset, const at::Tensor& lse, double scale,
     double eps, bool normalize, int64_t reduction, std::array<bool, 3> grad_mask) {
   check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction);
+  if (!use_gemm_route()) {
+    check_tile_route_size(query, "query");
+    check_tile_route_size(key, "key");
+  }
   const DeviceGuard guard(query.device());
   const cudaStream_t stream = current_stream(query.device());
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;

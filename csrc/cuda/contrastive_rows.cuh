@@ -18,6 +18,7 @@
 
 #include "compat.cuh"
 #include "contrastive_kernels.cuh"
+#include "launch_limits.h"
 
 namespace ssl_ops::cuda {
 
@@ -140,7 +141,9 @@ __global__ void __launch_bounds__(kRowThreads) finish_rows_kernel(FinishParams<T
 
 // ---- Host launchers ----------------------------------------------------------------
 
-inline dim3 row_grid(int64_t rows) { return dim3((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
+inline dim3 row_grid(int64_t rows) {
+  return checked_grid("a row kernel (8 rows per block)", (rows + kRowsPerBlock - 1) / kRowsPerBlock);
+}
 
 // max(||x_r||, eps) per row (1 without normalisation), in the accumulation type.
 template <typename T>

@@ -23,6 +23,7 @@
 #include "../siglip_chunks.h"
 #include "compat.cuh"
 #include "contrastive_gemm_rows.cuh"  // block_reduce, kGemmRowThreads
+#include "launch_limits.h"
 
 namespace ssl_ops::cuda {
 namespace {
@@ -99,7 +100,7 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
     SiglipRowParams<A> p{data, rows, cols, cols_per_split, positive_diagonal, scale_acc.const_data_ptr<A>(),
                          bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr, compute_grad,
                          parts.data_ptr<A>()};
-    launch_kernel(siglip_rows_kernel<A>, dim3(rows, splits), dim3(kGemmRowThreads), 0, stream, p);
+    launch_kernel(siglip_rows_kernel<A>, checked_grid("siglip_rows_kernel (chunk rows, splits)", rows, splits), dim3(kGemmRowThreads), 0, stream, p);
   };
   if (s.scalar_type() == at::kDouble) {
     launch(s.data_ptr<double>());

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../cuda/compat.cuh"
+#include "../cuda/launch_limits.h"
 
 namespace ssl_ops::cuda {
 namespace {
@@ -88,6 +89,13 @@ void test_launch_config(const at::Tensor& anchor, int64_t threads, int64_t block
   launch_kernel(noop_kernel, dim3(blocks), dim3(threads), 0, current_stream(anchor.device()));
 }
 
+// The host check every kernel's grid goes through (Note [Launch limits]), at
+// sizes no emulated launch could reach: a grid of (x, y, z) or its error.
+void test_checked_grid(const at::Tensor&, int64_t x, int64_t y, int64_t z) {
+  const dim3 grid = checked_grid("the test grid", x, y, z);
+  TORCH_CHECK(grid.x == x && grid.y == y && grid.z == z, "checked_grid changed the grid");
+}
+
 // C = A @ B for A (16, K) row-major and B (K, 16): once with B row-major and once
 // from B^T (16, K) row-major read as a column-major B. One warp; out (2, 16, 16).
 template <typename T, typename Precision, int K_STEP>
@@ -155,6 +163,7 @@ SSL_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("_test_warp_ops", &test_warp_ops);
   m.impl("_test_partial_warp", &test_partial_warp);
   m.impl("_test_launch_config", &test_launch_config);
+  m.impl("_test_checked_grid", &test_checked_grid);
   m.impl("_test_wmma", &test_wmma);
 }
 
