@@ -6,7 +6,11 @@ broadcasts an (M, N, D) tensor); ssl_ops.byol_loss against the eager
 this process, peak extra memory is measured in a fresh process (CPU) or with
 torch.cuda.max_memory_allocated (CUDA).
 
-    python -m benchmarks.cosine [--device cuda] [--full]
+    python -m benchmarks.cosine [--device cuda] [--full] [--min-run-time S]
+
+On CUDA the cosine matrix is also timed on each of its routes, forced one at a
+time (tiles / gemm; with b = None and a dense upstream gradient also the two
+forms of the backward, sum / two_gemms), and the faster of each pair is named.
 """
 
 import argparse
@@ -29,6 +33,11 @@ IMPLS = {
         "normalize+matmul": lambda a, b: reference.cosine_similarity_matrix(a, b),
         "compiled": torch.compile(lambda a, b: reference.cosine_similarity_matrix(a, b), dynamic=True),
         "broadcast": lambda a, b: F.cosine_similarity(a[:, None], b[None], dim=-1),
+    },
+    "matrix_self": {  # b = None: a against itself
+        "fused": lambda a, b: ssl_ops.cosine_similarity_matrix(a),
+        "normalize+matmul": lambda a, b: reference.cosine_similarity_matrix(a),
+        "compiled": torch.compile(lambda a, b: reference.cosine_similarity_matrix(a), dynamic=True),
     },
     "byol": {
         "fused": lambda p, z: ssl_ops.byol_loss(p, z),
@@ -54,7 +63,47 @@ def run_once(case, impl, inputs):
             fn(*inputs)
         return
     out = fn(*inputs)
-    torch.autograd.grad(out.sum(), [t for t in inputs if t.requires_grad])
+    wanted = [t for t in inputs if t.requires_grad]
+    if case["mode"] == "forward+dense backward":  # a dense dC, as a loss on the matrix gives
+        torch.autograd.grad(out, wanted, grad_outputs=dense_gradient(out))
+    else:  # out.sum(): a broadcast dC, which the kernels take as rank one
+        torch.autograd.grad(out.sum(), wanted)
+
+
+def dense_gradient(out):
+    g = torch.Generator(device=out.device).manual_seed(1)
+    return torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype)
+
+
+# The CUDA cosine-matrix routes (csrc/cuda/cosine_matrix.cu), each forced by its
+# variable and timed in the same process as the default.
+ROUTES = {
+    "tiles": ("SSL_OPS_CUDA_COSINE_MATRIX_ROUTE", "tiles"),
+    "gemm": ("SSL_OPS_CUDA_COSINE_MATRIX_ROUTE", "gemm"),
+    "sum": ("SSL_OPS_CUDA_COSINE_SELF_BACKWARD", "sum"),
+    "two_gemms": ("SSL_OPS_CUDA_COSINE_SELF_BACKWARD", "two_gemms"),
+}
+
+
+def routes_of(case):
+    if case["device"] != "cuda" or not case["op"].startswith("matrix"):
+        return []
+    if case["mode"] == "forward+dense backward" and case["op"] == "matrix_self":
+        return ["tiles", "gemm", "sum", "two_gemms"]
+    return ["tiles", "gemm"]
+
+
+def time_routes(case, min_run_time):
+    times = {}
+    for route in routes_of(case):
+        name, value = ROUTES[route]
+        os.environ[name] = value
+        try:
+            inputs = make_inputs(case)
+            times[route] = median_seconds(lambda: run_once(case, "fused", inputs), min_run_time, case["device"])
+        finally:
+            del os.environ[name]
+    return times
 
 
 def child(case):
@@ -78,6 +127,11 @@ def cases(device, full):
         for m, n, d in sizes:
             for mode in ("forward", "forward+backward"):
                 out.append({"op": "matrix", "m": m, "n": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
+        if device == "cuda":  # b = None and a dense dC: the shapes that choose the CUDA routes
+            for m, d in [(4096, 128), (4096, 512)] + ([(16384, 256)] if full else []):
+                for mode in ("forward", "forward+dense backward"):
+                    out.append({"op": "matrix_self", "m": m, "n": m, "d": d, "mode": mode, "device": device,
+                                "dtype": dtype})
         for rows, d in ((4096, 256), (65536, 256)):
             for mode in ("forward", "forward+backward"):
                 out.append({"op": "byol", "m": rows, "n": rows, "d": d, "mode": mode, "device": device, "dtype": dtype})
@@ -102,7 +156,17 @@ def measure(case, min_run_time, broadcast_limit, compile_baseline=True, compiled
         inputs = make_inputs(case)
         seconds = median_seconds(lambda: run_once(case, impl, inputs), min_run_time, case["device"])
         row[impl] = {"median_s": seconds, "peak_extra_bytes": memory["peak_extra_bytes"]}
+    row["routes"] = time_routes(case, min_run_time)
     return row
+
+
+def routes_cell(times):
+    """Each forced route's time, then the faster of each pair."""
+    if not times:
+        return "-"
+    parts = [f"{route} {seconds * 1e3:.2f}" for route, seconds in times.items()]
+    winners = [min(pair, key=times.get) for pair in (("tiles", "gemm"), ("sum", "two_gemms")) if pair[0] in times]
+    return " / ".join(parts) + " ms -> " + ", ".join(winners)
 
 
 def cell(entry):
@@ -114,15 +178,15 @@ def cell(entry):
 
 def markdown(rows):
     lines = [
-        "| op | device | dtype | M x N x D | pass | fused | baseline | compiled | broadcast |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | device | dtype | M x N x D | pass | fused | baseline | compiled | broadcast | CUDA routes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         baseline = r.get("normalize+matmul", r.get("eager", {}))
         lines.append(
             f"| {r['op']} | {r['device']} | {r['dtype']} | {r['m']} x {r['n']} x {r['d']} | {r['mode']} "
             f"| {cell(r['fused'])} | {cell(baseline)} | {cell(r.get('compiled', {}))} "
-            f"| {cell(r.get('broadcast', {}))} |"
+            f"| {cell(r.get('broadcast', {}))} | {routes_cell(r.get('routes', {}))} |"
         )
     return "\n".join(lines)
 
@@ -133,6 +197,7 @@ def main():
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--out", default="results")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timed calls per measurement")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -143,7 +208,7 @@ def main():
     # The broadcast baseline materialises M x N x D: the quick run keeps it to
     # the smallest shape (at 4096 x 4096 x 128 it takes 8 GiB, more with grads).
     limit = 2**31 if args.full else 2**27
-    rows = [measure(case, 0.3, limit, not args.no_compile, compiled_memory=args.full)
+    rows = [measure(case, args.min_run_time, limit, not args.no_compile, compiled_memory=args.full)
             for case in tqdm(cases(args.device, args.full), desc="cosine benchmark")]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"cosine_{args.device}.json")

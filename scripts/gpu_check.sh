@@ -76,7 +76,7 @@ import collections, json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 wins = collections.Counter(r.get("fastest_route", "-") for r in rows)
 print(len(rows), "shapes; fastest per shape:", dict(wins))' "$out/contrastive_cuda.json" 2>&1)"
-timeout 40 python3 -m benchmarks.cosine --device cuda --no-compile --out "$out" > "$out/bench_cosine.log" 2>&1
+timeout 40 python3 -m benchmarks.cosine --device cuda --no-compile --min-run-time 0.1 --out "$out" > "$out/bench_cosine.log" 2>&1
 summary cosine "exit $? (bench_cosine.log, cosine_cuda.json)"
 timeout 45 python3 -m benchmarks.ema --quick --models resnet50 llm_1b --devices cuda --no-compile --out "$out" > "$out/bench_ema.log" 2>&1
 summary ema "exit $? (bench_ema.log, ema.json)"

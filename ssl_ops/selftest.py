@@ -92,10 +92,17 @@ def _labels(z):
     return torch.arange(z.shape[0], device=z.device) % max(1, z.shape[0] // 3)
 
 
-def _routes(device, family):
-    if device == "cuda" and family == "contrastive":
-        return {"gemm": {}, "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"}}
-    return {"default": {}}
+# The routes of the CUDA kernels, each run in turn (the environment variables
+# are read on every call).
+_CUDA_ROUTES = {
+    "contrastive": {"gemm": {}, "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"}},
+    "cosine_matrix": {"tiles": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "tiles"},
+                      "gemm": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "gemm"}},
+}
+
+
+def _routes(cuda_kernels, family):
+    return _CUDA_ROUTES.get(family, {"default": {}}) if cuda_kernels else {"default": {}}
 
 
 @contextlib.contextmanager
@@ -230,14 +237,12 @@ def main(argv=None):
         from . import emulation
 
         mode = emulation.use_emulated_kernels()
-    routes_of = (lambda family: {"gemm": {}, "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"}}
-                 if family == "contrastive" else {"default": {}}) if args.emulate else \
-        (lambda family: _routes(device, family))
+    cuda_kernels = args.emulate or device == "cuda"
     failures = []
     start = time.perf_counter()
     with mode:
         for check in _checks():
-            routes = {"default": {}} if check.one_route else routes_of(check.family)
+            routes = {"default": {}} if check.one_route else _routes(cuda_kernels, check.family)
             for route, settings in routes.items():
                 try:
                     ok, err, tol, speed, dtype = check_op(check, device, dtypes, args.emulate, settings)
@@ -259,9 +264,12 @@ def main(argv=None):
             failures.append((Check("ema_update_", "ema", None, None, None), "default"))
     print(f"{time.perf_counter() - start:.1f} s")
     for check, route in failures:
-        if route == "tiles":
+        if route == "tiles" and check.family == "contrastive":
             print(f"  {check.name}: the tile route failed; the default GEMM route is used unless "
                   f"SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles is set")
+        elif route == "tiles":
+            print(f"  {check.name}: the tile route failed; set SSL_OPS_CUDA_COSINE_MATRIX_ROUTE=gemm "
+                  f"to use the vendor GEMM instead")
         else:
             print(f"  {check.name}: set SSL_OPS_EAGER={check.family} to run it in plain PyTorch, and please "
                   f"report this output")

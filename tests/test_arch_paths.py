@@ -27,11 +27,12 @@ def emu(monkeypatch):
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_tile_kernels_on_each_arch(emu, capability, dtype):
+def test_tile_kernels_on_each_arch(emu, capability, dtype, monkeypatch):
     emulation.load().set_compute_capability(capability)
     contrastive.test_sym_op(emu, dtype, 130, 65)
     contrastive.test_asym_op(emu, dtype, 65, 130, 33, True)
-    cosine_matrix.test_matrix_op(emu, dtype, 130, 66, 130, False)
+    for symmetric in (False, True):  # the tiles, whichever route the dtype defaults to
+        cosine_matrix.test_matrix_op(emu, dtype, 72, 136, 130, symmetric, "tiles+sum", monkeypatch)
 
 
 def sym_statistics(emu, dtype):

@@ -23,12 +23,30 @@ def reference64(a, b, eps=1e-8):
     return a64, b64, F.cosine_similarity(a64[:, None], other[None], dim=-1, eps=eps)
 
 
+# The CUDA routes (Note [Cosine matrix routes] and Note [Cosine self backward]
+# in csrc/cuda/cosine_matrix.cu): each dtype's default, then each forced.
+CUDA_ROUTES = {
+    "default": {},
+    "tiles+sum": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "tiles", "SSL_OPS_CUDA_COSINE_SELF_BACKWARD": "sum"},
+    "gemm+two": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "gemm", "SSL_OPS_CUDA_COSINE_SELF_BACKWARD": "two_gemms"},
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 70, 3), (65, 1, 64), (130, 66, 130), (0, 5, 4), (300, 7, 520)])
+# (72, 136, 20): full and partial tiles whose rows take 16-byte stores (136 and 72
+# are multiples of every vector width); the others store element by element.
+@pytest.mark.parametrize(
+    "m,n,d", [(1, 1, 1), (3, 70, 3), (65, 1, 64), (130, 66, 130), (72, 136, 20), (0, 5, 4), (300, 7, 520)]
+)
 @pytest.mark.parametrize("symmetric", [False, True], ids=["a-b", "a-a"])
-def test_matrix_op(backend, dtype, m, n, d, symmetric):
+@pytest.mark.parametrize("route", list(CUDA_ROUTES))
+def test_matrix_op(backend, dtype, m, n, d, symmetric, route, monkeypatch):
     if d == 520 and backend.name.startswith("emu"):
         pytest.skip("the D >= 512 case is for the CPU kernel's symmetric-tile route; too slow emulated")
+    if route != "default" and backend.name == "cpu":
+        pytest.skip("CUDA routes")
+    for name, value in CUDA_ROUTES[route].items():
+        monkeypatch.setenv(name, value)
     a = rand((m, d), dtype, backend.device, 1)
     b = None if symmetric else rand((n, d), dtype, backend.device, 2)
     if m > 2:
@@ -36,8 +54,19 @@ def test_matrix_op(backend, dtype, m, n, d, symmetric):
     out = backend.ops.cosine_similarity_matrix(a, b, 1e-8)
     a64, b64, ref = reference64(a, b)
     assert out.dtype == dtype and out.shape == ref.shape
-    # Raw rows into fp32 products, both inverse norms in the epilogue: no operand rounding.
-    assert_close(out, ref, rtol(dtype, length=d, rounds_operands=False), "C")
+    # fp16/bf16 take the tiles by default: raw rows into fp32 products, both
+    # inverse norms in the epilogue, no operand rounding. fp32/fp64 round their
+    # normalised rows in their own precision, within the accumulator's error.
+    rounds = route == "gemm+two" and dtype in (torch.float16, torch.bfloat16)
+    assert_close(out, ref, rtol(dtype, length=d, rounds_operands=rounds), "C")
+    if symmetric and (route == "tiles+sum" or (route == "default" and dtype in (torch.float16, torch.bfloat16))):
+        # Each off-diagonal tile is written to both halves: equal bit for bit there.
+        # (Inside a diagonal tile (i, j) and (j, i) are separate sums, which
+        # tensor cores may order differently.)
+        tile = 32 if dtype == torch.float64 else 64
+        blocks = torch.arange(m) // tile
+        off_diagonal = blocks[:, None] != blocks[None, :]
+        assert torch.equal(out.cpu()[off_diagonal], out.cpu().t()[off_diagonal])
     if ref.numel() == 0:
         return
     grad = rand(tuple(ref.shape), torch.float64, "cpu", 3).to(dtype).double()  # as the op gets it
@@ -210,7 +239,7 @@ def test_bad_input():
 
 
 @pytest.mark.emu
-def test_more_rows_than_a_grid_y_could_hold():
+def test_more_rows_than_a_grid_y_could_hold(monkeypatch):
     # The CUDA kernel once put row tiles on grid.y: at most 65535 tiles of 64 rows
     # (4,194,240). The emulator runs only the last 3 blocks of each launch: the
     # denominators of the last 22 rows (8 per block; the last block has 6) and
@@ -219,6 +248,7 @@ def test_more_rows_than_a_grid_y_could_hold():
     from ssl_ops import emulation
 
     backend = make_backend(("emu", 0))
+    monkeypatch.setenv("SSL_OPS_CUDA_COSINE_MATRIX_ROUTE", "tiles")
     m = 65535 * 64 + 70  # 65537 row tiles, one column tile
     a = rand((m, 1), torch.float32, "cpu", 1)
     b = rand((3, 1), torch.float32, "cpu", 2)
@@ -228,3 +258,25 @@ def test_more_rows_than_a_grid_y_could_hold():
     finally:
         emulation.load().set_block_tail(0)
     assert torch.equal(out[-22:], a[-22:].sign() * b[:1].sign().t())
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 4_194_241), (torch.float64, 2_097_121)], ids=str)
+def test_tiles_past_one_launch_are_refused_before_allocating(dtype, rows, monkeypatch):
+    """b = None on the tiles: 65536 row tiles make 2,147,516,416 upper-triangle
+    tiles, one past what grid.x takes; refused before the rows' norms or the
+    output. One row fewer passes the check and fails only where the output
+    (70 TB) is allocated."""
+    from conftest import make_backend
+    from ssl_ops import emulation
+
+    backend = make_backend(("emu", 0))
+    monkeypatch.setenv("SSL_OPS_CUDA_COSINE_MATRIX_ROUTE", "tiles")
+    launches = emulation.load().launch_count()
+    with pytest.raises(RuntimeError, match=f"a {rows} x {rows} output is 2147516416 tiles, more than one CUDA launch"):
+        backend.ops.cosine_similarity_matrix(torch.ones(rows, 1, dtype=dtype), None, 1e-8)
+    fewer = rows - 1
+    with pytest.raises(RuntimeError) as allocation:
+        backend.ops.cosine_similarity_matrix(torch.ones(fewer, 1, dtype=dtype), None, 1e-8)
+    assert "tiles" not in str(allocation.value)
+    assert emulation.load().launch_count() == launches  # no kernel ran

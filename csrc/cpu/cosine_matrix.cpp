@@ -20,7 +20,7 @@
 // 4096; D 2048: 159 vs 223 ms at 4096). Float64 stays float64;
 // other dtypes multiply in float32 and round once to the input dtype.
 // Backward (an upstream gradient broadcast along a dimension, as out.sum()
-// gives, is rank one and skips the GEMMs: see RankOne below):
+// gives, is rank one and skips the GEMMs: csrc/cosine_rank_one.h):
 // with g = dC . b_hat, d a_i = (g_i - a_hat_i (a_hat_i . g_i)) / ||a_i||
 // (g_i / eps below eps), and the same for b with dC^T . a_hat; with b = None,
 // g = (dC + dC^T) . a_hat, formed as two products without a transposed copy.
@@ -33,8 +33,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/mv.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/reciprocal.h>
 #include <torch/library.h>
 
@@ -44,6 +42,7 @@
 #include <vector>
 
 #include "../cosine_check.h"
+#include "../cosine_rank_one.h"
 #include "contrastive_tiles.h"
 
 namespace ssl_ops::cpu {
@@ -133,26 +132,6 @@ at::Tensor cosine_similarity_matrix(const at::Tensor& a, const std::optional<at:
   check_cosine_matrix_args(a, b, eps);
   const at::Tensor out = a.scalar_type() == at::kDouble ? matrix_impl<double>(a, b, eps) : matrix_impl<float>(a, b, eps);
   return out.to(a.scalar_type());
-}
-
-// An upstream gradient broadcast along a dimension (from out.sum(), out.mean(),
-// or a per-row or per-column weight) is rank one, dC = u v^T, so dC . X =
-// u (v^T X) costs O((M + N) D) instead of a GEMM and no dense copy of dC.
-struct RankOne {
-  at::Tensor u, v;  // (M,), (N,), compute type
-};
-
-std::optional<RankOne> rank_one(const at::Tensor& grad, at::ScalarType compute) {
-  if (grad.numel() == 0) return std::nullopt;
-  const auto options = grad.options().dtype(compute);
-  if (grad.stride(1) == 0) return RankOne{grad.select(1, 0).to(compute), at::ones({grad.size(1)}, options)};
-  if (grad.stride(0) == 0) return RankOne{at::ones({grad.size(0)}, options), grad.select(0, 0).to(compute)};
-  return std::nullopt;
-}
-
-// outer(left, right^T rows): row i is left_i * (right . rows).
-at::Tensor rank_one_product(const at::Tensor& left, const at::Tensor& right, const at::Tensor& rows) {
-  return left.unsqueeze(1) * at::mv(rows.t(), right).unsqueeze(0);
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::Tensor& grad, const at::Tensor& a,

@@ -1,7 +1,7 @@
 #pragma once
 // GEMMs whose products accumulate in the accumulation type (fp32 for fp16/bf16
 // operands, else the operands' own): cuBLAS through ATen, used by the
-// contrastive GEMM route (contrastive_gemm.h) and the cosine-matrix backward.
+// contrastive GEMM route (contrastive_gemm.h) and the cosine matrix.
 // Under the emulator they run as CPU at::mm on operands widened the way the
 // tensor cores read them.
 #include <ATen/core/Tensor.h>
@@ -28,6 +28,11 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 }
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   at::addmm_out(acc, acc, gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
+}
+// out = a @ b in a's dtype: products accumulated as the tensor cores do, rounded once.
+inline void mm_round_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const at::ScalarType acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  out.copy_(at::mm(gemm_operand(a, acc), gemm_operand(b, acc)));
 }
 #elif defined(SSL_OPS_HAVE_MM_OUT_DTYPE)
 // fp16 operands with an fp32 result are refused by ATen when the user allows
@@ -57,6 +62,15 @@ inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b
     acc.add_(at::mm(a, b, acc.scalar_type()));
   }
 }
+// out = a @ b in a's dtype (cuBLAS accumulates fp16/bf16 products in fp32 and
+// rounds once), unless the user allows fp16 accumulation: then in fp32 and rounded.
+inline void mm_round_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (widen_operands(a)) {
+    out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
 #else
 // Older torch without aten::mm.dtype: half operands widened to fp32 (exact, so
 // the same products), at SGEMM speed.
@@ -66,6 +80,7 @@ inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   at::addmm_out(acc, acc, a.to(acc.scalar_type()), b.to(acc.scalar_type()));
 }
+inline void mm_round_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 #endif
 
 
