@@ -78,17 +78,21 @@ SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in
   at::Tensor grad_x = compute_grad ? at::empty({n, x.size(1)}, x.options()) : at::Tensor();
   at::Tensor grad_y = compute_grad ? at::zeros({m, y.size(1)}, y.options()) : at::Tensor();
   const at::Tensor y_t = y.t();
+  // One S buffer for every chunk (the pass may write G over it): no allocation per chunk.
+  at::Tensor s_buffer = at::empty({rows_per_chunk, m}, x.options());
   for (int64_t r0 = 0; r0 < n; r0 += rows_per_chunk) {
     const int64_t c = std::min(rows_per_chunk, n - r0);
     const at::Tensor x_chunk = x.narrow(0, r0, c);
-    const at::Tensor s = at::mm(x_chunk, y_t);
+    at::Tensor s = s_buffer.narrow(0, 0, c);
+    at::mm_out(s, x_chunk, y_t);
     // The positives of the chunk's rows are its diagonal r0 + positive_offset.
     const SiglipChunkSums sums = chunk_pass(s, r0 + positive_offset, scale, bias, compute_grad);
     loss.add_(sums.loss);
     if (!compute_grad) continue;
     grad_bias.add_(sums.grad_bias);
     grad_scale.add_(sums.grad_scale);
-    grad_x.narrow(0, r0, c).copy_(at::mm(sums.g, y));
+    at::Tensor grad_x_rows = grad_x.narrow(0, r0, c);
+    at::mm_out(grad_x_rows, sums.g, y);
     grad_y.addmm_(sums.g.t(), x_chunk);
   }
   const at::ScalarType loss_type = acc;

@@ -14,6 +14,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import reference
+
 FAMILIES = ("contrastive", "cosine", "cosine_matrix", "ema")
 
 
@@ -54,20 +56,7 @@ def sym_loss(z, group, temperature, reduction, normalize, eps, anchors=None, pos
     rows = torch.arange(begin, end, device=z.device)
     self_mask = rows[:, None] == torch.arange(z.shape[0], device=z.device)[None, :]
     positive_mask = (group[begin:end, None] == group[None, :]) & ~self_mask
-    lse = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
-    count = positive_mask.sum(1)
-    has_positive = count > 0
-    if positives == "excluded":  # the negatives' log-sum-exp alone
-        lse = torch.logsumexp(logits.masked_fill(self_mask | positive_mask, float("-inf")), dim=1)
-        positive_term = torch.zeros_like(lse)
-    elif positives == "logsumexp":
-        # Rows without positives take a finite stand-in (their loss is 0), so
-        # no -inf - -inf turns their zero gradient into NaN.
-        only_positives = logits.masked_fill(~positive_mask, float("-inf"))
-        positive_term = torch.logsumexp(torch.where(has_positive[:, None], only_positives, 0.0), dim=1)
-    else:
-        positive_term = (logits * positive_mask).sum(1) / count.clamp_min(1)
-    per_row = torch.where(has_positive, lse - positive_term, torch.zeros_like(lse))
+    per_row, has_positive = reference.contrastive_row_losses(logits, self_mask, positive_mask, positives)
     return _reduce(per_row, reduction, has_positive.sum())
 
 

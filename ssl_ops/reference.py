@@ -38,20 +38,33 @@ def supcon_loss(z, labels, temperature=0.5, reduction="mean", normalize=True, po
     logits = z @ z.t() / temperature
     self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
     positive_mask = (labels[:, None] == labels[None, :]) & ~self_mask
-    lse = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
-    count = positive_mask.sum(1)
-    has_positive = count > 0
-    if positives == "logsumexp":
-        only_positives = logits.masked_fill(~positive_mask, float("-inf"))
-        positive_term = torch.logsumexp(torch.where(has_positive[:, None], only_positives, 0.0), dim=1)
-    else:
-        positive_term = (logits * positive_mask).sum(1) / count.clamp_min(1)
-    per_row = torch.where(has_positive, lse - positive_term, torch.zeros_like(lse))
+    per_row, has_positive = contrastive_row_losses(logits, self_mask, positive_mask, positives)
     if reduction == "none":
         return per_row
     if reduction == "sum":
         return per_row.sum()
     return per_row.sum() / has_positive.sum().clamp_min(1)
+
+
+def contrastive_row_losses(logits, self_mask, positive_mask, positives="mean"):
+    """Each row's loss from its logits: logsumexp over the candidates (all but
+    self; "excluded": all but self and the positives) minus the positives' mean
+    ("logsumexp": their logsumexp; "excluded": nothing), 0 for rows without
+    positives; and which rows have positives. Shared with the eager fallback."""
+    count = positive_mask.sum(1)
+    has_positive = count > 0
+    candidates = self_mask | positive_mask if positives == "excluded" else self_mask
+    lse = torch.logsumexp(logits.masked_fill(candidates, float("-inf")), dim=1)
+    if positives == "excluded":
+        positive_term = torch.zeros_like(lse)
+    elif positives == "logsumexp":
+        # Rows without positives take a finite stand-in (their loss is 0), so
+        # no -inf - -inf turns their zero gradient into NaN.
+        only_positives = logits.masked_fill(~positive_mask, float("-inf"))
+        positive_term = torch.logsumexp(torch.where(has_positive[:, None], only_positives, 0.0), dim=1)
+    else:
+        positive_term = (logits * positive_mask).sum(1) / count.clamp_min(1)
+    return torch.where(has_positive, lse - positive_term, torch.zeros_like(lse)), has_positive
 
 
 def dcl_loss(z0, z1, temperature=0.1, weight_fn=None):

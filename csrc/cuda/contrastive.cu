@@ -388,18 +388,12 @@ at::Tensor sym_gradient(const at::Tensor& z, const at::Tensor& denom, const at::
   return finish_rows<T>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
 }
 
-// The positives inside the log (log-sum-exp form) or excluded take the GEMM
-// route on either setting: the tile kernels compute the mean form only.
-bool positives_lse_form(int64_t positives) {
-  return positives == static_cast<int64_t>(PositiveReduction::kLogSumExp);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_sym_loss(
     const at::Tensor& z_in, const at::Tensor& labels_in, int64_t anchor_begin, int64_t anchor_end, double scale,
     double eps, bool normalize, int64_t reduction_in, bool compute_grad, int64_t positives) {
   check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in, positives);
-  const bool positives_lse = positives_lse_form(positives);
   const auto form = static_cast<PositiveReduction>(positives);
+  const bool positives_lse = form == PositiveReduction::kLogSumExp;
   if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z");
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
@@ -412,6 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     const bool with_grad = compute_grad && reduction != Reduction::None;
     SymSaved s;
     at::Tensor gemm_grad_hat;  // the GEMM route forms the gradient with the statistics
+    // The positives inside the log or excluded take the GEMM route on either
+    // setting: the tile kernels compute the mean form only.
     if (use_gemm_route() || form != PositiveReduction::kMean) {
       GemmLossSpec<scalar_t> spec = sym_gemm_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
                                                             scale, normalize, form);
@@ -450,8 +446,8 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
                                     int64_t positives) {
   check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction, positives);
   check_sym_lse_positive(z_in, lse_positive, positives);
-  const bool positives_lse = positives_lse_form(positives);
   const auto form = static_cast<PositiveReduction>(positives);
+  const bool positives_lse = form == PositiveReduction::kLogSumExp;
   if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z");
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
