@@ -83,6 +83,14 @@ def test_launch_configuration_errors(emu):
     torch.ops.ssl_ops_emu._test_launch_config(anchor, 32, 2)  # errors are not sticky
 
 
+def test_misaligned_vector_store_faults_as_on_a_gpu(emu):
+    out = torch.zeros(12)  # torch aligns CPU storage to 64 bytes
+    torch.ops.ssl_ops_emu._test_store16(out, 4)
+    assert out.tolist() == [0.0] * 4 + [1.0, 2.0, 3.0, 4.0] + [0.0] * 4
+    with pytest.raises(RuntimeError, match="misaligned 16-byte store"):
+        torch.ops.ssl_ops_emu._test_store16(out, 1)
+
+
 @pytest.mark.parametrize(
     "grid,fits",
     [((2**31 - 1, 65535, 65535), True), ((2**31, 1, 1), False), ((1, 65536, 1), False), ((1, 1, 65536), False),

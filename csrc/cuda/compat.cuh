@@ -119,6 +119,8 @@ template <typename T, int N>
 __device__ __forceinline__ void store16(T* dst, const Vec<T, N>& v) {
   static_assert(sizeof(v) == 16, "16-byte vectors only");
 #if defined(SSL_OPS_CUDA_EMU)
+  // A GPU faults on a misaligned vector store; so does the emulator.
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) ::ssl_emu::fail("misaligned 16-byte store");
   std::memcpy(dst, &v, 16);
 #else
   uint4 bits;

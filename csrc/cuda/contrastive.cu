@@ -132,10 +132,10 @@ int64_t feature_blocks(int64_t features, int parts) {
 }
 
 // The tile route's grids for rows x (R, D) (Note [Launch limits]), checked
-// before any of its kernels runs.
-void check_tile_route_size(const at::Tensor& x, const char* name) {
+// before any of its kernels runs; the features bound only the gradient kernels.
+void check_tile_route_size(const at::Tensor& x, const char* name, bool gradient) {
   const int64_t tile = x.scalar_type() == at::kDouble ? 32 : 64, features = x.size(1);
-  TORCH_CHECK(ceil_div(features, int64_t(kChunk) * feature_parts(features)) <= kMaxGridYZ,
+  TORCH_CHECK(!gradient || ceil_div(features, int64_t(kChunk) * feature_parts(features)) <= kMaxGridYZ,
               ssl_ops::message("contrastive loss on the CUDA tile route (SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles): ", name,
                                " may have at most ", kMaxGridYZ * kChunk * 4, " features, got ", features,
                                "; the GEMM route (the default) has no such limit"));
@@ -394,7 +394,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
   check_sym_contrastive_args(z_in, labels_in, anchor_begin, anchor_end, scale, eps, reduction_in, positives);
   const auto form = static_cast<PositiveReduction>(positives);
   const bool positives_lse = form == PositiveReduction::kLogSumExp;
-  if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z");
+  if (!use_gemm_route() && form == PositiveReduction::kMean) {
+    const bool gradient = compute_grad && static_cast<Reduction>(reduction_in) != Reduction::None;
+    check_tile_route_size(z_in, "z", gradient);
+  }
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -448,7 +451,7 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
   check_sym_lse_positive(z_in, lse_positive, positives);
   const auto form = static_cast<PositiveReduction>(positives);
   const bool positives_lse = form == PositiveReduction::kLogSumExp;
-  if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z");
+  if (!use_gemm_route() && form == PositiveReduction::kMean) check_tile_route_size(z_in, "z", true);
   const DeviceGuard guard(z_in.device());
   const cudaStream_t stream = current_stream(z_in.device());
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
@@ -625,8 +628,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     std::array<bool, 3> grad_mask) {
   check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction_in);
   if (!use_gemm_route()) {
-    check_tile_route_size(query, "query");
-    check_tile_route_size(key, "key");
+    const bool gradient =
+        static_cast<Reduction>(reduction_in) != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+    check_tile_route_size(query, "query", gradient);
+    check_tile_route_size(key, "key", gradient);
   }
   const DeviceGuard guard(query.device());
   const cudaStream_t stream = current_stream(query.device());
@@ -676,8 +681,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
     double eps, bool normalize, int64_t reduction, std::array<bool, 3> grad_mask) {
   check_asym_contrastive_args(query, key, positive_key, positive_offset, scale, eps, reduction);
   if (!use_gemm_route()) {
-    check_tile_route_size(query, "query");
-    check_tile_route_size(key, "key");
+    check_tile_route_size(query, "query", true);
+    check_tile_route_size(key, "key", true);
   }
   const DeviceGuard guard(query.device());
   const cudaStream_t stream = current_stream(query.device());

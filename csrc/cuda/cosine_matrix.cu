@@ -82,16 +82,19 @@ struct CosineMatrixParams {
 
 // Note [Cosine matrix stores]: the kernel is bound by its output writes, so a
 // finished tile goes through shared memory and leaves as 16-byte vectors: a
-// warp writes 4 full 128-byte rows (bf16; 2 for fp32), where the registers'
-// 4 x 4 layout gave 2-byte stores at an 8-byte stride (25% of each sector
-// used) and, for the mirror, 32 rows per instruction (6%). The mirror tile is
-// read transposed from the same stage: two neighbouring threads fill one
-// 32-byte sector of a mirror row, so a warp covers 16 full sectors, and its
-// shared-memory reads (a column each) conflict at most 2 ways. Rows are
-// padded by one vector, which keeps them 16-byte aligned. Without vector
-// alignment (n not a multiple of the vector width, or an offset output) the
-// same stage is written element by element, consecutive threads on
-// consecutive columns.
+// warp writes 4 rows of 128 contiguous bytes (bf16; 2 rows of 256 for fp32),
+// where the registers' 4 x 4 layout gave 2-byte stores at an 8-byte stride
+// (25% of each sector used) and, for the mirror, 32 rows per instruction (6%).
+// The mirror tile is read transposed from the same stage: two neighbouring
+// threads write 32 contiguous bytes of a mirror row, so a warp covers 16 full
+// sectors when rows start on a sector (n * sizeof(T) a multiple of 32; else
+// each pair straddles two), and its shared-memory reads (a column each)
+// conflict at most 2 ways. Rows are padded by one vector, which keeps them
+// 16-byte aligned. Without vector alignment (n not a multiple of the vector
+// width, or an offset output) the same stage is written element by element,
+// consecutive threads on consecutive columns. Left for a GPU run to weigh: the
+// registers go to the stage as scalar st.shared (PTX), R values per thread at
+// an R-element stride, which conflicts up to 4 ways for fp32.
 template <typename T, int kTile>
 struct alignas(16) OutputStage {
   static constexpr int kVec = 16 / int(sizeof(T));
@@ -110,7 +113,7 @@ __device__ __forceinline__ void store_tile(T* __restrict__ dst, int64_t ld, int 
                                            const OutputStage<T, kTile>& stage, bool vector_stores) {
   constexpr int kVec = OutputStage<T, kTile>::kVec, kVectorsPerRow = kTile / kVec;
   auto staged = [&](int i, int j) { return kTransposed ? stage.v[j][i] : stage.v[i][j]; };
-  if (vector_stores) {  // rows and cols are multiples of kVec here
+  if (vector_stores) {  // cols is a multiple of kVec here (and rows, on the mirror, where m == n)
     for (int e = threadIdx.x; e < kTile * kVectorsPerRow; e += kTileThreads) {
       int i, vec;
       if constexpr (kTransposed) {  // pairs of threads on one sector, down the column
@@ -256,8 +259,9 @@ at::Tensor cosine_similarity_matrix(const at::Tensor& a_in, const std::optional<
 }
 
 // Note [Cosine self backward]: with b = None, d a_hat = G a_hat + G^T a_hat
-// (G = dC, M x M). Either one GEMM of the sum, or two GEMMs into one fp32
-// accumulator (cuBLAS reads G^T in place). Per element of G (s bytes): the sum
+// (G = dC, M x M). Either one GEMM of the sum, or two GEMMs summed in fp32
+// (cuBLAS reads G^T in place; for fp16/bf16 the second product lands in an
+// M x D fp32 temporary first, gemm_acc.h's addmm_acc_). Per element of G (s bytes): the sum
 // reads G twice (once transposed) and writes G + G^T, then its GEMM reads it,
 // 4 s bytes and 2 D FLOPs; two GEMMs read G twice, 2 s bytes and 4 D FLOPs,
 // with no M x M temporary. The sum pays when D FLOPs take longer than s bytes:

@@ -16,7 +16,9 @@
 // portable 4 KB table (320 chunks) would need; at ~4 us each that is 0.15 ms of
 // launches against ~20 ms of memory traffic (84 GB at 4.3 TB/s, fp32).
 // Older toolkits, and drivers older than 12.1 (checked once at run time), keep
-// the 4 KB table; so does the emulator unless a test has it pretend to a newer
+// the 4 KB table (not run on such a driver yet: torch's default lazy module
+// loading never loads the large-table kernel there; whether eager loading,
+// CUDA_MODULE_LOADING=EAGER, tolerates it is unverified); so does the emulator unless a test has it pretend to a newer
 // driver (it copies the parameters for every thread it runs).
 //
 // Note [EMA vector access]: a chunk whose ema and online pointers are both

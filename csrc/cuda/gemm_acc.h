@@ -62,8 +62,10 @@ inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b
     acc.add_(at::mm(a, b, acc.scalar_type()));
   }
 }
-// out = a @ b in a's dtype (cuBLAS accumulates fp16/bf16 products in fp32 and
-// rounds once), unless the user allows fp16 accumulation: then in fp32 and rounded.
+// out = a @ b in a's dtype, as matmul forms it: cuBLAS accumulates fp16/bf16
+// products in fp32, though under torch's allow_{fp16,bf16}_reduced_precision_reduction
+// (on by default) split-K partial sums may be rounded to the output dtype. With
+// fp16 accumulation allowed, the operands are widened instead.
 inline void mm_round_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (widen_operands(a)) {
     out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));

@@ -89,6 +89,14 @@ void test_launch_config(const at::Tensor& anchor, int64_t threads, int64_t block
   launch_kernel(noop_kernel, dim3(blocks), dim3(threads), 0, current_stream(anchor.device()));
 }
 
+// store16 of four floats (1, 2, 3, 4) at out + offset: a GPU faults on a
+// misaligned vector store, and the emulator must too.
+__global__ void store16_kernel(float* dst) { store16(dst, Vec<float, 4>{{1.f, 2.f, 3.f, 4.f}}); }
+
+void test_store16(at::Tensor& out, int64_t offset) {
+  launch_kernel(store16_kernel, dim3(1), dim3(1), 0, current_stream(out.device()), out.data_ptr<float>() + offset);
+}
+
 // The host check every kernel's grid goes through (Note [Launch limits]), at
 // sizes no emulated launch could reach: a grid of (x, y, z) or its error.
 void test_checked_grid(const at::Tensor&, int64_t x, int64_t y, int64_t z) {
@@ -164,6 +172,7 @@ SSL_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("_test_partial_warp", &test_partial_warp);
   m.impl("_test_launch_config", &test_launch_config);
   m.impl("_test_checked_grid", &test_checked_grid);
+  m.impl("_test_store16", &test_store16);
   m.impl("_test_wmma", &test_wmma);
 }
 
