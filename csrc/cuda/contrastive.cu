@@ -124,18 +124,15 @@ void launch_lse(const LseParams<T>& p, cudaStream_t stream) {
 // tile); wider rows split over blocks.
 int feature_parts(int64_t features) { return features <= kChunk ? 1 : (features <= 2 * kChunk ? 2 : 4); }
 
-// Gradient blocks along the features (a grid dimension, at most 65535).
-int64_t feature_blocks(int64_t features, int parts) {
-  const int64_t blocks = ceil_div(features, int64_t(kChunk) * parts);
-  TORCH_CHECK(blocks <= 65535, ssl_ops::message("contrastive loss on CUDA: at most ", 65535 * kChunk * 4, " features, got ", features));
-  return blocks;
-}
+// Gradient blocks along the features (a grid dimension: check_tile_route_size
+// bounds it before any kernel runs, checked_grid again at the launch).
+int64_t feature_blocks(int64_t features, int parts) { return ceil_div(features, int64_t(kChunk) * parts); }
 
 // The tile route's grids for rows x (R, D) (Note [Launch limits]), checked
 // before any of its kernels runs; the features bound only the gradient kernels.
 void check_tile_route_size(const at::Tensor& x, const char* name, bool gradient) {
   const int64_t tile = x.scalar_type() == at::kDouble ? 32 : 64, features = x.size(1);
-  TORCH_CHECK(!gradient || ceil_div(features, int64_t(kChunk) * feature_parts(features)) <= kMaxGridYZ,
+  TORCH_CHECK(!gradient || feature_blocks(features, feature_parts(features)) <= kMaxGridYZ,
               ssl_ops::message("contrastive loss on the CUDA tile route (SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles): ", name,
                                " may have at most ", kMaxGridYZ * kChunk * 4, " features, got ", features,
                                "; the GEMM route (the default) has no such limit"));

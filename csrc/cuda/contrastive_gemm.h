@@ -202,7 +202,8 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
         p.part_pos_sum = parts[4].template data_ptr<A>();
       }
       // The partials are [split][row] with the chunk's row count as the stride.
-      launch_kernel(gemm_row_stats_kernel<A>, checked_grid("gemm_row_stats_kernel (chunk rows, splits)", c, splits), dim3(kGemmRowThreads), 0, stream, p);
+      launch_kernel(gemm_row_stats_kernel<A>, checked_grid("gemm_row_stats_kernel (chunk rows, splits)", c, splits),
+                    dim3(kGemmRowThreads), 0, stream, p);
       GemmMergeParams<A> m{};
       m.part_shift = p.part_shift;
       m.part_sum = p.part_sum;
@@ -224,8 +225,8 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       m.weight = grad ? weight.template data_ptr<A>() + r0 : nullptr;
       m.inv_count = grad ? inv_count.template data_ptr<A>() + r0 : nullptr;
       launch_kernel(gemm_row_merge_kernel<A>,
-                    checked_grid("gemm_row_merge_kernel (chunk rows / 256)", ceil_div64(c, kGemmRowThreads)), dim3(kGemmRowThreads), 0,
-                    stream, m);
+                    checked_grid("gemm_row_merge_kernel (chunk rows / 256)", ceil_div64(c, kGemmRowThreads)),
+                    dim3(kGemmRowThreads), 0, stream, m);
     }
     if (!grad) continue;
     at::Tensor g = g_buffer.narrow(0, 0, c);
@@ -234,7 +235,8 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
                         weight.template const_data_ptr<A>() + r0, inv_count.template const_data_ptr<A>() + r0,
                         spec.positives_lse ? lse_positive.template const_data_ptr<A>() + r0 : nullptr,
                         reinterpret_cast<T*>(g.data_ptr())};
-    launch_kernel(gemm_row_coef_kernel<T>, checked_grid("gemm_row_coef_kernel (chunk rows, splits)", c, splits), dim3(kGemmRowThreads), 0, stream, q);
+    launch_kernel(gemm_row_coef_kernel<T>, checked_grid("gemm_row_coef_kernel (chunk rows, splits)", c, splits),
+                  dim3(kGemmRowThreads), 0, stream, q);
     if (spec.grad_q) {
       at::Tensor rows = out.grad_q_hat.narrow(0, r0, c);
       mm_acc_out(rows, g, spec.k_hat);

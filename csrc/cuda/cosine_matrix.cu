@@ -196,6 +196,14 @@ int env_choice(const char* name, std::initializer_list<const char*> choices) {
   return -1;
 }
 
+// Whether T's tile path runs on tensor cores on the current device (with_tile_path's choice).
+template <typename T>
+bool tiles_on_tensor_cores() {
+  bool tensor_cores = false;
+  with_tile_path<T>([&](auto path) { tensor_cores = decltype(path)::value; });
+  return tensor_cores;
+}
+
 // Note [Cosine matrix routes].
 template <typename T>
 bool forward_on_tiles() {
@@ -204,9 +212,7 @@ bool forward_on_tiles() {
   // fp16/bf16 stay on the tiles even without tensor cores (bf16 before sm_80),
   // where cuBLAS has no fast bf16 GEMM either.
   if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) return true;
-  bool tensor_cores = false;
-  with_tile_path<T>([&](auto path) { tensor_cores = decltype(path)::value; });
-  return tensor_cores;
+  return tiles_on_tensor_cores<T>();
 }
 
 // x_r / denom_r, rounded to x's dtype: the operands of the vendor GEMMs.
@@ -261,9 +267,9 @@ at::Tensor cosine_similarity_matrix(const at::Tensor& a_in, const std::optional<
 // Note [Cosine self backward]: with b = None, d a_hat = G a_hat + G^T a_hat
 // (G = dC, M x M). Either one GEMM of the sum, or two GEMMs summed in fp32
 // (cuBLAS reads G^T in place; for fp16/bf16 the second product lands in an
-// M x D fp32 temporary first, gemm_acc.h's addmm_acc_). Per element of G (s bytes): the sum
-// reads G twice (once transposed) and writes G + G^T, then its GEMM reads it,
-// 4 s bytes and 2 D FLOPs; two GEMMs read G twice, 2 s bytes and 4 D FLOPs,
+// M x D fp32 temporary first, gemm_acc.h's addmm_acc_). Per element of G
+// (s bytes): the sum reads G twice (once transposed) and writes G + G^T, then
+// its GEMM reads it, 4 s bytes and 2 D FLOPs; two GEMMs read G twice, 2 s bytes and 4 D FLOPs,
 // with no M x M temporary. The sum pays when D FLOPs take longer than s bytes:
 // D > s F / B. On an H200 (B ~ 4 TB/s; F ~ 400 TFLOP/s for these skinny bf16
 // or TF32 GEMMs, ~50 for fp32 and fp64): D > 200 for bf16/fp16, D > 400 for
@@ -275,9 +281,7 @@ template <typename T>
 bool self_backward_sums(int64_t features) {
   const int forced = env_choice("SSL_OPS_CUDA_COSINE_SELF_BACKWARD", {"sum", "two_gemms"});
   if (forced >= 0) return forced == 0;
-  bool tensor_cores = false;
-  with_tile_path<T>([&](auto path) { tensor_cores = decltype(path)::value; });
-  return features >= (tensor_cores ? 512 : 128);
+  return features >= (tiles_on_tensor_cores<T>() ? 512 : 128);
 }
 
 std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::Tensor& grad, const at::Tensor& a_in,
@@ -291,10 +295,6 @@ std::tuple<at::Tensor, at::Tensor> cosine_similarity_matrix_backward(const at::T
   at::Tensor ga = at::empty({0}, a.options()), gb = at::empty({0}, a.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "cosine_similarity_matrix_backward", [&] {
     using T = scalar_t;
-    // Operands stay in the input dtype, products accumulate in fp32 (gemm_acc.h):
-    // no fp32 copy of the M x N gradient, and bf16/fp16 GEMMs at tensor-core
-    // speed instead of SGEMM. The normalised rows are rounded to the input dtype
-    // once, as the gradient already is.
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t<T>>::value;
     const std::optional<at::Tensor> b = b_in.has_value() ? std::optional<at::Tensor>(b_in->contiguous()) : std::nullopt;
     const bool need_a_hat = !b || mask[1], need_b_hat = b && mask[0];

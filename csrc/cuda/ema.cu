@@ -18,8 +18,9 @@
 // Older toolkits, and drivers older than 12.1 (checked once at run time), keep
 // the 4 KB table (not run on such a driver yet: torch's default lazy module
 // loading never loads the large-table kernel there; whether eager loading,
-// CUDA_MODULE_LOADING=EAGER, tolerates it is unverified); so does the emulator unless a test has it pretend to a newer
-// driver (it copies the parameters for every thread it runs).
+// CUDA_MODULE_LOADING=EAGER, tolerates it is unverified); so does the emulator
+// unless a test has it pretend to a newer driver (it copies the parameters for
+// every thread it runs).
 //
 // Note [EMA vector access]: a chunk whose ema and online pointers are both
 // aligned to one vector (16 bytes of the wider type) is read and written in

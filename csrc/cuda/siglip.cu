@@ -100,7 +100,8 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
     SiglipRowParams<A> p{data, rows, cols, cols_per_split, positive_diagonal, scale_acc.const_data_ptr<A>(),
                          bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr, compute_grad,
                          parts.data_ptr<A>()};
-    launch_kernel(siglip_rows_kernel<A>, checked_grid("siglip_rows_kernel (chunk rows, splits)", rows, splits), dim3(kGemmRowThreads), 0, stream, p);
+    launch_kernel(siglip_rows_kernel<A>, checked_grid("siglip_rows_kernel (chunk rows, splits)", rows, splits),
+                  dim3(kGemmRowThreads), 0, stream, p);
   };
   if (s.scalar_type() == at::kDouble) {
     launch(s.data_ptr<double>());
