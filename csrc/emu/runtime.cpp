@@ -1,8 +1,7 @@
-// The emulator's scheduler: runs each block's CUDA threads as ucontext fibers,
+// The emulator's scheduler: runs each block's CUDA threads as fibers (fiber_context.h),
 // switching only at synchronisation points, in an order drawn from the seed.
 #include <atomic>
 #include <c10/util/Exception.h>
-#include <ucontext.h>
 
 #include <memory>
 #include <mutex>
@@ -13,6 +12,7 @@
 #include <vector>
 
 #include "cuda_emu.h"
+#include "fiber_context.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
@@ -33,7 +33,7 @@ constexpr size_t kSmemAlignment = 128;
 
 struct Fiber {
   ThreadContext ctx{};
-  ucontext_t uc{};
+  FiberContext context;
   std::unique_ptr<char[]> stack;
   bool done = false;
   const char* waiting_at = nullptr;  // for deadlock reports
@@ -69,7 +69,7 @@ struct Emulator {
   uint64_t events = 0;  // arrivals and exits: a scheduling pass without one is a deadlock
   std::string error;
   Fiber* running = nullptr;
-  ucontext_t scheduler{};
+  FiberContext scheduler;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   std::vector<unsigned char> smem_storage;
@@ -93,7 +93,7 @@ void enter_fiber(Emulator& e, Fiber& f) {
   void* scheduler_fake_stack = nullptr;
   __sanitizer_start_switch_fiber(&scheduler_fake_stack, f.stack.get(), kStackBytes);
 #endif
-  swapcontext(&e.scheduler, &f.uc);
+  switch_context(e.scheduler, f.context);
 #if defined(SSL_EMU_ASAN)
   __sanitizer_finish_switch_fiber(scheduler_fake_stack, nullptr, nullptr);
 #endif
@@ -107,7 +107,7 @@ void leave_fiber(Emulator& e, Fiber& f, bool final) {
   __sanitizer_start_switch_fiber(
       final ? nullptr : &f.fake_stack, e.scheduler_stack_bottom, e.scheduler_stack_size);
 #endif
-  swapcontext(&f.uc, &e.scheduler);
+  switch_context(f.context, e.scheduler);
 #if defined(SSL_EMU_ASAN)
   __sanitizer_finish_switch_fiber(f.fake_stack, &e.scheduler_stack_bottom, &e.scheduler_stack_size);
 #endif
@@ -168,11 +168,7 @@ void run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block) {
     f.ctx.warp = i / 32;
     f.done = false;
     f.waiting_at = nullptr;
-    getcontext(&f.uc);
-    f.uc.uc_stack.ss_sp = f.stack.get();
-    f.uc.uc_stack.ss_size = kStackBytes;
-    f.uc.uc_link = nullptr;
-    makecontext(&f.uc, &fiber_main, 0);
+    start_context(f.context, f.stack.get(), kStackBytes, &fiber_main);
   }
   for (unsigned w = 0; w < e.warps.size(); ++w) {
     const unsigned lanes = std::min(32u, e.thread_count - 32 * w);
