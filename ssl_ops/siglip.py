@@ -71,9 +71,26 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
     divided by this rank's N, so with DDP's gradient averaging the update is
     one process's on the whole batch (the all-gather form of open_clip's
     neighbour exchange). Every rank must pass the same batch size.
+
+    ``image_features`` and ``text_features`` must have the same number of rows
+    (this rank's, before any gathering): image i's positive is text i, and a
+    mismatch is a ValueError naming both sizes, where open_clip's
+    ``SigLipLoss`` fails on the shapes (or, with one row, broadcasts). A larger
+    text set is only the gathered one; the op underneath,
+    ``torch.ops.ssl_ops.siglip_loss(x, y, scale, bias, positive_offset,
+    compute_grad)``, takes any ``y`` with at least ``N + positive_offset``
+    rows, the positive of image i being text ``i + positive_offset``.
     """
     _check_view("image_features", image_features)
     _check_view("text_features", text_features)
+    if text_features.shape[0] != image_features.shape[0]:
+        # open_clip builds (N x N) labels for (N x M) logits and raises on the
+        # product; where it broadcasts instead (N or M = 1) its labels mean
+        # nothing. The larger text set SigLIP means is the gathered one.
+        raise ValueError(
+            f"ssl_ops.siglip_loss: image_features has {image_features.shape[0]} rows but text_features has "
+            f"{text_features.shape[0]}: text i is the positive of image i, so the batches must be the same "
+            f"size (open_clip's SigLipLoss raises here too); for every rank's texts use gather_distributed=True")
     logit_scale = _as_scalar_tensor(logit_scale, "logit_scale", image_features)
     if logit_bias is not None:
         logit_bias = _as_scalar_tensor(logit_bias, "logit_bias", image_features)

@@ -143,8 +143,8 @@ def test_bad_input_errors():
     s = torch.tensor(10.0)
     with pytest.raises(ValueError, match=r"text_features has 6 features but image_features has 8"):
         ssl_ops.siglip_loss(x, torch.randn(4, 6), s)
-    with pytest.raises(ValueError, match=r"text_features needs 4 \+ 0 rows, got 3"):
-        ssl_ops.siglip_loss(x, torch.randn(3, 8), s)
+    with pytest.raises(ValueError, match=r"text_features needs 4 \+ 2 rows, got 5"):
+        torch.ops.ssl_ops.siglip_loss(x, torch.randn(5, 8), s, None, 2, False)
     with pytest.raises(ValueError, match=r"logit_scale must be a scalar \(one element\), got shape \[2\]"):
         ssl_ops.siglip_loss(x, y, torch.tensor([10.0, 1.0]))
     with pytest.raises(ValueError, match=r"logit_bias must be a scalar \(one element\), got shape \[4\]"):
@@ -160,3 +160,50 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="logit_scale must be a tensor or a number"):
         ssl_ops.siglip_loss(x, y, "10")
     assert math.isfinite(ssl_ops.siglip_loss(x, y, 10.0).item())
+
+
+@pytest.mark.parametrize("n,m", [(4, 5), (5, 4), (3, 6), (1, 3), (3, 1)])
+def test_mismatched_batches_raise_as_in_open_clip(n, m):
+    """One process, N images and M != N texts: open_clip's SigLipLoss fails on
+    its (N x N) labels times the (N x M) logits, or with one row broadcasts
+    them into a loss that means nothing; we raise, naming both sizes."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    x, y = features(n, m, 8, torch.float64, seed=n * 10 + m)
+    scale, bias = scalar(10.0, torch.float64), scalar(-10.0, torch.float64)
+    if n > 1 and m > 1:
+        with pytest.raises(RuntimeError, match="must match"):
+            open_clip_loss.SigLipLoss()(x, y, scale, bias)
+    for call in (lambda: ssl_ops.siglip_loss(x, y, scale, bias),
+                 lambda: ssl_ops.SigLipLoss()(x, y, scale, bias),
+                 lambda: ssl_ops.SigLipLoss(gather_distributed=True)(x, y, scale, bias)):  # one process
+        with pytest.raises(ValueError, match=f"image_features has {n} rows but text_features has {m}"):
+            call()
+
+
+def test_same_batches_match_open_clip():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    x, y = features(7, 7, 8, torch.float64, seed=11)
+    scale, bias = scalar(10.0, torch.float64), scalar(-10.0, torch.float64)
+    ours = ssl_ops.siglip_loss(x, y, scale, bias)
+    ours_grads = torch.autograd.grad(ours, [x, y, scale, bias])
+    theirs = open_clip_loss.SigLipLoss()(x, y, scale, bias)
+    theirs_grads = torch.autograd.grad(theirs, [x, y, scale, bias])
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["cpu", "emulated"])
+@pytest.mark.parametrize("n,m,offset", [(4, 12, 0), (4, 12, 4), (4, 12, 8), (3, 7, 2)])
+def test_gathered_texts_positive_offset(route, n, m, offset, monkeypatch):
+    """The op's larger text set (what gather_distributed passes it): image i
+    against all M texts, its positive text i + positive_offset, the loss over N."""
+    x, y = features(n, m, 8, torch.float64, seed=m + offset)
+    scale, bias = scalar(10.0, torch.float64), scalar(-10.0, torch.float64)
+    with on_route(route, monkeypatch):
+        loss, gx, gy, gs, gb = torch.ops.ssl_ops.siglip_loss(x, y, scale, bias, offset, True)
+    ref = reference.siglip_loss(x, y, scale, bias, offset)
+    want = torch.autograd.grad(ref, [x, y, scale, bias])
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    for got, w in zip((gx, gy, gs, gb), want):
+        torch.testing.assert_close(got.reshape(w.shape), w, rtol=1e-10, atol=1e-12)
