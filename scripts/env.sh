@@ -27,8 +27,12 @@ source "$VENV/bin/activate"
 torch_cuda=$(python -c "import torch; print(torch.version.cuda or '')")
 have_nvcc=""
 for home in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
-  if [ -n "$home" ] && [ -x "$home/bin/nvcc" ]; then have_nvcc=1; fi
+  if [ -n "$home" ] && [ -x "$home/bin/nvcc" ]; then have_nvcc=1; CUDA_HOME=$home; break; fi
 done
+# Every later torch process (torch.compile's CPU code generator imports
+# torch.utils.cpp_extension) then sees the toolkit the build used, not torch's
+# guess from the nvcc on PATH (here a wrapper in /usr/local/bin: "/usr/local").
+if [ -n "$have_nvcc" ]; then export CUDA_HOME; fi
 if [ -z "$have_nvcc" ] && command -v nvcc > /dev/null; then have_nvcc=1; fi
 if [ -n "$torch_cuda" ] && [ -n "$have_nvcc" ] && [ "${SSL_OPS_CPU_ONLY:-0}" != "1" ]; then
   export SSL_OPS_FORCE_CUDA=1 SSL_OPS_EXPECT_CUDA_KERNELS=1
