@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
 
 namespace ssl_ops {
 namespace {
@@ -107,6 +108,16 @@ void check_asym_contrastive_args(
         ": without positive_key, key row i + positive_offset is the positive of query row i, so key "
         "needs ", query.size(0), " + ", positive_offset, " rows, got ", key.size(0)));
   }
+}
+
+int64_t contrastive_chunk_elements(int64_t default_elements) {
+  const char* value = std::getenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS");
+  if (value == nullptr || *value == '\0') return default_elements;
+  char* end = nullptr;
+  const long long parsed = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && parsed > 0,
+              ssl_ops::message("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got \"", value, "\""));
+  return parsed;
 }
 
 }  // namespace ssl_ops

@@ -85,4 +85,10 @@ inline bool logit_bound_usable(double scale, bool normalize) {
   return normalize && 2 * std::abs(scale) <= (sizeof(C) == 4 ? 60.0 : 600.0);
 }
 
+// The elements of S a backend forms per step of anchor rows against every
+// candidate (the CUDA GEMM route's chunk, the CPU asymmetric kernel's panel):
+// default_elements, or SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS when set (tests force
+// it small for many chunks; a positive integer, else an error naming it).
+int64_t contrastive_chunk_elements(int64_t default_elements);
+
 }  // namespace ssl_ops

@@ -118,6 +118,19 @@ def contrastive_cuda_source_backend(request, monkeypatch):
     return _with_route(request, monkeypatch)
 
 
+# The asymmetric op's CPU kernel forms S in panels of rows against every
+# candidate, or in tiles when the candidates are too many for a panel
+# (SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS=1 forces the tiles).
+@pytest.fixture(params=[pytest.param(("cpu",), id="cpu"), pytest.param(("cpu", "tiles"), id="cpu-tiles")]
+                + [p for p in _backend_params() if p.values[0][0] != "cpu"])
+def asym_backend(request, monkeypatch):
+    if request.param == ("cpu", "tiles"):
+        monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", "1")
+        return make_backend(("cpu",))
+    monkeypatch.delenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", raising=False)
+    return make_backend(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed_rng():
     torch.manual_seed(0)

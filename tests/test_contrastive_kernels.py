@@ -341,14 +341,14 @@ def test_sym_supcon_labels_and_mean(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch,queue,d", [(1, 1, 1), (5, 130, 3), (65, 700, 64), (70, 66, 130)])
 @pytest.mark.parametrize("with_queue", [True, False], ids=["moco", "cross-view"])
-def test_asym_op(backend, dtype, batch, queue, d, with_queue):
-    q = rand((batch, d), dtype, backend.device, 5)
-    k = rand((batch, d), dtype, backend.device, 6)
-    qu = rand((queue, d), dtype, backend.device, 7) if with_queue else None
+def test_asym_op(asym_backend, dtype, batch, queue, d, with_queue):
+    q = rand((batch, d), dtype, asym_backend.device, 5)
+    k = rand((batch, d), dtype, asym_backend.device, 6)
+    qu = rand((queue, d), dtype, asym_backend.device, 7) if with_queue else None
     candidates, positive = (qu, k) if with_queue else (k, None)
     scale = 1 / 0.2
     mask = [True, True, True]
-    loss, lse, gq, gk, gp = backend.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, 1, mask)
+    loss, lse, gq, gk, gp = asym_backend.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, 1, mask)
     check = checker(dtype, batch + queue + d, scale, degenerate=(q, k, qu) if with_queue and d == 1 else (q, k) if d == 1 else ())
     inputs = [t.detach().double().cpu().requires_grad_() for t in (q, k) + ((qu,) if with_queue else ())]
     ref = reference.info_nce_loss(*inputs, temperature=0.2)
@@ -362,13 +362,13 @@ def test_asym_op(backend, dtype, batch, queue, d, with_queue):
         check(gk, ref_grads[1], "grad key")
         assert gp.numel() == 0
     # reduction none and the backward op with row weights
-    rows_loss, lse, *_ = backend.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, 0, mask)
+    rows_loss, lse, *_ = asym_backend.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, 0, mask)
     weight = rand((batch,), torch.float64, "cpu", 8)
     ref_rows = reference.info_nce_loss(*inputs, temperature=0.2, reduction="none")
     ref_grads = torch.autograd.grad((ref_rows * weight).sum(), inputs)
     check(rows_loss, ref_rows.detach(), "row losses")
-    grads = backend.ops.contrastive_asym_backward(
-        weight.to(lse.dtype).to(backend.device), q, candidates, positive, 0, lse, scale, EPS, True, 0, mask
+    grads = asym_backend.ops.contrastive_asym_backward(
+        weight.to(lse.dtype).to(asym_backend.device), q, candidates, positive, 0, lse, scale, EPS, True, 0, mask
     )
     check(grads[0], ref_grads[0], "backward grad query", weight=weight.abs().max())
     check(grads[1], ref_grads[2] if with_queue else ref_grads[1], "backward grad key", weight=weight.abs().max())
@@ -379,16 +379,16 @@ def test_asym_op(backend, dtype, batch, queue, d, with_queue):
 @pytest.mark.parametrize("temperature", [0.01, 0.07, -0.5])
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "unit-inputs"])
 @pytest.mark.parametrize("with_queue", [True, False], ids=["moco", "cross-view"])
-def test_asym_op_shifts(backend, temperature, normalize, with_queue):
+def test_asym_op_shifts(asym_backend, temperature, normalize, with_queue):
     """The log-sum-exp shifted by the logit bound (normalised rows, |1/T| <= 30)
     and by a running max (T = 0.01, or rows the kernel does not normalise)."""
     unit = lambda t: t if normalize else F.normalize(t, dim=1)  # noqa: E731
-    q = unit(rand((70, 24), torch.float64, "cpu", 21)).float().to(backend.device)
-    k = unit(rand((70, 24), torch.float64, "cpu", 22)).float().to(backend.device)
-    qu = unit(rand((300, 24), torch.float64, "cpu", 23)).float().to(backend.device) if with_queue else None
+    q = unit(rand((70, 24), torch.float64, "cpu", 21)).float().to(asym_backend.device)
+    k = unit(rand((70, 24), torch.float64, "cpu", 22)).float().to(asym_backend.device)
+    qu = unit(rand((300, 24), torch.float64, "cpu", 23)).float().to(asym_backend.device) if with_queue else None
     candidates, positive = (qu, k) if with_queue else (k, None)
     mask = [True, True, with_queue]
-    loss, lse, gq, gk, gp = backend.ops.contrastive_asym_loss(
+    loss, lse, gq, gk, gp = asym_backend.ops.contrastive_asym_loss(
         q, candidates, positive, 0, 1 / temperature, EPS, normalize, 1, mask
     )
     check = checker(torch.float32, 70 + 300 + 24, 1 / temperature)
@@ -402,14 +402,14 @@ def test_asym_op_shifts(backend, temperature, normalize, with_queue):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch,keys,offset", [(1, 3, 2), (5, 20, 10), (70, 140, 70), (66, 200, 67)])
-def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):
+def test_asym_op_positive_offset(asym_backend, dtype, batch, keys, offset):
     """Queries against keys gathered from several processes: the positive of
     query i is key i + offset (MoCo v3 / CLIP with gather_distributed)."""
-    q = rand((batch, 24), dtype, backend.device, 13)
-    k = rand((keys, 24), dtype, backend.device, 14)
+    q = rand((batch, 24), dtype, asym_backend.device, 13)
+    k = rand((keys, 24), dtype, asym_backend.device, 14)
     scale = 1 / 0.2
     mask = [True, True, False]
-    loss, lse, gq, gk, _ = backend.ops.contrastive_asym_loss(q, k, None, offset, scale, EPS, True, 1, mask)
+    loss, lse, gq, gk, _ = asym_backend.ops.contrastive_asym_loss(q, k, None, offset, scale, EPS, True, 1, mask)
     check = checker(dtype, keys + 24, scale)
     q64, k64 = (t.detach().double().cpu().requires_grad_() for t in (q, k))
     logits = F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).t() * scale
@@ -420,13 +420,13 @@ def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):
     check(gk, ref_grads[1], "grad key")
     weight = rand((batch,), torch.float64, "cpu", 15)
     ref_grads = torch.autograd.grad((ref_rows * weight).sum(), [q64, k64])
-    grads = backend.ops.contrastive_asym_backward(
-        weight.to(lse.dtype).to(backend.device), q, k, None, offset, lse, scale, EPS, True, 0, mask
+    grads = asym_backend.ops.contrastive_asym_backward(
+        weight.to(lse.dtype).to(asym_backend.device), q, k, None, offset, lse, scale, EPS, True, 0, mask
     )
     check(grads[0], ref_grads[0], "backward grad query")
     check(grads[1], ref_grads[1], "backward grad key")
     # Only the query needs a gradient (MoCo v3 with detached keys): the one-pass route, offset positives.
-    loss_q, _, gq_only, gk_none, _ = backend.ops.contrastive_asym_loss(
+    loss_q, _, gq_only, gk_none, _ = asym_backend.ops.contrastive_asym_loss(
         q, k, None, offset, scale, EPS, True, 1, [True, False, False]
     )
     query_logits = F.normalize(q64, dim=1) @ F.normalize(k64.detach(), dim=1).t() * scale
@@ -434,6 +434,29 @@ def test_asym_op_positive_offset(backend, dtype, batch, keys, offset):
     assert gk_none.numel() == 0
     check(loss_q, ref_rows.mean().detach(), "mean loss, query-only route")
     check(gq_only, ref_gq, "grad query, query-only route")
+
+
+@pytest.mark.parametrize("with_queue", [True, False], ids=["moco", "cross-view"])
+def test_asym_cpu_panels_with_a_partial_last_one(with_queue, monkeypatch):
+    """The CPU kernel's panels of rows against every candidate: a budget of 128
+    rows of 300 candidates makes panels of 128, 128 and 44 rows."""
+    batch = candidates_rows = 300
+    monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", str(128 * candidates_rows))
+    q = rand((batch, 40), torch.float32, "cpu", 31)
+    k = rand((batch, 40), torch.float32, "cpu", 32)
+    qu = rand((candidates_rows, 40), torch.float32, "cpu", 33) if with_queue else None
+    candidates, positive = (qu, k) if with_queue else (k, None)
+    loss, _, gq, gk, gp = torch.ops.ssl_ops.contrastive_asym_loss(q, candidates, positive, 0, 5.0, EPS, True, 1,
+                                                                  [True, True, with_queue])
+    inputs = [t.detach().double().requires_grad_() for t in (q, k) + ((qu,) if with_queue else ())]
+    ref = reference.info_nce_loss(*inputs, temperature=0.2)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    check = checker(torch.float32, batch + candidates_rows + 40, 5.0)
+    check(loss, ref.detach(), "mean loss")
+    check(gq, ref_grads[0], "grad query")
+    check(gk, ref_grads[2] if with_queue else ref_grads[1], "grad candidates")
+    if with_queue:
+        check(gp, ref_grads[1], "grad positive key")
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.05, 0.07, 0.5, 10.0, -0.2])

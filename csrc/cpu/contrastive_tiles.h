@@ -22,8 +22,8 @@ constexpr int64_t kTileRows = 128;
 // eps). With normalize=false the rows are only converted.
 struct NormalizedRows {
   at::Tensor rows;   // (M, D), compute type
-  at::Tensor denom;  // (M,), max(||x||, eps); 1 without normalisation
-  at::Tensor clamped;  // (M, 1) bool: ||x|| < eps, where the denominator is constant
+  at::Tensor denom;    // (M,), max(||x||, eps), compute type; undefined without normalisation
+  at::Tensor clamped;  // (M,) bool: ||x|| < eps, where the denominator is constant
   bool normalized = true;
 };
 // any_layout: without normalisation, a row-major or column-major x of the compute

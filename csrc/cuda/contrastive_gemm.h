@@ -8,7 +8,7 @@
 //   d Q_hat_c  = G_c K_hat           (fresh rows of the output)
 //   d K_hat   += G_c^T Q_hat_c       (accumulated in fp32 over the chunks)
 // No buffer is ever n x n: S_c and G_c hold c x n elements, with c chosen so
-// that S_c stays within the chunk budget (contrastive_chunk_elements()).
+// that S_c stays within the chunk budget (contrastive_chunk_elements(), contrastive_check.h).
 // The symmetric op passes Q_hat = the anchor rows of z_hat and K_hat = z_hat
 // (d z_hat = d K_hat plus d Q_hat at the anchors: (G + G^T) z_hat); the
 // asymmetric op passes the queries and the keys (or queue).
@@ -36,6 +36,7 @@
 #include <limits>
 
 #include "compat.cuh"
+#include "../contrastive_check.h"
 #include "../message.h"
 #include "contrastive_gemm_rows.cuh"
 #include "gemm_acc.h"
@@ -72,15 +73,6 @@ inline ContrastiveRoute contrastive_route() {
 // many chunks).
 constexpr int64_t kDefaultChunkElements = int64_t(1) << 25;
 
-inline int64_t contrastive_chunk_elements() {
-  const char* value = std::getenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS");
-  if (value == nullptr || *value == '\0') return kDefaultChunkElements;
-  char* end = nullptr;
-  const long long parsed = std::strtoll(value, &end, 10);
-  TORCH_CHECK(end != value && *end == '\0' && parsed > 0,
-              ssl_ops::message("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS must be a positive integer, got \"", value, "\""));
-  return parsed;
-}
 
 // ---- The chunk loop --------------------------------------------------------------------
 
@@ -137,7 +129,8 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
   if (na == 0 || (!grad && !stats)) return out;
 
-  const int64_t rows_per_chunk = std::clamp<int64_t>(contrastive_chunk_elements() / std::max<int64_t>(n, 1), 1, na);
+  const int64_t rows_per_chunk =
+      std::clamp<int64_t>(contrastive_chunk_elements(kDefaultChunkElements) / std::max<int64_t>(n, 1), 1, na);
   // Column splits: a full wave of blocks (8 per multiprocessor: the row kernels
   // use at most 52 registers and 128 bytes of shared memory), at least 1024
   // columns each.
