@@ -156,3 +156,21 @@ def test_planted_out_of_bounds_write_is_reported_by_asan():
     assert planted.returncode != 0 and "survived" not in planted.stdout
     assert "AddressSanitizer: heap-buffer-overflow" in planted.stderr
     assert "WRITE of size 4" in planted.stderr and "off_by_one_kernel" in planted.stderr
+
+
+def test_kernels_after_a_fault_run_clean_under_asan():
+    """A faulting kernel leaves its threads' stacks mid-frame, redzones still
+    poisoned; the next kernels reuse those stacks and must not trip over them
+    (CI once died in the next test's gemm_row_stats_kernel)."""
+    run = run_under_asan(
+        "out = torch.zeros(12)\n"
+        "try:\n"
+        "    torch.ops.ssl_ops_emu._test_store16(out, 1)\n"
+        "except RuntimeError as error:\n"
+        "    assert 'misaligned 16-byte store' in str(error)\n"
+        "z0, z1 = torch.randn(40, 32), torch.randn(40, 32)\n"
+        "with emulation.use_emulated_kernels():\n"
+        "    loss = ssl_ops.nt_xent_loss(z0, z1)\n"
+        "print('finished', float(loss))"
+    )
+    assert run.returncode == 0 and "finished" in run.stdout, run.stderr[-3000:]

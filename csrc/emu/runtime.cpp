@@ -15,6 +15,7 @@
 #include "fiber_context.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define SSL_EMU_ASAN 1
 #endif
@@ -39,6 +40,11 @@ struct Fiber {
   const char* waiting_at = nullptr;  // for deadlock reports
 #if defined(SSL_EMU_ASAN)
   void* fake_stack = nullptr;
+  // Left mid-kernel (a fault or a deadlock): its frames' redzones are still
+  // poisoned, and the next kernel on this stack would trip over them.
+  // (ASan's swapcontext interceptor clears a stack it switches to; our switch
+  // does not, so run_block clears such a stack before reusing it.)
+  bool abandoned = false;
 #endif
 };
 
@@ -168,6 +174,10 @@ void run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block) {
     f.ctx.warp = i / 32;
     f.done = false;
     f.waiting_at = nullptr;
+#if defined(SSL_EMU_ASAN)
+    if (f.abandoned) ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);
+    f.abandoned = false;
+#endif
     start_context(f.context, f.stack.get(), kStackBytes, &fiber_main);
   }
   for (unsigned w = 0; w < e.warps.size(); ++w) {
@@ -328,6 +338,9 @@ void run_grid(
         unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y))};
     run_block(e, idx, grid, block);
     if (!e.error.empty()) {
+#if defined(SSL_EMU_ASAN)
+      for (unsigned i = 0; i < e.thread_count; ++i) e.fibers[i].abandoned = !e.fibers[i].done;
+#endif
       e.pending_error = e.error;
       return;
     }
