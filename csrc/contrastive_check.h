@@ -23,8 +23,10 @@
 // block into G and multiply it back. They differ in where the block lives:
 // - CPU (csrc/cpu/contrastive_*.cpp): 128-row tiles that stay in cache; the
 //   exps run in the same loop as the product's consumer, S being symmetric is
-//   used to form each tile pair once, and a query-only gradient is accumulated
-//   in the log-sum-exp pass itself (online softmax).
+//   used to form each tile pair once. The asymmetric kernel forms panels of
+//   rows against every candidate where they fit (G in place, no tile formed
+//   twice) and falls back to tiles with the query-only gradient accumulated in
+//   the log-sum-exp pass itself (online softmax).
 // - CUDA GEMM route (csrc/cuda/contrastive_gemm.h): chunks of c anchor rows
 //   against every candidate, S_c stored in fp32 by cuBLAS and read back by row
 //   kernels; log-sum-exp before G within a chunk, so no online

@@ -15,13 +15,18 @@
 //   d qh = scale (G kh + g ph),  d kh = scale G^T qh,  d ph = scale g qh
 // then through the normalisation.
 //
-// Pass 1 runs over row blocks (running log-sum-exp per row, shifted by the
-// logit bound |scale| where rows are unit vectors and that cannot underflow,
-// else by the running max); the gradient pass
-// runs over row blocks for d qh and, only when k needs a gradient, over column
-// blocks for d kh, so every task writes its own rows. The forward computes the
-// gradients of the reduced loss that are asked for (grad_mask), so backward
-// only scales them.
+// Log-sum-exps are shifted by the logit bound |scale| where rows are unit
+// vectors and that cannot underflow, else by the row's max. Where a panel of
+// rows against every candidate fits (kPanelElements), the forward walks the
+// panels one after another, each GEMM on every thread: S, then the row
+// softmaxes turned into G in place, then d qh = G kh and d kh += G^T qh, so no
+// logit is formed twice. Wider candidate sets run on tiles (128 x 512, row
+// blocks in parallel): pass 1 keeps a running log-sum-exp per row (and, with
+// only q needing a gradient, the softmax-weighted keys online); the gradient
+// pass forms the tiles again, over row blocks for d qh and column blocks for
+// d kh, so every task writes its own rows. The forward computes the gradients
+// of a reduced loss that are asked for (grad_mask), so backward only scales
+// them; the backward op (reduction none) runs on tiles.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -216,7 +221,7 @@ void panel_pass(const Inputs& in, C scale, bool bounded, C bound, int64_t rows, 
   const bool any_grad = grad_mask[0] || grad_mask[1] || grad_mask[2];
   const auto opts = qh.options();
   if (grad_mask[0]) gq = at::empty_like(qh);
-  if (grad_mask[1]) gk = at::zeros_like(kh);
+  if (grad_mask[1]) gk = at::empty_like(kh);  // the first panel's product initialises it
   if (with_p && any_grad) g_col = at::empty({m, 1}, opts);
   C* g_col_p = g_col.defined() ? g_col.data_ptr<C>() : nullptr;
   const C g_weight = weight * scale;
@@ -244,7 +249,11 @@ void panel_pass(const Inputs& in, C scale, bool bounded, C bound, int64_t rows, 
       at::Tensor gq_rows = gq.narrow(0, i0, bi);
       at::mm_out(gq_rows, panel, kh);
     }
-    if (grad_mask[1]) gk.addmm_(panel.t(), qh.narrow(0, i0, bi));
+    if (grad_mask[1] && i0 == 0) {
+      at::mm_out(gk, panel.t(), qh.narrow(0, i0, bi));
+    } else if (grad_mask[1]) {
+      gk.addmm_(panel.t(), qh.narrow(0, i0, bi));
+    }
   }
 }
 
