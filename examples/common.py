@@ -39,6 +39,8 @@ def parse_args(description, defaults):
                    help="on the CPU, run ssl_ops' CUDA code path through the host emulator (slow; checks a "
                         "whole training step of the CUDA route without a GPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="stop after pre-training: no linear probe, no fine-tune (the JSON has no accuracies)")
     p.add_argument("--json", help="write the results here")
     return p.parse_args()
 
@@ -209,6 +211,11 @@ def evaluate_and_report(name, pretrained_net, random_net, data, train_stats, arg
     """Stage 2 for the pre-trained and the randomly initialised backbone; prints a table."""
     results = {"method": name, "model": args.model, "loss_impl": args.loss_impl, "device": args.device,
                "pretrain": train_stats, "accuracy": {}}
+    print(f"\n{name} ({args.model}, {args.loss_impl} loss): {train_stats['steps']} steps in "
+          f"{train_stats['seconds']:.0f} s, loss {train_stats['first_loss']:.3f} -> {train_stats['last_loss']:.3f}")
+    if args.pretrain_only:
+        _write_json(results, args)
+        return results
     for label, net in (("ssl", pretrained_net), ("random_init", random_net)):
         torch.manual_seed(args.seed)
         results["accuracy"][label] = {
@@ -216,17 +223,19 @@ def evaluate_and_report(name, pretrained_net, random_net, data, train_stats, arg
             "fine_tune": fine_tune(net, data, args.finetune_epochs, args.finetune_fraction, args.seed),
         }
     acc = results["accuracy"]
-    print(f"\n{name} ({args.model}, {args.loss_impl} loss): {train_stats['steps']} steps in "
-          f"{train_stats['seconds']:.0f} s, loss {train_stats['first_loss']:.3f} -> {train_stats['last_loss']:.3f}")
     print(f"| backbone | linear probe | fine-tune ({args.finetune_fraction:.0%} labels) |")
     print("|---|---|---|")
     baseline = "timm weights, no SSL" if args.pretrained else "random init"
     for label, title in (("ssl", f"{name} pre-trained"), ("random_init", baseline)):
         print(f"| {title} | {acc[label]['linear_probe']:.1%} | {acc[label]['fine_tune']:.1%} |")
+    _write_json(results, args)
+    return results
+
+
+def _write_json(results, args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    return results
 
 
 def setup(args):
