@@ -15,8 +15,15 @@ if [ ! -f "$VENV/.ssl_ops_complete" ]; then
   echo "== creating $VENV"
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -r "$SSL_OPS_ROOT/requirements-dev.txt"
+  # pip's notices (here: pip.conf's find-links and extra indexes that do not
+  # exist, "Location ... is ignored") go to a log, shown if the install fails.
+  pip_log="$VENV/pip-install.log"
+  { "$VENV/bin/pip" install --quiet --upgrade pip &&
+    "$VENV/bin/pip" install --quiet -r "$SSL_OPS_ROOT/requirements-dev.txt"; } > "$pip_log" 2>&1 || {
+    tail -n 40 "$pip_log"
+    echo "installing requirements-dev.txt failed; full log in $pip_log" >&2
+    exit 1
+  }
   touch "$VENV/.ssl_ops_complete"
 fi
 # shellcheck disable=SC1091
@@ -38,12 +45,13 @@ if [ -n "$torch_cuda" ] && [ -n "$have_nvcc" ] && [ "${SSL_OPS_CPU_ONLY:-0}" != 
   export SSL_OPS_FORCE_CUDA=1 SSL_OPS_EXPECT_CUDA_KERNELS=1
 fi
 
-# One build for every script: the same options (the emulation modules, ASan
-# included, unless set otherwise), built in place by ninja, so switching from
-# test.sh to run.sh or back rebuilds nothing. (`pip install -e .` would build
+# One build for every script: the same options (the emulation module; its
+# ASan copy only for test.sh --full, which sets SSL_OPS_BUILD_EMU_ASAN=1),
+# built in place by ninja, so switching from test.sh to run.sh or back
+# rebuilds nothing. (`pip install -e .` would build
 # in a fresh temporary folder every time: minutes on 2 cores.) The checkout is
 # made importable by a .pth file in the environment.
-export SSL_OPS_BUILD_EMU=${SSL_OPS_BUILD_EMU:-1} SSL_OPS_BUILD_EMU_ASAN=${SSL_OPS_BUILD_EMU_ASAN:-1}
+export SSL_OPS_BUILD_EMU=${SSL_OPS_BUILD_EMU:-1} SSL_OPS_BUILD_EMU_ASAN=${SSL_OPS_BUILD_EMU_ASAN:-0}
 echo "== building ssl_ops (torch CUDA: ${torch_cuda:-none}, nvcc: ${have_nvcc:-no}; incremental)"
 (cd "$SSL_OPS_ROOT" && python setup.py build_ext --inplace > "$SSL_OPS_ROOT/build.log" 2>&1) || {
   tail -n 60 "$SSL_OPS_ROOT/build.log"
