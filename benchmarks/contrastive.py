@@ -8,6 +8,9 @@ and runs it once before it measures).
   ssl_ops.reference.nt_xent_loss)
 * moco: InfoNCE of B queries against a queue (ssl_ops.info_nce_loss vs
   ssl_ops.reference.info_nce_loss)
+* mocov3: in-batch InfoNCE of B queries against B keys, as MoCo v3 (keys
+  detached: the momentum encoder's) and CLIP (keys with gradients) use it,
+  temperature 0.2 (ssl_ops.info_nce_loss vs ssl_ops.reference.info_nce_loss)
 * dcl: decoupled contrastive loss over 2N rows (ssl_ops.dcl_loss vs
   ssl_ops.reference.dcl_loss, lightly's DCLLoss computation)
 * siglip: SigLIP's sigmoid loss of N images against N texts, scale 10 and
@@ -46,6 +49,8 @@ TWO_VIEW_LOSSES = ("nt_xent", "dcl")  # 2N rows from two views; the rest: B quer
 MEMORY_LIMIT = 20 * 2**30  # address-space cap of the memory-measuring process
 TEMPERATURE = 0.5
 DCL_TEMPERATURE = 0.1  # lightly's DCLLoss default
+MOCOV3_TEMPERATURE = 0.2  # MoCo v3's ViT setting
+IN_BATCH_LOSSES = TWO_VIEW_LOSSES + ("siglip", "mocov3")  # S is (rows x rows)
 
 
 def make_inputs(case, requires_grad):
@@ -65,6 +70,8 @@ def make_inputs(case, requires_grad):
         scale = torch.tensor(10.0, device=device, requires_grad=requires_grad)
         bias = torch.tensor(-10.0, device=device, requires_grad=requires_grad)
         return x, y, scale, bias
+    if case["loss"] == "mocov3":
+        return rand(case["rows"], requires_grad), rand(case["rows"], requires_grad and case["keys"] == "grad")
     return rand(case["rows"], requires_grad), rand(case["rows"], False), rand(case["queue"], False)
 
 
@@ -83,6 +90,8 @@ def loss_fn(case, impl):
         return lambda z0, z1: module.dcl_loss(z0, z1, DCL_TEMPERATURE)
     if case["loss"] == "siglip":
         return lambda x, y, scale, bias: module.siglip_loss(x, y, scale, bias)
+    if case["loss"] == "mocov3":
+        return lambda q, k: module.info_nce_loss(q, k, temperature=MOCOV3_TEMPERATURE)
     return lambda q, k, queue: module.info_nce_loss(q, k, queue, temperature=0.07)
 
 
@@ -147,7 +156,10 @@ def model_flops(case):
     """Matrix-multiply FLOPs of the eager computation: S = Q K^T forward; with
     the backward also dQ = G K and (NT-Xent) dK = G^T Q. The fused NT-Xent does
     fewer (each symmetric tile once), so its figure is an effective rate."""
-    if case["loss"] in TWO_VIEW_LOSSES + ("siglip",):
+    if case["loss"] == "mocov3":
+        one = 2 * case["rows"] ** 2 * case["d"]
+        return one * (1 if case["mode"] == "forward" else 3 if case["keys"] == "grad" else 2)
+    if case["loss"] in IN_BATCH_LOSSES:
         one = 2 * case["rows"] ** 2 * case["d"]
         return one * (1 if case["mode"] == "forward" else 3)
     one = 2 * case["rows"] * case["queue"] * case["d"]
@@ -159,7 +171,7 @@ def matmul_tflops(case, min_run_time):
     the hardware gives at that size."""
     g = torch.Generator().manual_seed(1)
     device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
-    cols = case["rows"] if case["loss"] in TWO_VIEW_LOSSES + ("siglip",) else case["queue"]
+    cols = case["rows"] if case["loss"] in IN_BATCH_LOSSES else case["queue"]
     a = torch.randn(case["rows"], case["d"], generator=g).to(device, dtype)
     b = torch.randn(cols, case["d"], generator=g).to(device, dtype)
     seconds = median_seconds(lambda: a @ b.t(), min_run_time, device)
@@ -220,6 +232,10 @@ def cases(full, device):
             for n in ([4096, 16384, 32768] if on_gpu or full else [2048, 8192]):
                 for mode in ("forward", "forward+backward"):
                     out.append({"loss": "siglip", "rows": n, "d": d, "mode": mode, "device": device, "dtype": dtype})
+        for keys in ("detached", "grad"):
+            for n in [512, 1024, 4096] + ([16384] if on_gpu or full else []):
+                out.append({"loss": "mocov3", "keys": keys, "rows": n, "d": 256, "mode": "forward+backward",
+                            "device": device, "dtype": dtype})
         for mode in ("forward", "forward+backward"):
             queue = 65536 if full or on_gpu else 16384
             out.append({"loss": "moco", "rows": 256, "queue": queue, "d": 128, "mode": mode, "device": device,
@@ -250,7 +266,7 @@ def markdown(rows):
         vs_compiled = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
         tflops = f"{r['fused']['tflops']:.3f}" if "tflops" in r["fused"] else "-"
         lines.append(
-            f"| {r['loss']} | {r.get('device', 'cpu')} | {r.get('dtype', 'float32')} | {r['rows']} "
+            f"| {r['loss']}{' (keys ' + r['keys'] + ')' if 'keys' in r else ''} | {r.get('device', 'cpu')} | {r.get('dtype', 'float32')} | {r['rows']} "
             f"| {r.get('queue', '-')} | {r['d']} | {r['mode']} "
             f"| {fmt_time(r['fused'])} | {fmt_time(r['eager'])} | {fmt_time(r.get('compiled'))} | {speed} "
             f"| {vs_compiled} "
