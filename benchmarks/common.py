@@ -17,14 +17,21 @@ import ssl_ops
 
 
 def median_seconds(fn, min_run_time, device="cpu"):
-    """Median time of one fn() call, timed in blocks as torch.utils.benchmark's
-    blocked_autorange does: after a warm-up call, blocks of calls sized to take
-    at least 1/20 of min_run_time each, until min_run_time has passed; the
-    median of the blocks' per-call times. On CUDA each block ends with a
-    synchronisation. (torch.utils.benchmark itself is not used: it imports
+    """Median time of one fn() call (interleaved_medians of fn alone)."""
+    return interleaved_medians({"fn": fn}, min_run_time, device)["fn"]
+
+
+def interleaved_medians(fns, min_run_time, device="cpu"):
+    """Median time of one call of each fn in the dict, timed in blocks as
+    torch.utils.benchmark's blocked_autorange does: after a warm-up call, blocks
+    of calls sized to take at least 1/20 of min_run_time each, until each fn has
+    run min_run_time; the median of its blocks' per-call times. The fns take
+    turns block by block, so a slow spell of the machine falls on all of them
+    and their ratios hold. On CUDA each block ends with a synchronisation.
+    (torch.utils.benchmark itself is not used: it imports
     torch.utils.cpp_extension, which warns at import on machines without CUDA.)"""
 
-    def block(calls):
+    def block(fn, calls):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -32,14 +39,23 @@ def median_seconds(fn, min_run_time, device="cpu"):
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / calls
 
-    once = block(1)  # warm-up, and the size of a call
-    calls = max(1, int(min_run_time / 20 / max(once, 1e-9)))
-    per_call, spent = [], 0.0
-    while spent < min_run_time or len(per_call) < 3:
-        seconds = block(calls)
-        per_call.append(seconds)
-        spent += seconds * calls
-    return statistics.median(per_call)
+    calls = {}
+    for name, fn in fns.items():
+        once = block(fn, 1)  # warm-up, and the size of a call
+        calls[name] = max(1, int(min_run_time / 20 / max(once, 1e-9)))
+    per_call = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+
+    def unfinished(name):
+        return spent[name] < min_run_time or len(per_call[name]) < 3
+
+    while any(unfinished(name) for name in fns):
+        for name, fn in fns.items():
+            if unfinished(name):
+                seconds = block(fn, calls[name])
+                per_call[name].append(seconds)
+                spent[name] += seconds * calls[name]
+    return {name: statistics.median(times) for name, times in per_call.items()}
 
 
 def machine():

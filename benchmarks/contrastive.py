@@ -43,7 +43,8 @@ import torch
 import ssl_ops
 from ssl_ops import reference
 
-from .common import cuda_peak_extra, machine, measure_in_subprocess, median_seconds, peak_extra_bytes_here
+from .common import (cuda_peak_extra, interleaved_medians, machine, measure_in_subprocess, median_seconds,
+                     peak_extra_bytes_here)
 
 TWO_VIEW_LOSSES = ("nt_xent", "dcl")  # 2N rows from two views; the rest: B queries against a queue
 MEMORY_LIMIT = 20 * 2**30  # address-space cap of the memory-measuring process
@@ -184,6 +185,7 @@ def measure(case, min_run_time, impls, compiled_memory=True):
     row = dict(case)
     row["model_flops"] = model_flops(case)
     row["matmul_tflops"] = matmul_tflops(case, min_run_time)
+    memories = {}
     for impl in impls:
         if case.get("device", "cpu") == "cuda":
             memory = cuda_peak_extra(
@@ -196,10 +198,15 @@ def measure(case, min_run_time, impls, compiled_memory=True):
             memory = measure_in_subprocess("contrastive", {**case, "impl": impl}, MEMORY_LIMIT)
         if memory.get("oom"):
             row[impl] = {"oom": True}
-            continue
+        else:
+            memories[impl] = memory
+    # Timed in turns (interleaved_medians), each on inputs of its own.
+    calls = {}
+    for impl in memories:
         inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
-        seconds = median_seconds(lambda: run_once(case, impl, inputs), min_run_time, case.get("device", "cpu"))
-        row[impl] = {"median_s": seconds, "peak_extra_bytes": memory["peak_extra_bytes"],
+        calls[impl] = lambda impl=impl, inputs=inputs: run_once(case, impl, inputs)
+    for impl, seconds in interleaved_medians(calls, min_run_time, case.get("device", "cpu")).items():
+        row[impl] = {"median_s": seconds, "peak_extra_bytes": memories[impl]["peak_extra_bytes"],
                      "tflops": row["model_flops"] / seconds / 1e12}
     if "median_s" in row["fused"] and "median_s" in row["eager"]:
         row["speedup"] = row["eager"]["median_s"] / row["fused"]["median_s"]
