@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the device code of every csrc/cuda/*.cu for other GPU archs, without
 # host code or linking (nvcc -cubin), to prove the per-arch guards (Note
-# [Tensor cores per arch], csrc/cuda/contrastive_kernels.cuh) hold everywhere
+# [Tensor cores per arch], csrc/cuda/tensor_core_arch.h) hold everywhere
 # pip install builds: about 40 s per arch on 2 cores, against minutes for a
 # second full build.
 #   bash scripts/check_device_code.sh [ARCH ...]     # default: sm_75 (the T4)

@@ -49,6 +49,7 @@
 #include <ATen/Context.h>
 
 #include "compat.cuh"
+#include "tensor_core_arch.h"
 
 namespace ssl_ops::cuda {
 
@@ -140,25 +141,6 @@ struct DotStage {
   A b[kTileK][kTile + 1];
 };
 
-// Note [Tensor cores per arch]: WMMA has fp16 from sm_70 and bf16 and TF32 from
-// sm_80. Each device pass compiles only what its arch has (a discarded
-// tensor-core path traps, and is never launched); the host pass sees every
-// path and picks one per call from the device's compute capability and the
-// arch of the code loaded for it (mma_available), so one build serves sm_70 to
-// sm_90, a T4 (sm_75) runs bf16 and fp32 tiles on the FMA path, and so does an
-// A100 running a "7.5+PTX" build's JIT-compiled PTX. The emulator pretends to any of them
-// (ssl_emu::set_compute_capability), so each choice runs under test.
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define SSL_OPS_ARCH_HAS_BF16_TF32_MMA 1
-#else
-#define SSL_OPS_ARCH_HAS_BF16_TF32_MMA 0
-#endif
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
-#define SSL_OPS_ARCH_HAS_FP16_MMA 1
-#else
-#define SSL_OPS_ARCH_HAS_FP16_MMA 0
-#endif
-
 // Tensor-core operand types per input dtype (fp32 inputs run as TF32).
 template <typename T>
 struct Wmma;
@@ -184,34 +166,6 @@ struct Wmma<float> {
 #endif
   static constexpr int k = 8;
 };
-// Host side: fp32 tiles run on tensor cores (TF32) only where torch allows it
-// (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision).
-inline bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
-
-template <typename T>
-constexpr bool has_tensor_cores() {
-  return std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
-}
-
-// Whether this device pass compiles T's tensor-core path (Note [Tensor cores per arch]).
-template <typename T>
-constexpr bool mma_compiled() {
-  if constexpr (std::is_same_v<T, c10::Half>) return SSL_OPS_ARCH_HAS_FP16_MMA;
-  return has_tensor_cores<T>() && SSL_OPS_ARCH_HAS_BF16_TF32_MMA;
-}
-
-// Host side: whether the current device runs T's tensor-core path.
-template <typename T>
-bool mma_available() {
-  if constexpr (!has_tensor_cores<T>()) {
-    return false;
-  } else {
-    // Both the device and the code loaded for it (loaded_code_arch, compat.cuh).
-    const int arch = std::min(current_compute_capability(), loaded_code_arch());
-    return arch >= (std::is_same_v<T, c10::Half> ? 70 : 80);
-  }
-}
-
 // Shared memory of the tensor-core S tile (64 x 64): operand stages (row-major
 // rows x features, padded so every fragment starts 32-byte aligned), then the
 // fp32 result that threads read their 4 x 4 values from.

@@ -70,6 +70,9 @@ void syncthreads();
 // the same collective; returns the 32 lane slots. Call warp_release() after reading.
 const uint64_t* warp_gather(unsigned mask, uint64_t value, const char* op);
 void warp_release();
+// Between warp_gather and warp_release: whether no other lane has read the
+// slots yet (the other lanes are still parked in the collective).
+bool warp_first_reader();
 unsigned warp_existing_lanes();  // the lanes of the running thread's warp
 // Stops the launch with an error (reported by check_launch()).
 [[noreturn]] void fail(const char* what);
@@ -91,6 +94,10 @@ enum class PlantedBug : int {
   kNone = 0,
   kDropTransposedTerm = 1,  // the contrastive gradient without its G^T term (d K_hat on the GEMM route)
   kPositiveOffByOne = 2,    // InfoNCE: the positive of query r taken at key r + offset + 1
+  // The tensor-core primitives (csrc/cuda/tensor_core_ptx.cuh):
+  kFragmentLane = 3,        // one lane addresses the wrong row of an A fragment
+  kMissingWaitGroup = 4,    // cp_async_wait returns without waiting
+  kSwizzleOffByOne = 5,     // the shared-memory swizzle key is row % 8 + 1
 };
 PlantedBug planted_bug();
 void set_planted_bug(int bug);

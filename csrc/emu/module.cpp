@@ -20,6 +20,7 @@ TORCH_LIBRARY(ssl_ops_emu, m) {
   m.def("_test_checked_grid(Tensor anchor, int x, int y, int z) -> ()");
   m.def("_test_store16(Tensor(a!) out, int offset) -> ()");
   m.def("_test_wmma(Tensor a, Tensor b) -> Tensor");
+  m.def("_test_tensor_core_ptx(Tensor a, Tensor b, int fault) -> Tensor[]");
 }
 
 PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
@@ -41,6 +42,7 @@ PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
         "Run only the last `count` blocks of each launch from now on (0: all).");
   m.def("set_planted_bug", &ssl_emu::set_planted_bug, pybind11::arg("bug"),
         "Plants a numeric bug in the emulated kernels (0: none; 1: the symmetric gradient "
-        "without its G^T term; 2: InfoNCE's positive one key too far), for the tests that "
-        "prove the kernel tests catch it.");
+        "without its G^T term; 2: InfoNCE's positive one key too far; 3: a wrong lane in an "
+        "A fragment; 4: cp.async waits that do not wait; 5: the swizzle off by one), for the "
+        "tests that prove the kernel tests catch it.");
 }

@@ -13,6 +13,7 @@
 
 #include "cuda_emu.h"
 #include "fiber_context.h"
+#include "tensor_core_ptx.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -32,8 +33,18 @@ constexpr size_t kPortableParamBytes = 4096;    // portable kernel-parameter lim
 constexpr size_t kLargeParamBytes = 32764;      // CUDA 12.1+ with a 12.1+ driver
 constexpr size_t kSmemAlignment = 128;
 
+// A cp.async in flight: its source bytes, read at issue, and its commit group
+// (-1 until committed).
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  int64_t group;
+};
+
 struct Fiber {
   ThreadContext ctx{};
+  std::vector<AsyncCopy> copies;
+  int64_t groups_committed = 0;
   FiberContext context;
   std::unique_ptr<char[]> stack;
   bool done = false;
@@ -92,6 +103,21 @@ Emulator& emu() {
   return instance;
 }
 
+void land(std::vector<AsyncCopy>& copies, size_t i) {
+  std::memcpy(copies[i].dst, copies[i].bytes, 16);
+  copies.erase(copies.begin() + static_cast<std::ptrdiff_t>(i));
+}
+
+// One of the running thread's synchronisation points: under a shuffled
+// schedule each copy in flight lands here with probability 1/2 (in issue order
+// or not: PTX orders none of them); under seed 0 none lands before its wait.
+void async_copy_chance(Emulator& e, Fiber& f) {
+  if (e.seed == 0) return;
+  for (size_t i = f.copies.size(); i-- > 0;) {
+    if (e.rng() & 1u) land(f.copies, i);
+  }
+}
+
 void enter_fiber(Emulator& e, Fiber& f) {
   e.running = &f;
   g_current = &f.ctx;
@@ -127,6 +153,8 @@ void fiber_main() {
   __sanitizer_finish_switch_fiber(nullptr, &e.scheduler_stack_bottom, &e.scheduler_stack_size);
 #endif
   e.body(e.body_arg);
+  // Copies never waited for still land (after the kernel needed them).
+  while (!f.copies.empty()) land(f.copies, 0);
   f.done = true;
   ++e.events;
   leave_fiber(e, f, /*final=*/true);
@@ -174,6 +202,8 @@ void run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block) {
     f.ctx.warp = i / 32;
     f.done = false;
     f.waiting_at = nullptr;
+    f.copies.clear();
+    f.groups_committed = 0;
 #if defined(SSL_EMU_ASAN)
     if (f.abandoned) ASAN_UNPOISON_MEMORY_REGION(f.stack.get(), kStackBytes);
     f.abandoned = false;
@@ -230,6 +260,7 @@ std::string check_config(dim3 grid, dim3 block, size_t smem, size_t param_bytes)
 
 void syncthreads() {
   Emulator& e = emu();
+  async_copy_chance(e, *e.running);
   const uint64_t generation = e.barrier_generation;
   ++e.events;
   if (++e.barrier_arrived == e.thread_count) {
@@ -247,6 +278,7 @@ void syncthreads() {
 
 const uint64_t* warp_gather(unsigned mask, uint64_t value, const char* op) {
   Emulator& e = emu();
+  async_copy_chance(e, *e.running);
   const ThreadContext& ctx = current();
   WarpState& w = e.warps[ctx.warp];
   const unsigned lane_bit = 1u << ctx.lane;
@@ -278,6 +310,49 @@ void warp_release() {
     w.reading = false;
     w.arrived = 0;
     w.read = 0;
+  }
+}
+
+bool warp_first_reader() {
+  const Emulator& e = emu();
+  return e.warps[current().warp].read == 0;
+}
+
+void cp_async_16(void* shared_dst, const void* global_src, unsigned src_bytes) {
+  Emulator& e = emu();
+  auto* dst = static_cast<unsigned char*>(shared_dst);
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(global_src) % 16 != 0) {
+    fail("cp.async: a 16-byte copy's source or destination is not 16-byte aligned");
+  }
+  if (dst < e.smem || dst + 16 > e.smem + e.smem_bytes) {
+    fail("cp.async: the destination is outside the block's dynamic shared memory");
+  }
+  if (src_bytes > 16) fail("cp.async: src-size is over the copy's 16 bytes");
+  Fiber& f = *e.running;
+  async_copy_chance(e, f);
+  AsyncCopy copy{dst, {}, -1};
+  // Only src_bytes are read (the rest is zero-filled), so ASan sees a short source.
+  if (src_bytes > 0) std::memcpy(copy.bytes, global_src, src_bytes);
+  f.copies.push_back(copy);
+}
+
+void cp_async_commit() {
+  Emulator& e = emu();
+  Fiber& f = *e.running;
+  async_copy_chance(e, f);
+  for (AsyncCopy& copy : f.copies) {
+    if (copy.group < 0) copy.group = f.groups_committed;
+  }
+  ++f.groups_committed;
+}
+
+void cp_async_wait(int pending) {
+  Emulator& e = emu();
+  Fiber& f = *e.running;
+  async_copy_chance(e, f);
+  const int64_t complete_below = f.groups_committed - pending;
+  for (size_t i = f.copies.size(); i-- > 0;) {
+    if (f.copies[i].group >= 0 && f.copies[i].group < complete_below) land(f.copies, i);
   }
 }
 
@@ -402,7 +477,7 @@ void set_driver_version(int version) {
 
 PlantedBug planted_bug() { return static_cast<PlantedBug>(planted.load(std::memory_order_relaxed)); }
 void set_planted_bug(int bug) {
-  TORCH_CHECK(bug >= 0 && bug <= static_cast<int>(PlantedBug::kPositiveOffByOne), "unknown planted bug ", bug);
+  TORCH_CHECK(bug >= 0 && bug <= static_cast<int>(PlantedBug::kSwizzleOffByOne), "unknown planted bug ", bug);
   planted.store(bug, std::memory_order_relaxed);
 }
 
