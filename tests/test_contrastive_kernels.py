@@ -623,7 +623,7 @@ def test_route_and_budget_settings_are_checked(cuda_source_backend, monkeypatch)
     z = rand((6, 4), torch.float32, cuda_source_backend.device, 1)
     labels = torch.arange(3).repeat(2).to(cuda_source_backend.device)
     monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "fast")
-    with pytest.raises(RuntimeError, match=r'SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be "gemm" or "tiles", got "fast"'):
+    with pytest.raises(RuntimeError, match=r'SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be "fused", "gemm" or "tiles", got "fast"'):
         cuda_source_backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, True)
     monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
     monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", "0")

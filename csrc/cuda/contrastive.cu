@@ -2,9 +2,14 @@
 // (asymmetric). The math is the CPU kernels' (csrc/cpu/contrastive_sym.cpp,
 // contrastive_asym.cpp). Two routes compute it (Note [Contrastive routes]):
 //
-// GEMM route (default; contrastive_gemm.h): anchor rows in chunks, each
-// chunk's similarities from the vendor GEMM, row kernels for the log-sum-exps,
+// GEMM route (contrastive_gemm.h): anchor rows in chunks, each chunk's
+// similarities from the vendor GEMM, row kernels for the log-sum-exps,
 // positives and the coefficients G, and the gradient as two more GEMMs.
+//
+// Fused route (default, SSL_OPS_CUDA_CONTRASTIVE_ROUTE=fused; where
+// fused_stats_apply allows, else the GEMM route): the statistics from
+// tensor-core tiles that never store S (contrastive_fused_stats.cuh); the
+// gradient, where asked for, still on the GEMM route's chunks.
 //
 // Tile route (SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles; contrastive_kernels.cuh,
 // contrastive_pairs.cuh): row denominators -> log-sum-exps of the anchor rows
@@ -197,7 +202,9 @@ at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& denom, bool no
   return (x.to(denom.scalar_type()) / denom.unsqueeze(1)).to(x.scalar_type());
 }
 
-bool use_gemm_route() { return contrastive_route() == ContrastiveRoute::kGemm; }
+// The fused route runs inside gemm_contrastive (fused_stats_apply), so every
+// route but the tiles' takes the GEMM route's host code.
+bool use_gemm_route() { return contrastive_route() != ContrastiveRoute::kTiles; }
 
 // ---- Symmetric: NT-Xent, multi-view, SupCon -----------------------------------------
 

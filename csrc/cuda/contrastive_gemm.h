@@ -38,22 +38,28 @@
 #include "compat.cuh"
 #include "../contrastive_check.h"
 #include "../message.h"
+#include "contrastive_fused_stats.cuh"
 #include "contrastive_gemm_rows.cuh"
 #include "gemm_acc.h"
 #include "launch_limits.h"
+#include "tensor_core_arch.h"
 
 namespace ssl_ops::cuda {
 
-enum class ContrastiveRoute { kGemm, kTiles };
+enum class ContrastiveRoute { kFused, kGemm, kTiles };
 
-// SSL_OPS_CUDA_CONTRASTIVE_ROUTE: "gemm" (default) or "tiles" (the hand-written
-// tile kernels of contrastive_kernels.cuh and contrastive_pairs.cuh). Read on
-// every call, so tests and benchmarks can time and check both.
+// SSL_OPS_CUDA_CONTRASTIVE_ROUTE: "fused" (default: the fused kernels where
+// they apply, fused_stats_apply; the GEMM route elsewhere), "gemm" (the GEMM
+// route everywhere) or "tiles" (the hand-written tile kernels of
+// contrastive_kernels.cuh and contrastive_pairs.cuh). Read on every call, so
+// tests and benchmarks can time and check each.
 inline ContrastiveRoute contrastive_route() {
   const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "gemm") == 0) return ContrastiveRoute::kGemm;
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "fused") == 0) return ContrastiveRoute::kFused;
+  if (std::strcmp(value, "gemm") == 0) return ContrastiveRoute::kGemm;
   TORCH_CHECK(std::strcmp(value, "tiles") == 0,
-              ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"gemm\" or \"tiles\", got \"", value, "\""));
+              ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"fused\", \"gemm\" or \"tiles\", got \"",
+                               value, "\""));
   return ContrastiveRoute::kTiles;
 }
 
@@ -73,6 +79,8 @@ inline ContrastiveRoute contrastive_route() {
 // many chunks).
 constexpr int64_t kDefaultChunkElements = int64_t(1) << 25;
 
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- The chunk loop --------------------------------------------------------------------
 
@@ -107,7 +115,71 @@ struct GemmLossResult {
   at::Tensor grad_q_hat, grad_k_hat;              // accumulation type, G including scale and w
 };
 
-inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The one place the statistics pass's route is chosen (Note [Fused statistics
+// pass], contrastive_fused_stats.cuh): the fused kernel for forward calls
+// without a gradient on bf16/fp16 unit rows of 8 to 128 features (16-byte
+// rows) on sm_80+, else the GEMM route's. With a gradient the GEMM route forms
+// S_c for G anyway, and its statistics read that S_c once: a fused pass there
+// would add a fourth product of the pairs and save one read.
+template <typename T>
+bool fused_stats_apply(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
+  if constexpr (!std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
+    return false;
+  } else {
+    const int64_t d = spec.q_hat.size(1);
+    const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+    return route == ContrastiveRoute::kFused && !spec.grad_q && !spec.grad_k && spec.bounded && d % 8 == 0 && d > 0 && d <= 128 &&
+        std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
+        spec.k_hat.is_contiguous() && aligned(spec.q_hat) && aligned(spec.k_hat);
+  }
+}
+
+// The fused statistics pass over all anchors; returns the column splits of the
+// partials it wrote into parts ([3 or 5][splits][na]) and part_count.
+template <typename T>
+int64_t fused_stats(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_t stream, at::Tensor& parts,
+                    at::Tensor& part_count) {
+  using Dev = std::conditional_t<std::is_same_v<T, c10::Half>, __half, __nv_bfloat16>;
+  const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
+  const int64_t row_blocks = ceil_div64(na, kFusedRows);
+  const int64_t col_tiles = std::max<int64_t>(ceil_div64(n, kFusedCols), 1);
+  // Two waves of 4 CTAs per multiprocessor; splits of whole column tiles.
+  const int64_t wanted = 8 * int64_t(multiprocessor_count(device));
+  const int64_t tiles_per_split = ceil_div64(col_tiles, std::clamp<int64_t>(ceil_div64(wanted, row_blocks), 1, col_tiles));
+  const int64_t splits = ceil_div64(col_tiles, tiles_per_split);
+  const auto acc_opts = spec.q_hat.options().dtype(at::kFloat);
+  parts = at::empty({spec.positives_lse ? 5 : 3, splits, na}, acc_opts);
+  part_count = at::empty({splits, na}, acc_opts.dtype(at::kLong));
+  FusedStatsParams<Dev> p{};
+  p.q = reinterpret_cast<const Dev*>(spec.q_hat.const_data_ptr());
+  p.k = reinterpret_cast<const Dev*>(spec.k_hat.const_data_ptr());
+  p.rows = na;
+  p.cols = n;
+  p.d = d;
+  p.cols_per_split = tiles_per_split * kFusedCols;
+  p.first_row = spec.first_row;
+  p.scale = static_cast<float>(spec.scale);
+  p.labels = spec.labels;
+  p.exclude_self = spec.exclude_self;
+  p.offset_positive = spec.offset_positive;
+  p.exclude_positives = spec.exclude_positives;
+  p.positive_offset = spec.positive_offset;
+  p.part_shift = parts[0].template data_ptr<float>();
+  p.part_sum = parts[1].template data_ptr<float>();
+  p.part_positive = parts[2].template data_ptr<float>();
+  p.part_count = part_count.template data_ptr<int64_t>();
+  if (spec.positives_lse) {
+    p.part_pos_shift = parts[3].template data_ptr<float>();
+    p.part_pos_sum = parts[4].template data_ptr<float>();
+  }
+  const dim3 grid = checked_grid("fused_row_stats_kernel (row blocks, splits)", row_blocks, splits);
+  if (d <= 64) {
+    launch_kernel(fused_row_stats_kernel<Dev, 8>, grid, dim3(kFusedThreads), fused_stats_smem_bytes<8>(), stream, p);
+  } else {
+    launch_kernel(fused_row_stats_kernel<Dev, 16>, grid, dim3(kFusedThreads), fused_stats_smem_bytes<16>(), stream, p);
+  }
+  return splits;
+}
 
 template <typename T>
 GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_t stream) {
@@ -129,6 +201,57 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
   if (na == 0 || (!grad && !stats)) return out;
 
+  // G holds kGScale * w / max|w| (contrastive_gemm_rows.cuh); the fp32 products
+  // are multiplied by scale * max|w| / kGScale at the end, on the device.
+  at::Tensor weight, inv_count, weight_in, product_scale;
+  if (grad) {
+    const at::Tensor& w = stats ? spec.weight : spec.given_weight;
+    at::Tensor max_weight = at::ones({}, acc_opts);
+    if (w.defined()) {
+      max_weight = at::clamp_min(w.abs().max(), std::numeric_limits<A>::min());
+      weight_in = (w / max_weight).contiguous();
+    }
+    product_scale = max_weight * (spec.scale / kGScale);
+    weight = stats ? at::empty({na}, acc_opts) : weight_in;
+    inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
+  }
+  // Merges the statistics partials ([split][row], rows r0 .. r0 + c) of either pass.
+  const auto merge_rows = [&](int64_t r0, int64_t c, const at::Tensor& part_values, const at::Tensor& part_counts,
+                              int64_t part_splits) {
+    GemmMergeParams<A> m{};
+    m.part_shift = part_values[0].template const_data_ptr<A>();
+    m.part_sum = part_values[1].template const_data_ptr<A>();
+    m.part_positive = part_values[2].template const_data_ptr<A>();
+    m.part_count = part_counts.template const_data_ptr<int64_t>();
+    if (spec.positives_lse) {
+      m.part_pos_shift = part_values[3].template const_data_ptr<A>();
+      m.part_pos_sum = part_values[4].template const_data_ptr<A>();
+    }
+    m.lse_positive = spec.positives_lse ? out.lse_positive.template data_ptr<A>() + r0 : nullptr;
+    m.row_loss = spec.rows_need_positives ? out.row_loss.template data_ptr<A>() + r0 : nullptr;
+    m.rows = c;
+    m.splits = part_splits;
+    m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
+    m.weight_in = weight_in.defined() ? weight_in.template const_data_ptr<A>() + r0 : nullptr;
+    m.rows_need_positives = spec.rows_need_positives;
+    m.exclude_positives = spec.exclude_positives;
+    m.lse = out.lse.template data_ptr<A>() + r0;
+    m.positive_sum = out.positive_sum.template data_ptr<A>() + r0;
+    m.positive_count = out.positive_count.template data_ptr<int64_t>() + r0;
+    m.weight = grad ? weight.template data_ptr<A>() + r0 : nullptr;
+    m.inv_count = grad ? inv_count.template data_ptr<A>() + r0 : nullptr;
+    launch_kernel(gemm_row_merge_kernel<A>,
+                  checked_grid("gemm_row_merge_kernel (chunk rows / 256)", ceil_div64(c, kGemmRowThreads)),
+                  dim3(kGemmRowThreads), 0, stream, m);
+  };
+  const bool fused = stats && fused_stats_apply(spec, contrastive_route());
+  if (fused) {
+    at::Tensor fused_parts, fused_count;
+    const int64_t fused_splits = fused_stats(spec, device, stream, fused_parts, fused_count);
+    merge_rows(0, na, fused_parts, fused_count, fused_splits);
+    if (!grad) return out;
+  }
+
   const int64_t rows_per_chunk =
       std::clamp<int64_t>(contrastive_chunk_elements(kDefaultChunkElements) / std::max<int64_t>(n, 1), 1, na);
   // Column splits: a full wave of blocks (8 per multiprocessor: the row kernels
@@ -146,23 +269,9 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   at::Tensor g_buffer;
   if (grad) g_buffer = std::is_same_v<T, A> ? s_buffer : at::empty({rows_per_chunk, n}, spec.q_hat.options());
   at::Tensor parts, part_count;  // the stats kernel's partials, [split][row]
-  if (stats) {
+  if (stats && !fused) {
     parts = at::empty({spec.positives_lse ? 5 : 3, splits, rows_per_chunk}, acc_opts);
     part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
-  }
-  // G holds kGScale * w / max|w| (contrastive_gemm_rows.cuh); the fp32 products
-  // are multiplied by scale * max|w| / kGScale at the end, on the device.
-  at::Tensor weight, inv_count, weight_in, product_scale;
-  if (grad) {
-    const at::Tensor& w = stats ? spec.weight : spec.given_weight;
-    at::Tensor max_weight = at::ones({}, acc_opts);
-    if (w.defined()) {
-      max_weight = at::clamp_min(w.abs().max(), std::numeric_limits<A>::min());
-      weight_in = (w / max_weight).contiguous();
-    }
-    product_scale = max_weight * (spec.scale / kGScale);
-    weight = stats ? at::empty({na}, acc_opts) : weight_in;
-    inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
   }
   const at::Tensor k_hat_t = spec.k_hat.t();
 
@@ -185,7 +294,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     p.offset_positive = spec.offset_positive;
     p.positive_offset = spec.positive_offset;
     p.exclude_positives = spec.exclude_positives;
-    if (stats) {
+    if (stats && !fused) {
       p.part_shift = parts[0].template data_ptr<A>();
       p.part_sum = parts[1].template data_ptr<A>();
       p.part_positive = parts[2].template data_ptr<A>();
@@ -197,29 +306,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
       // The partials are [split][row] with the chunk's row count as the stride.
       launch_kernel(gemm_row_stats_kernel<A>, checked_grid("gemm_row_stats_kernel (chunk rows, splits)", c, splits),
                     dim3(kGemmRowThreads), 0, stream, p);
-      GemmMergeParams<A> m{};
-      m.part_shift = p.part_shift;
-      m.part_sum = p.part_sum;
-      m.part_positive = p.part_positive;
-      m.part_count = p.part_count;
-      m.part_pos_shift = p.part_pos_shift;
-      m.part_pos_sum = p.part_pos_sum;
-      m.lse_positive = spec.positives_lse ? out.lse_positive.template data_ptr<A>() + r0 : nullptr;
-      m.row_loss = spec.rows_need_positives ? out.row_loss.template data_ptr<A>() + r0 : nullptr;
-      m.rows = c;
-      m.splits = splits;
-      m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
-      m.weight_in = weight_in.defined() ? weight_in.template const_data_ptr<A>() + r0 : nullptr;
-      m.rows_need_positives = spec.rows_need_positives;
-      m.exclude_positives = spec.exclude_positives;
-      m.lse = out.lse.template data_ptr<A>() + r0;
-      m.positive_sum = out.positive_sum.template data_ptr<A>() + r0;
-      m.positive_count = out.positive_count.template data_ptr<int64_t>() + r0;
-      m.weight = grad ? weight.template data_ptr<A>() + r0 : nullptr;
-      m.inv_count = grad ? inv_count.template data_ptr<A>() + r0 : nullptr;
-      launch_kernel(gemm_row_merge_kernel<A>,
-                    checked_grid("gemm_row_merge_kernel (chunk rows / 256)", ceil_div64(c, kGemmRowThreads)),
-                    dim3(kGemmRowThreads), 0, stream, m);
+      merge_rows(r0, c, parts, part_count, splits);
     }
     if (!grad) continue;
     at::Tensor g = g_buffer.narrow(0, 0, c);

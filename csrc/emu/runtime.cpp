@@ -118,6 +118,13 @@ void async_copy_chance(Emulator& e, Fiber& f) {
   }
 }
 
+// Copies never waited for still land (after the kernel needed them). Not
+// inlined: fiber_main never returns, so a stack object of its own would leave
+// its ASan redzones poisoned for the next thread started on that stack.
+[[gnu::noinline]] void land_remaining_copies(Fiber& f) {
+  while (!f.copies.empty()) land(f.copies, 0);
+}
+
 void enter_fiber(Emulator& e, Fiber& f) {
   e.running = &f;
   g_current = &f.ctx;
@@ -153,8 +160,7 @@ void fiber_main() {
   __sanitizer_finish_switch_fiber(nullptr, &e.scheduler_stack_bottom, &e.scheduler_stack_size);
 #endif
   e.body(e.body_arg);
-  // Copies never waited for still land (after the kernel needed them).
-  while (!f.copies.empty()) land(f.copies, 0);
+  land_remaining_copies(f);
   f.done = true;
   ++e.events;
   leave_fiber(e, f, /*final=*/true);

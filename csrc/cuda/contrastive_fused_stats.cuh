@@ -1,0 +1,168 @@
+#pragma once
+// The fused route's statistics pass (Note [Fused statistics pass]): the
+// partials of gemm_row_stats_kernel (contrastive_gemm_rows.cuh), per block of
+// 64 anchor rows and column split,
+//   shift = |scale|, sum_c exp(scale S_rc - shift) over the candidates (self
+//   excluded; positives too in the excluded form), the positives' logit sum,
+//   count and (log-sum-exp form) sum of exps,
+// with S_rc = q_hat_r . k_hat_c formed tile by tile on tensor cores and never
+// stored. gemm_row_merge_kernel then merges the splits as on the GEMM route.
+//
+// Note [Fused statistics pass]:
+// - bf16/fp16 rows, D a multiple of 8 (16-byte rows for cp.async) and at most
+//   128, the logit bound usable (unit rows), sm_80+; everything else keeps the
+//   GEMM route's statistics (route choice: fused_stats_apply in contrastive_gemm.h).
+// - CTA: 4 warps, 64 anchor rows (16 per warp, one m16 tile), column tiles of
+//   64 double-buffered by cp.async; Q and K tiles swizzled (tensor_core_ptx.cuh).
+//   Shared memory 3 x 64 rows x D_pad x 2 bytes: 24 KB (D <= 64) or 48 KB
+//   (D <= 128), within the default 48 KB; 4 CTAs/SM at D = 128 (192 KB of 228).
+// - Per column tile and warp: D_pad / 16 k steps x 8 mma (16 x 64 logits);
+//   per logit one FFMA and one exp2 (scale log2(e) folded in), no max: the
+//   fixed shift lets partial sums add. Registers: 32 fp32 accumulators, 8 row
+//   statistics, 8 fragment registers.
+// - Each thread keeps the statistics of its two rows (g, g + 8) and reduces
+//   them over its quad once, at the end. No float atomics: deterministic.
+// - Counts (estimate, not measured; H200 bf16 D = 128): NT-Xent 2N = 8192 is
+//   2 (2N)^2 D = 17.2 GFLOP and 67 M exps; 128 row blocks x 4 splits = 512 CTAs
+//   (~1 wave at 4/SM); at ~330 TFLOP/s for mma.sync about 0.05 ms, against
+//   the GEMM route's S_c write and read (8 bytes per pair, 537 MB, ~0.12 ms) on
+//   top of the same GEMM.
+#include <cstdint>
+
+#include "compat.cuh"
+#include "tensor_core_ptx.cuh"
+
+namespace ssl_ops::cuda {
+
+constexpr int kFusedRows = 64, kFusedCols = 64, kFusedThreads = 128;
+
+template <typename T>
+struct FusedStatsParams {
+  const T* q;                 // anchors, rows x d (16-byte aligned rows)
+  const T* k;                 // candidates, cols x d
+  int64_t rows, cols, d, cols_per_split;  // cols_per_split: a multiple of kFusedCols
+  int64_t first_row;          // global index of anchor 0 (labels, self, offset positive)
+  float scale;
+  const int64_t* labels;      // symmetric: labels of all columns; null otherwise
+  bool exclude_self, offset_positive, exclude_positives;
+  int64_t positive_offset;
+  float* part_shift;          // [split][row], as gemm_row_stats_kernel's
+  float* part_sum;
+  float* part_positive;
+  int64_t* part_count;
+  float* part_pos_shift;      // log-sum-exp form only, else null
+  float* part_pos_sum;
+};
+
+template <int kChunks>
+constexpr size_t fused_stats_smem_bytes() {
+  return size_t(3) * kFusedRows * kChunks * 16;
+}
+
+// 64 rows from `first` of a (total x d) matrix into a swizzled tile, rows and
+// chunks past the ends zero-filled.
+template <typename T, int kChunks>
+__device__ __forceinline__ void stage_rows(unsigned char* tile, const T* src, int64_t total, int64_t first, int64_t d) {
+  constexpr int kPerChunk = 16 / sizeof(T);
+  for (int i = threadIdx.x; i < kFusedRows * kChunks; i += kFusedThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool inside = first + r < total && int64_t(c) * kPerChunk < d;
+    const T* from = inside ? src + (first + r) * d + c * kPerChunk : src;
+    ptx::cp_async_16(tile + (r * kChunks + ptx::swizzle(r, c)) * 16, from, inside ? 16 : 0);
+  }
+}
+
+template <typename T, int kChunks>
+__global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedStatsParams<T> p) {
+  SSL_DYNAMIC_SMEM(unsigned char, smem);
+  constexpr int kTileBytes = kFusedRows * kChunks * 16;
+  unsigned char* tile_q = smem;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = int64_t(blockIdx.x) * kFusedRows;
+  const int64_t c0 = int64_t(blockIdx.y) * p.cols_per_split;
+  const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
+  stage_rows<T, kChunks>(tile_q, p.q, p.rows, row0, p.d);
+  stage_rows<T, kChunks>(smem + kTileBytes, p.k, p.cols, c0, p.d);
+  ptx::cp_async_commit();
+
+  const float bound = p.scale < 0 ? -p.scale : p.scale;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = p.scale * kLog2e, shift_log2 = bound * kLog2e;
+  int64_t global_row[2];
+  int64_t label[2];
+  bool live[2];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
+    live[h] = row < p.rows;
+    global_row[h] = p.first_row + row;
+    label[h] = p.labels && live[h] ? p.labels[global_row[h]] : 0;
+  }
+  float sum[2] = {}, positive[2] = {}, pos_sum[2] = {};
+  int count[2] = {};
+
+  int buffer = 0;
+  for (int64_t t0 = c0; t0 < c1; t0 += kFusedCols, buffer ^= 1) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // tile t0 is in; every warp is done with the other buffer
+    if (t0 + kFusedCols < c1) stage_rows<T, kChunks>(smem + (2 - buffer) * kTileBytes, p.k, p.cols, t0 + kFusedCols, p.d);
+    ptx::cp_async_commit();
+    const unsigned char* tile_k = smem + (1 + buffer) * kTileBytes;
+
+    float acc[8][4] = {};
+    for (int step = 0; step < kChunks / 2; ++step) {
+      uint32_t fa[4];
+      const int a_row = 16 * warp + ptx::lane_a_row(lane);
+      ptx::ldmatrix_x4(fa, tile_q + (a_row * kChunks + ptx::swizzle(a_row, 2 * step + ptx::lane_a_chunk(lane))) * 16);
+      for (int pair = 0; pair < 4; ++pair) {
+        uint32_t fb[4];
+        const int b_row = 16 * pair + ptx::lane_b_row(lane);
+        ptx::ldmatrix_x4(fb, tile_k + (b_row * kChunks + ptx::swizzle(b_row, 2 * step + ptx::lane_b_chunk(lane))) * 16);
+        const uint32_t lo[2] = {fb[0], fb[1]}, hi[2] = {fb[2], fb[3]};
+        ptx::mma_m16n8k16<T>(acc[2 * pair], fa, lo);
+        ptx::mma_m16n8k16<T>(acc[2 * pair + 1], fa, hi);
+      }
+    }
+    for (int n = 0; n < 8; ++n) {
+      for (int i = 0; i < 4; ++i) {
+        const int h = i >> 1;
+        const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
+        if (!live[h] || col >= c1) continue;
+        if (p.exclude_self && col == global_row[h]) continue;
+        bool is_positive = false;
+        if (p.labels) is_positive = p.labels[col] == label[h];
+        if (p.offset_positive) is_positive = col == global_row[h] + p.positive_offset;
+        const float e = exp2f(fmaf(acc[n][i], scale_log2, -shift_log2));
+        if (!(p.exclude_positives && is_positive)) sum[h] += e;
+        if (is_positive) {
+          positive[h] += p.scale * acc[n][i];
+          ++count[h];
+          pos_sum[h] += e;
+        }
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
+
+  // The four lanes of a quad share rows g and g + 8.
+  for (int h = 0; h < 2; ++h) {
+    for (int offset = 1; offset < 4; offset *= 2) {
+      sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], offset);
+      positive[h] += __shfl_xor_sync(0xffffffffu, positive[h], offset);
+      pos_sum[h] += __shfl_xor_sync(0xffffffffu, pos_sum[h], offset);
+      count[h] += __shfl_xor_sync(0xffffffffu, count[h], offset);
+    }
+    if ((lane & 3) == 0 && live[h]) {
+      const int64_t at = int64_t(blockIdx.y) * p.rows + (global_row[h] - p.first_row);
+      p.part_shift[at] = bound;
+      p.part_sum[at] = sum[h];
+      p.part_positive[at] = positive[h];
+      p.part_count[at] = count[h];
+      if (p.part_pos_sum) {
+        p.part_pos_shift[at] = bound;
+        p.part_pos_sum[at] = pos_sum[h];
+      }
+    }
+  }
+}
+
+}  // namespace ssl_ops::cuda

@@ -1,0 +1,210 @@
+"""The fused route's statistics pass (csrc/cuda/contrastive_fused_stats.cuh)
+on the emulator: forward calls without a gradient on bf16/fp16 rows of 8 to
+128 features, every form the GEMM route serves (pairs and SupCon labels; mean,
+log-sum-exp and excluded positives; anchor ranges; MoCo's positive key, cross-
+view and offset positives; reductions none, mean and sum), against float64,
+with proof that the fused kernel ran (mma.sync counts) and no vendor GEMM did,
+that other shapes keep the GEMM route, and that the primitives' planted bugs
+fail these tests."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import EMU_SEEDS, make_backend
+from ssl_ops import emulation, reference
+from tolerances import assert_close, rtol
+from test_contrastive_kernels import (EPS, EXCLUDED, LOGSUMEXP, checker, rand, sym_excluded_reference,
+                                      sym_lse_reference, sym_reference)
+
+pytestmark = pytest.mark.emu
+
+MEAN = 0
+FRAGMENT_LANE, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE = 3, 4, 5
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=EMU_SEEDS, ids=lambda s: f"emu-s{s}")
+def emu(request, monkeypatch):
+    monkeypatch.delenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", raising=False)  # the default: fused where it applies
+    return make_backend(("emu", request.param))
+
+
+@contextlib.contextmanager
+def fused_kernel_runs(expected=True):
+    """The block runs the fused kernel (mma.sync count grows) and no aten::mm,
+    or (expected False) the GEMM route instead."""
+    module = emulation.load()
+    before = module.mma_count()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield
+    ran = module.mma_count() > before
+    mms = [e.key for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    if expected:
+        assert ran and not mms, f"fused kernel ran: {ran}; vendor GEMMs: {mms}"
+    else:
+        assert not ran and mms, f"expected the GEMM route; fused kernel ran: {ran}"
+
+
+def against_gemm_route(run, length, scale, monkeypatch):
+    """run() on the fused route, and on the GEMM route from the same operands:
+    both form S in fp32 from the same rounded rows, so only the order of the
+    fp32 sums separates them (a far tighter check than the float64 one's)."""
+    with fused_kernel_runs():
+        fused = run()
+    with monkeypatch.context() as patch:
+        patch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
+        gemm = run()
+    tol = rtol(torch.float32, length=length, logit_scale=scale, rounds_operands=False)
+    for i, (a, b) in enumerate(zip(fused, gemm)):
+        if a.is_floating_point():
+            finite = torch.isfinite(b)  # lse is -inf for a row without candidates (one row)
+            assert torch.equal(torch.isfinite(a), finite) and torch.equal(a[~finite], b[~finite])
+            if finite.any():
+                assert_close(a[finite], b[finite], tol, f"output {i}, fused against the GEMM route")
+        else:
+            assert torch.equal(a, b), f"output {i}, fused against the GEMM route"
+    return fused
+
+
+def sym_rows(emu, z, labels, begin, end, scale, form, monkeypatch):
+    rows, lse, count, empty, lse_pos = against_gemm_route(
+        lambda: emu.ops.contrastive_sym_loss(z, labels, begin, end, scale, EPS, True, 0, False, form),
+        z.shape[0] + z.shape[1], scale, monkeypatch)
+    assert empty.numel() == 0
+    return rows, lse, count, lse_pos
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rows,d", [(1, 8), (2, 8), (63, 64), (130, 40), (200, 128), (65, 72)])
+@pytest.mark.parametrize("form", [MEAN, LOGSUMEXP, EXCLUDED], ids=["mean", "logsumexp", "excluded"])
+def test_sym_forms(emu, dtype, rows, d, form, monkeypatch):
+    """Partial row blocks and column tiles, one and two rows, D from one 16-byte
+    chunk to 128; groups of 1 to 4 rows (0 to 3 positives)."""
+    z = rand((rows, d), dtype, "cpu", 31)
+    sizes = torch.tensor([1, 2, 3, 4])
+    labels = torch.repeat_interleave(torch.arange(rows), sizes.repeat(rows)[:rows])[:rows]
+    labels = labels[torch.randperm(rows, generator=torch.Generator().manual_seed(32))]
+    scale = 1 / 0.1
+    same = labels[:, None] == labels[None, :]
+    valid = (same.sum(1) - 1) > 0
+    out, lse, count, lse_pos = sym_rows(emu, z, labels, 0, rows, scale, form, monkeypatch)
+    check = checker(dtype, rows + d, scale)
+    assert count.tolist() == (same.sum(1) - 1).tolist()
+    reference_fn = {MEAN: sym_reference, LOGSUMEXP: sym_lse_reference, EXCLUDED: sym_excluded_reference}[form]
+    ref_rows, _ = reference_fn(z, labels, scale, valid.double())
+    check(out, ref_rows, "row losses")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rows,begin,end", [(200, 0, 70), (200, 130, 200), (260, 65, 195), (140, 1, 2)])
+def test_sym_anchor_range(emu, dtype, rows, begin, end, monkeypatch):
+    """The anchors one process owns against every row (first_row, self by global index)."""
+    z = rand((rows, 64), dtype, "cpu", 33)
+    labels = torch.arange(rows).remainder(rows // 2)
+    scale = 1 / 0.3
+    anchor = torch.zeros(rows, dtype=torch.bool)
+    anchor[begin:end] = True
+    valid = ((labels[:, None] == labels[None, :]).sum(1) > 1) & anchor
+    out, _, count, _ = sym_rows(emu, z, labels, begin, end, scale, MEAN, monkeypatch)
+    ref_rows, _ = sym_reference(z, labels, scale, valid.double())
+    checker(dtype, rows + 64, scale)(out, ref_rows * valid, "row losses, 0 outside the anchors")
+    assert (count[~anchor] == 0).all() and (count[anchor] > 0).all()
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2], ids=["none", "mean", "sum"])
+def test_sym_reductions(emu, reduction):
+    rows = 150
+    z = rand((rows, 32), torch.bfloat16, "cpu", 34)
+    labels = torch.arange(rows).remainder(rows // 2)
+    with fused_kernel_runs():
+        loss, *_ = emu.ops.contrastive_sym_loss(z, labels, 0, rows, 1 / 0.2, EPS, True, reduction, False)
+    ref_rows, _ = sym_reference(z, labels, 1 / 0.2, torch.ones(rows, dtype=torch.float64))
+    expected = [ref_rows, ref_rows.mean(), ref_rows.sum()][reduction]
+    checker(torch.bfloat16, rows + 32, 1 / 0.2)(loss, expected, "loss")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("batch,queue,d", [(1, 1, 8), (65, 700, 64), (70, 66, 128)])
+@pytest.mark.parametrize("with_queue", [True, False], ids=["moco", "cross-view"])
+@pytest.mark.parametrize("reduction", [0, 1], ids=["none", "mean"])
+def test_asym(emu, dtype, batch, queue, d, with_queue, reduction, monkeypatch):
+    """MoCo (the positive key's logit merged as each row's first term) and
+    cross-view InfoNCE (the positive on the diagonal)."""
+    q = rand((batch, d), dtype, "cpu", 35)
+    k = rand((batch, d), dtype, "cpu", 36)
+    qu = rand((queue, d), dtype, "cpu", 37) if with_queue else None
+    candidates, positive = (qu, k) if with_queue else (k, None)
+    scale = 1 / 0.2
+    loss, *_ = against_gemm_route(
+        lambda: emu.ops.contrastive_asym_loss(q, candidates, positive, 0, scale, EPS, True, reduction,
+                                              [False, False, False]),
+        batch + queue + d, scale, monkeypatch)
+    inputs = [t.double() for t in (q, k) + ((qu,) if with_queue else ())]
+    ref = reference.info_nce_loss(*inputs, temperature=0.2, reduction=["none", "mean"][reduction])
+    checker(dtype, batch + queue + d, scale)(loss, ref, "loss")
+
+
+@pytest.mark.parametrize("batch,keys,offset", [(1, 3, 2), (70, 140, 70), (66, 200, 67)])
+def test_asym_positive_offset(emu, batch, keys, offset, monkeypatch):
+    """MoCo v3 / CLIP with gathered keys: the positive of query i is key i + offset."""
+    q = rand((batch, 24), torch.bfloat16, "cpu", 38)
+    k = rand((keys, 24), torch.bfloat16, "cpu", 39)
+    scale = 1 / 0.2
+    rows, *_ = against_gemm_route(
+        lambda: emu.ops.contrastive_asym_loss(q, k, None, offset, scale, EPS, True, 0, [False, False, False]),
+        keys + 24, scale, monkeypatch)
+    logits = F.normalize(q.double(), dim=1) @ F.normalize(k.double(), dim=1).t() * scale
+    ref_rows = F.cross_entropy(logits, torch.arange(batch) + offset, reduction="none")
+    checker(torch.bfloat16, keys + 24, scale)(rows, ref_rows, "row losses")
+
+
+@pytest.mark.parametrize("dtype,d,why", [
+    (torch.bfloat16, 12, "rows of 24 bytes: no 16-byte cp.async"),
+    (torch.bfloat16, 136, "more features than the fused kernel's 128"),
+    (torch.float32, 64, "fp32: the GEMM route (TF32 is a later step)"),
+])
+def test_other_shapes_keep_the_gemm_route(emu, dtype, d, why):
+    z = rand((70, d), dtype, "cpu", 40)
+    labels = torch.arange(70).remainder(35)
+    with fused_kernel_runs(expected=False):
+        rows, *_ = emu.ops.contrastive_sym_loss(z, labels, 0, 70, 5.0, EPS, True, 0, False)
+    ref_rows, _ = sym_reference(z, labels, 5.0, torch.ones(70, dtype=torch.float64))
+    checker(dtype, 70 + d, 5.0)(rows, ref_rows, "row losses")
+
+
+def test_gemm_override_and_the_gradient_keep_the_gemm_route(emu, monkeypatch):
+    z = rand((70, 64), torch.bfloat16, "cpu", 41)
+    labels = torch.arange(70).remainder(35)
+    with fused_kernel_runs(expected=False):  # a gradient: the GEMM route forms S_c for G anyway
+        emu.ops.contrastive_sym_loss(z, labels, 0, 70, 5.0, EPS, True, 1, True)
+    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
+    with fused_kernel_runs(expected=False):
+        emu.ops.contrastive_sym_loss(z, labels, 0, 70, 5.0, EPS, True, 1, False)
+
+
+def test_arch_below_sm80_keeps_the_gemm_route(emu):
+    module = emulation.load()
+    z = rand((70, 64), torch.bfloat16, "cpu", 42)
+    labels = torch.arange(70).remainder(35)
+    module.set_compute_capability(75)
+    try:
+        with fused_kernel_runs(expected=False):
+            emu.ops.contrastive_sym_loss(z, labels, 0, 70, 5.0, EPS, True, 1, False)
+    finally:
+        module.set_compute_capability(90)
+
+
+@pytest.mark.parametrize("bug", [FRAGMENT_LANE, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE],
+                         ids=["fragment-lane", "missing-wait-group", "swizzle-off-by-one"])
+def test_planted_primitive_bugs_fail_the_fused_tests(emu, bug, monkeypatch):
+    test_sym_forms(emu, torch.bfloat16, 130, 64, MEAN, monkeypatch)
+    module = emulation.load()
+    module.set_planted_bug(bug)
+    try:
+        with pytest.raises((AssertionError, RuntimeError)):
+            test_sym_forms(emu, torch.bfloat16, 130, 64, MEAN, monkeypatch)
+    finally:
+        module.set_planted_bug(0)
