@@ -95,7 +95,8 @@ def _labels(z):
 # The routes of the CUDA kernels, each run in turn (the environment variables
 # are read on every call).
 _CUDA_ROUTES = {
-    "contrastive": {"gemm": {}, "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"}},
+    "contrastive": {"fused": {}, "gemm": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "gemm"},
+                    "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"}},
     "cosine_matrix": {"tiles": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "tiles"},
                       "gemm": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "gemm"}},
 }
@@ -264,8 +265,11 @@ def main(argv=None):
             failures.append((Check("ema_update_", "ema", None, None, None), "default"))
     print(f"{time.perf_counter() - start:.1f} s")
     for check, route in failures:
-        if route == "tiles" and check.family == "contrastive":
-            print(f"  {check.name}: the tile route failed; the default GEMM route is used unless "
+        if route == "fused" and check.family == "contrastive":
+            print(f"  {check.name}: the default (fused) route failed; set SSL_OPS_CUDA_CONTRASTIVE_ROUTE=gemm "
+                  f"to use the vendor-GEMM route instead, and please report this output")
+        elif route == "tiles" and check.family == "contrastive":
+            print(f"  {check.name}: the tile route failed; the default route is used unless "
                   f"SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles is set")
         elif route == "tiles":
             print(f"  {check.name}: the tile route failed; set SSL_OPS_CUDA_COSINE_MATRIX_ROUTE=gemm "

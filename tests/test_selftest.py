@@ -22,7 +22,8 @@ def test_selftest_passes_under_the_emulator(capsys):
         pytest.skip("the kernels' own tests cover the ASan pass; this one would take minutes there")
     assert selftest.main(["--emulate"]) == 0
     out = capsys.readouterr().out
-    assert "PASS  nt_xent             gemm" in out and "PASS  nt_xent             tiles" in out
+    for route in ("fused", "gemm", "tiles"):
+        assert f"PASS  nt_xent             {route}" in out
 
 
 def test_selftest_reports_a_wrong_op_and_the_setting_that_avoids_it(capsys, monkeypatch):
