@@ -161,18 +161,30 @@ def test_asym_positive_offset(emu, batch, keys, offset, monkeypatch):
     checker(torch.bfloat16, keys + 24, scale)(rows, ref_rows, "row losses")
 
 
+@pytest.mark.parametrize("scale", [-3.0, 1 / 0.5])
+def test_sym_negative_and_small_scales(emu, scale, monkeypatch):
+    """The shift is |scale| whatever its sign (every logit is at most |scale|)."""
+    z = rand((100, 64), torch.float16, "cpu", 44)
+    labels = torch.arange(100).remainder(50)
+    out, *_ = sym_rows(emu, z, labels, 0, 100, scale, MEAN, monkeypatch)
+    ref_rows, _ = sym_reference(z, labels, scale, torch.ones(100, dtype=torch.float64))
+    checker(torch.float16, 164, scale)(out, ref_rows, "row losses")
+
+
 @pytest.mark.parametrize("dtype,d,why", [
     (torch.bfloat16, 12, "rows of 24 bytes: no 16-byte cp.async"),
     (torch.bfloat16, 136, "more features than the fused kernel's 128"),
     (torch.float32, 64, "fp32: the GEMM route (TF32 is a later step)"),
+    (torch.bfloat16, 64, "T = 0.01: past the logit bound, the running max"),
 ])
 def test_other_shapes_keep_the_gemm_route(emu, dtype, d, why):
     z = rand((70, d), dtype, "cpu", 40)
     labels = torch.arange(70).remainder(35)
+    scale = 100.0 if "0.01" in why else 5.0
     with fused_kernel_runs(expected=False):
-        rows, *_ = emu.ops.contrastive_sym_loss(z, labels, 0, 70, 5.0, EPS, True, 0, False)
-    ref_rows, _ = sym_reference(z, labels, 5.0, torch.ones(70, dtype=torch.float64))
-    checker(dtype, 70 + d, 5.0)(rows, ref_rows, "row losses")
+        rows, *_ = emu.ops.contrastive_sym_loss(z, labels, 0, 70, scale, EPS, True, 0, False)
+    ref_rows, _ = sym_reference(z, labels, scale, torch.ones(70, dtype=torch.float64))
+    checker(dtype, 70 + d, scale)(rows, ref_rows, "row losses")
 
 
 def test_gemm_override_and_the_gradient_keep_the_gemm_route(emu, monkeypatch):
