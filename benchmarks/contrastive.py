@@ -35,6 +35,7 @@ measurement Note [Contrastive routes] in csrc/cuda/contrastive.cu asks for.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 
@@ -84,6 +85,14 @@ def loss_fn(case, impl):
         if case["loss"] not in _COMPILED:
             _COMPILED[case["loss"]] = torch.compile(loss_fn(case, "eager"), dynamic=True)
         return _COMPILED[case["loss"]]
+    if impl == "inf_cl":  # Inf-CL (pip inf-cl): one-directional InfoNCE, Triton, inputs cast to fp32
+        from inf_cl import cal_inf_loss
+
+        def inf_cl_loss(q, k):
+            d = q.shape[1]
+            return cal_inf_loss(torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1),
+                                scale=1 / MOCOV3_TEMPERATURE, head_dim=min(256, d))
+        return inf_cl_loss
     module = ssl_ops if impl == "fused" else reference
     if case["loss"] == "nt_xent":
         return lambda z0, z1: module.nt_xent_loss(z0, z1, TEMPERATURE)
@@ -226,7 +235,7 @@ def cases(full, device):
     if full:
         rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     else:  # the GPU default reaches the sizes where eager runs out of memory
-        rows = [2048, 8192, 32768, 65536] if on_gpu else [512, 2048, 8192]
+        rows = [2048, 8192, 16384, 65536] if on_gpu else [512, 2048, 8192]
     dims = [128, 256] if full else [128]
     dtypes = ["float32", "bfloat16"] if on_gpu else ["float32"]
     out = []
@@ -266,8 +275,8 @@ def markdown(rows):
     lines = [
         "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | compiled ms "
         "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio | fused TFLOP/s | matmul TFLOP/s "
-        "| gemm ms | big chunks ms | tiles ms | row tiles ms | fastest route |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gemm ms | big chunks ms | tiles ms | row tiles ms | fastest route | Inf-CL ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
@@ -281,7 +290,8 @@ def markdown(rows):
             f"| {vs_compiled} "
             f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} "
             f"| {tflops} | {r['matmul_tflops']:.3f} | {fmt_time(r.get('gemm'))} | {fmt_time(r.get('gemm_big_chunks'))} "
-            f"| {fmt_time(r.get('tiles'))} | {fmt_time(r.get('row_tiles'))} | {r.get('fastest_route', '-')} |"
+            f"| {fmt_time(r.get('tiles'))} | {fmt_time(r.get('row_tiles'))} | {r.get('fastest_route', '-')} "
+            f"| {fmt_time(r.get('inf_cl'))} |"
         )
     return "\n".join(lines)
 
@@ -312,6 +322,9 @@ def main():
             if case["loss"] != "siglip":  # SigLIP has one CUDA route
                 impls += ("gemm", "gemm_big_chunks") + (("tiles",) if case["loss"] != "dcl" else ()) \
                     + (("row_tiles",) if case["loss"] == "nt_xent" else ())
+            # Inf-CL where it applies: in-batch InfoNCE, positives on the diagonal (MoCo v3, CLIP's one direction).
+            if case["loss"] == "mocov3" and importlib.util.find_spec("inf_cl") is not None:
+                impls += ("inf_cl",)
         rows.append(measure(case, min_run_time=1.0 if args.full else 0.3, impls=impls, compiled_memory=args.full))
         # Written after every case, so a run cut short by a time limit keeps what it measured.
         with open(path, "w") as f:
@@ -324,7 +337,9 @@ def main():
           f"route), gemm = the GEMM route everywhere, big chunks = the GEMM route with 2^27-element chunks "
           f"(default 2^25), tiles = the tile "
           f"kernels (NT-Xent: each symmetric tile pair once), row tiles = the tile kernels under "
-          f"torch.use_deterministic_algorithms(True); fastest route = the quickest of those; JSON: {path}")
+          f"torch.use_deterministic_algorithms(True); fastest route = the quickest of those; Inf-CL = "
+          f"inf_cl.cal_inf_loss on normalised rows (MoCo v3 rows only; where the package is installed); "
+          f"JSON: {path}")
     try:
         from .plots import plot_file
 
