@@ -161,6 +161,53 @@ def test_asym_positive_offset(emu, batch, keys, offset, monkeypatch):
     checker(torch.bfloat16, keys + 24, scale)(rows, ref_rows, "row losses")
 
 
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("batch,queue,d", [(1, 1, 8), (65, 700, 64), (70, 130, 128), (130, 66, 40)])
+@pytest.mark.parametrize("form", ["moco", "moco-positive-grad", "cross-view", "offset"])
+def test_query_gradient_in_the_statistics_pass(emu, dtype, batch, queue, d, form):
+    """InfoNCE whose query alone asks for a gradient (MoCo's detached queue,
+    MoCo v3's momentum keys): loss and d query from the fused pass, no GEMM
+    (Note [Fused query gradient]); MoCo's positive key may take a gradient
+    too (its term needs no product of the pairs)."""
+    q = rand((batch, d), dtype, "cpu", 45)
+    if form.startswith("moco"):
+        k, candidates = rand((batch, d), dtype, "cpu", 46), rand((queue, d), dtype, "cpu", 47)
+        positive, offset = k, 0
+    else:
+        offset = 0 if form == "cross-view" else min(queue - batch, 17) if queue > batch else 0
+        candidates = rand((max(batch + offset, queue if form == "offset" else batch), d), dtype, "cpu", 48)
+        positive = None
+    mask = [True, False, form == "moco-positive-grad"]
+    scale = 1 / 0.2
+    with fused_kernel_runs():
+        loss, lse, gq, gk, gp = emu.ops.contrastive_asym_loss(q, candidates, positive, offset, scale, EPS, True, 1,
+                                                              mask)
+    assert gk.numel() == 0
+    q64 = q.double().requires_grad_()
+    wanted = [q64]
+    if positive is not None:
+        p64 = positive.double().requires_grad_(mask[2])
+        ref = reference.info_nce_loss(q64, p64, candidates.double(), temperature=0.2)
+        if mask[2]:
+            wanted.append(p64)
+    else:
+        logits = F.normalize(q64, dim=1) @ F.normalize(candidates.double(), dim=1).t() * scale
+        ref = F.cross_entropy(logits, torch.arange(batch) + offset)
+    grads = torch.autograd.grad(ref, wanted)
+    check = checker(dtype, batch + candidates.shape[0] + d, scale,
+                    degenerate=(q, candidates) if candidates.shape[0] == 1 and positive is None else ())
+    check(loss, ref.detach(), "mean loss")
+    check(gq, grads[0], "grad query")
+    if mask[2]:
+        check(gp, grads[1], "grad positive key")
+
+
+def test_key_gradients_keep_the_gemm_route(emu):
+    q, k = rand((70, 64), torch.bfloat16, "cpu", 49), rand((70, 64), torch.bfloat16, "cpu", 50)
+    with fused_kernel_runs(expected=False):
+        emu.ops.contrastive_asym_loss(q, k, None, 0, 5.0, EPS, True, 1, [True, True, False])
+
+
 @pytest.mark.parametrize("scale", [-3.0, 1 / 0.5])
 def test_sym_negative_and_small_scales(emu, scale, monkeypatch):
     """The shift is |scale| whatever its sign (every logit is at most |scale|)."""

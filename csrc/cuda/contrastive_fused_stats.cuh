@@ -28,6 +28,21 @@
 //   (~1 wave at 4/SM); at ~330 TFLOP/s for mma.sync about 0.05 ms, against
 //   the GEMM route's S_c write and read (8 bytes per pair, 537 MB, ~0.12 ms) on
 //   top of the same GEMM.
+//
+// Note [Fused query gradient]: with kQueryGrad the same pass also forms
+//   grad_r = 2^14 sum_c exp(scale S_rc - shift) k_hat_c
+// (FlashAttention-2's P V with V = K: P from the accumulators as bf16/fp16 A
+// operands, the K tile read again by ldmatrix .trans), per split; the host
+// sums the splits and finishes d q_hat_r = scale w_r (grad_r exp(shift - lse_r)
+// - k_hat_{positive(r)} / |P(r)|). It serves InfoNCE with only the query
+// asking for a gradient (MoCo's detached queue, MoCo v3's detached keys): two
+// products of the pairs in all, where the GEMM route takes two GEMMs plus S_c's
+// and G_c's round trip (16 bytes per pair). Extra per tile and warp: D_pad / 8
+// mma and D_pad / 16 ldmatrix per 16 columns; registers (ptxas, sm_90): 182
+// at D <= 128 (2 CTAs/SM), 144 at D <= 64, no spills. Estimate, not measured:
+// MoCo 256 x 65536, D = 128 is 8.6 GFLOP in 4 row blocks x 264 splits (4 waves
+// at 2 CTAs/SM), ~0.03 ms at 300 TFLOP/s, plus 35 MB of split partials summed
+// on the host side (~0.01 ms).
 #include <cstdint>
 
 #include "compat.cuh"
@@ -36,6 +51,10 @@
 namespace ssl_ops::cuda {
 
 constexpr int kFusedRows = 64, kFusedCols = 64, kFusedThreads = 128;
+// P = exp(logit - shift) <= 1 enters the query gradient's products times 2^14
+// (exact in every dtype): fp16 keeps terms down to exp(-26) normal instead of
+// exp(-16.6); the host divides it out.
+constexpr float kFusedPScale = 16384.0f;
 
 template <typename T>
 struct FusedStatsParams {
@@ -53,6 +72,9 @@ struct FusedStatsParams {
   int64_t* part_count;
   float* part_pos_shift;      // log-sum-exp form only, else null
   float* part_pos_sum;
+  // Query gradient (kQueryGrad): 2^14 sum_c exp(scale S_rc - shift) k_hat_c over the
+  // candidates, [split][row][d] (Note [Fused query gradient]).
+  float* part_grad;
 };
 
 template <int kChunks>
@@ -73,7 +95,7 @@ __device__ __forceinline__ void stage_rows(unsigned char* tile, const T* src, in
   }
 }
 
-template <typename T, int kChunks>
+template <typename T, int kChunks, bool kQueryGrad>
 __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedStatsParams<T> p) {
   SSL_DYNAMIC_SMEM(unsigned char, smem);
   constexpr int kTileBytes = kFusedRows * kChunks * 16;
@@ -100,6 +122,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
   }
   float sum[2] = {}, positive[2] = {}, pos_sum[2] = {};
   int count[2] = {};
+  float grad[kQueryGrad ? kChunks : 1][4] = {};  // n8 tiles of the d features
 
   int buffer = 0;
   for (int64_t t0 = c0; t0 < c1; t0 += kFusedCols, buffer ^= 1) {
@@ -141,8 +164,11 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
       for (int i = 0; i < 4; ++i) {
         const int h = i >> 1;
         const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
-        if (!live[h] || col >= c1) continue;
-        if (p.exclude_self && col == global_row[h]) continue;
+        // P for the query gradient: exp(logit - shift) at the candidates, 0 elsewhere.
+        if (!live[h] || col >= c1 || (p.exclude_self && col == global_row[h])) {
+          if constexpr (kQueryGrad) acc[n][i] = 0.0f;
+          continue;
+        }
         bool is_positive = false;
         if (p.labels) is_positive = (same_label >> (2 * (2 * n + (i & 1)) + h)) & 1u;
         if (p.offset_positive) is_positive = col == global_row[h] + p.positive_offset;
@@ -152,6 +178,25 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
           positive[h] += p.scale * acc[n][i];
           ++count[h];
           pos_sum[h] += e;
+        }
+        if constexpr (kQueryGrad) acc[n][i] = e * kFusedPScale;
+      }
+    }
+    if constexpr (kQueryGrad) {
+      // grad += P K over this tile: P straight from the accumulators as the A
+      // operand (16 columns per k step), K read transposed from the same tile.
+      for (int step = 0; step < 4; ++step) {
+        const uint32_t pa[4] = {ptx::pack2<T>(acc[2 * step][0], acc[2 * step][1]),
+                                ptx::pack2<T>(acc[2 * step][2], acc[2 * step][3]),
+                                ptx::pack2<T>(acc[2 * step + 1][0], acc[2 * step + 1][1]),
+                                ptx::pack2<T>(acc[2 * step + 1][2], acc[2 * step + 1][3])};
+        for (int pair = 0; pair < kChunks / 2; ++pair) {
+          uint32_t fv[4];
+          const int v_row = 16 * step + ptx::lane_bt_row(lane);
+          ptx::ldmatrix_x4<true>(fv, tile_k + (v_row * kChunks + ptx::swizzle(v_row, 2 * pair + ptx::lane_bt_chunk(lane))) * 16);
+          const uint32_t lo[2] = {fv[0], fv[1]}, hi[2] = {fv[2], fv[3]};
+          ptx::mma_m16n8k16<T>(grad[2 * pair], pa, lo);
+          ptx::mma_m16n8k16<T>(grad[2 * pair + 1], pa, hi);
         }
       }
     }
@@ -175,6 +220,18 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
       if (p.part_pos_sum) {
         p.part_pos_shift[at] = bound;
         p.part_pos_sum[at] = pos_sum[h];
+      }
+    }
+  }
+  if constexpr (kQueryGrad) {
+    // Each (row, feature) of the warp's 16 x d block belongs to one lane.
+    for (int n = 0; n < kChunks; ++n) {
+      for (int i = 0; i < 4; ++i) {
+        const int h = i >> 1;
+        const int64_t feature = 8 * n + ptx::acc_col(lane, i);
+        if (live[h] && feature < p.d) {
+          p.part_grad[(int64_t(blockIdx.y) * p.rows + (global_row[h] - p.first_row)) * p.d + feature] = grad[n][i];
+        }
       }
     }
   }

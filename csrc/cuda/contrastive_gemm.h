@@ -22,6 +22,10 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/bitwise_and.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
@@ -122,23 +126,35 @@ struct GemmLossResult {
 // S_c for G anyway, and its statistics read that S_c once: a fused pass there
 // would add a fourth product of the pairs and save one read.
 template <typename T>
-bool fused_stats_apply(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
+bool fused_route_fits(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
   if constexpr (!std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
     return false;
   } else {
     const int64_t d = spec.q_hat.size(1);
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-    return route == ContrastiveRoute::kFused && !spec.grad_q && !spec.grad_k && spec.bounded && d % 8 == 0 && d > 0 && d <= 128 &&
-        std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
+    return route == ContrastiveRoute::kFused && !spec.given_lse.defined() && spec.bounded && d % 8 == 0 && d > 0 &&
+        d <= 128 && std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
         spec.k_hat.is_contiguous() && aligned(spec.q_hat) && aligned(spec.k_hat);
   }
+}
+template <typename T>
+bool fused_stats_apply(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
+  return !spec.grad_q && !spec.grad_k && fused_route_fits(spec, route);
+}
+// Note [Fused query gradient] (contrastive_fused_stats.cuh): InfoNCE whose
+// query alone asks for a gradient, one positive per row (key r + offset, or
+// MoCo's positive key outside the columns).
+template <typename T>
+bool fused_query_grad_apply(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
+  return spec.grad_q && !spec.grad_k && spec.labels == nullptr && !spec.exclude_self && !spec.exclude_positives &&
+      !spec.positives_lse && fused_route_fits(spec, route);
 }
 
 // The fused statistics pass over all anchors; returns the column splits of the
 // partials it wrote into parts ([3 or 5][splits][na]) and part_count.
 template <typename T>
 int64_t fused_stats(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_t stream, at::Tensor& parts,
-                    at::Tensor& part_count) {
+                    at::Tensor& part_count, at::Tensor* part_grad = nullptr) {
   using Dev = std::conditional_t<std::is_same_v<T, c10::Half>, __half, __nv_bfloat16>;
   const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
   const int64_t row_blocks = ceil_div64(na, kFusedRows);
@@ -172,11 +188,22 @@ int64_t fused_stats(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_
     p.part_pos_shift = parts[3].template data_ptr<float>();
     p.part_pos_sum = parts[4].template data_ptr<float>();
   }
+  if (part_grad) {
+    *part_grad = at::empty({splits, na, d}, acc_opts);
+    p.part_grad = part_grad->template data_ptr<float>();
+  }
   const dim3 grid = checked_grid("fused_row_stats_kernel (row blocks, splits)", row_blocks, splits);
-  if (d <= 64) {
-    launch_kernel(fused_row_stats_kernel<Dev, 8>, grid, dim3(kFusedThreads), fused_stats_smem_bytes<8>(), stream, p);
+  const auto run = [&](auto chunks, auto query_grad) {
+    constexpr int kChunks = decltype(chunks)::value;
+    launch_kernel(fused_row_stats_kernel<Dev, kChunks, decltype(query_grad)::value>, grid, dim3(kFusedThreads),
+                  fused_stats_smem_bytes<kChunks>(), stream, p);
+  };
+  using Small = std::integral_constant<int, 8>;
+  using Large = std::integral_constant<int, 16>;
+  if (part_grad) {
+    d <= 64 ? run(Small{}, std::true_type{}) : run(Large{}, std::true_type{});
   } else {
-    launch_kernel(fused_row_stats_kernel<Dev, 16>, grid, dim3(kFusedThreads), fused_stats_smem_bytes<16>(), stream, p);
+    d <= 64 ? run(Small{}, std::false_type{}) : run(Large{}, std::false_type{});
   }
   return splits;
 }
@@ -244,12 +271,26 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
                   checked_grid("gemm_row_merge_kernel (chunk rows / 256)", ceil_div64(c, kGemmRowThreads)),
                   dim3(kGemmRowThreads), 0, stream, m);
   };
-  const bool fused = stats && fused_stats_apply(spec, contrastive_route());
+  const ContrastiveRoute route = contrastive_route();
+  const bool fused_grad = stats && fused_query_grad_apply(spec, route);
+  const bool fused = fused_grad || (stats && fused_stats_apply(spec, route));
   if (fused) {
-    at::Tensor fused_parts, fused_count;
-    const int64_t fused_splits = fused_stats(spec, device, stream, fused_parts, fused_count);
+    at::Tensor fused_parts, fused_count, part_grad;
+    const int64_t fused_splits =
+        fused_stats(spec, device, stream, fused_parts, fused_count, fused_grad ? &part_grad : nullptr);
     merge_rows(0, na, fused_parts, fused_count, fused_splits);
     if (!grad) return out;
+    // d q_hat = scale w (sum_c exp(s - shift) k_hat_c exp(shift - lse) - k_hat_positive / |P|),
+    // the splits summed in a fixed order (no atomics).
+    const double bound = std::abs(spec.scale);
+    at::Tensor g = part_grad.sum(0) * (at::exp(bound - out.lse) / kFusedPScale).unsqueeze(1);
+    if (spec.offset_positive) {
+      const at::Tensor index = (at::arange(na, out.lse.options().dtype(at::kLong)) + (spec.first_row + spec.positive_offset))
+                                   .clamp(0, std::max<int64_t>(n - 1, 0));
+      g -= spec.k_hat.index_select(0, index).to(acc_type) * inv_count.unsqueeze(1);
+    }
+    out.grad_q_hat = g * (weight * (product_scale * kGScale)).unsqueeze(1);
+    return out;
   }
 
   const int64_t rows_per_chunk =
