@@ -144,9 +144,16 @@ template <typename... Params, typename... Args>
 void launch_kernel(
     void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t stream,
     Args&&... args) {
+  // Past 48 KB of dynamic shared memory a kernel must opt in (the emulator
+  // refuses a launch that did not, as the GPU does).
+  constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 #if defined(SSL_OPS_CUDA_EMU)
+  if (dynamic_smem > kDefaultDynamicSmem) ::ssl_emu::allow_dynamic_smem(reinterpret_cast<const void*>(kernel), dynamic_smem);
   ::ssl_emu::launch(kernel, grid, block, dynamic_smem, stream, std::forward<Args>(args)...);
 #else
+  if (dynamic_smem > kDefaultDynamicSmem) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic_smem)));
+  }
   kernel<<<grid, block, dynamic_smem, stream>>>(std::forward<Args>(args)...);
 #endif
   check_launch();

@@ -7,9 +7,9 @@
 // positives and the coefficients G, and the gradient as two more GEMMs.
 //
 // Fused route (default, SSL_OPS_CUDA_CONTRASTIVE_ROUTE=fused; where
-// fused_stats_apply allows, else the GEMM route): the statistics from
-// tensor-core tiles that never store S (contrastive_fused_stats.cuh); the
-// gradient, where asked for, still on the GEMM route's chunks.
+// fused_route_fits allows, else the GEMM route): the statistics and the
+// gradient from tensor-core tiles that never store S
+// (contrastive_fused_stats.cuh, contrastive_fused_grad.cuh).
 //
 // Tile route (SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles; contrastive_kernels.cuh,
 // contrastive_pairs.cuh): row denominators -> log-sum-exps of the anchor rows
@@ -202,7 +202,7 @@ at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& denom, bool no
   return (x.to(denom.scalar_type()) / denom.unsqueeze(1)).to(x.scalar_type());
 }
 
-// The fused route runs inside gemm_contrastive (fused_stats_apply), so every
+// The fused route runs inside gemm_contrastive (fused_route_fits), so every
 // route but the tiles' takes the GEMM route's host code.
 bool use_gemm_route() { return contrastive_route() != ContrastiveRoute::kTiles; }
 
@@ -265,6 +265,7 @@ at::Tensor inverse_counts(const at::Tensor& count, bool positives_lse = false) {
 // d z_hat = (G + G^T) z_hat: d K_hat over every row, plus d Q_hat at the anchors.
 template <typename T>
 at::Tensor sym_gemm_grad_hat(GemmLossResult<T>& r, Anchors anchors) {
+  if (r.grad_k_includes_q) return r.grad_k_hat;
   r.grad_k_hat.narrow(0, anchors.begin, anchors.count()).add_(r.grad_q_hat);
   return r.grad_k_hat;
 }

@@ -11,7 +11,7 @@
 // Note [Fused statistics pass]:
 // - bf16/fp16 rows, D a multiple of 8 (16-byte rows for cp.async) and at most
 //   128, the logit bound usable (unit rows), sm_80+; everything else keeps the
-//   GEMM route's statistics (route choice: fused_stats_apply in contrastive_gemm.h).
+//   GEMM route's statistics (route choice: fused_route_fits in contrastive_gemm.h).
 // - CTA: 4 warps, 64 anchor rows (16 per warp, one m16 tile), column tiles of
 //   64 double-buffered by cp.async; Q and K tiles swizzled (tensor_core_ptx.cuh).
 //   Shared memory 3 x 64 rows x D_pad x 2 bytes: 24 KB (D <= 64) or 48 KB
@@ -46,15 +46,9 @@
 #include <cstdint>
 
 #include "compat.cuh"
-#include "tensor_core_ptx.cuh"
+#include "contrastive_fused_tiles.cuh"
 
 namespace ssl_ops::cuda {
-
-constexpr int kFusedRows = 64, kFusedCols = 64, kFusedThreads = 128;
-// P = exp(logit - shift) <= 1 enters the query gradient's products times 2^14
-// (exact in every dtype): fp16 keeps terms down to exp(-26) normal instead of
-// exp(-16.6); the host divides it out.
-constexpr float kFusedPScale = 16384.0f;
 
 template <typename T>
 struct FusedStatsParams {
@@ -79,20 +73,7 @@ struct FusedStatsParams {
 
 template <int kChunks>
 constexpr size_t fused_stats_smem_bytes() {
-  return size_t(3) * kFusedRows * kChunks * 16;
-}
-
-// 64 rows from `first` of a (total x d) matrix into a swizzled tile, rows and
-// chunks past the ends zero-filled.
-template <typename T, int kChunks>
-__device__ __forceinline__ void stage_rows(unsigned char* tile, const T* src, int64_t total, int64_t first, int64_t d) {
-  constexpr int kPerChunk = 16 / sizeof(T);
-  for (int i = threadIdx.x; i < kFusedRows * kChunks; i += kFusedThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool inside = first + r < total && int64_t(c) * kPerChunk < d;
-    const T* from = inside ? src + (first + r) * d + c * kPerChunk : src;
-    ptx::cp_async_16(tile + (r * kChunks + ptx::swizzle(r, c)) * 16, from, inside ? 16 : 0);
-  }
+  return 3 * fused_tile_bytes<kChunks>();
 }
 
 template <typename T, int kChunks, bool kQueryGrad>
@@ -147,19 +128,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
       }
     }
     float acc[8][4] = {};
-    for (int step = 0; step < kChunks / 2; ++step) {
-      uint32_t fa[4];
-      const int a_row = 16 * warp + ptx::lane_a_row(lane);
-      ptx::ldmatrix_x4(fa, tile_q + (a_row * kChunks + ptx::swizzle(a_row, 2 * step + ptx::lane_a_chunk(lane))) * 16);
-      for (int pair = 0; pair < 4; ++pair) {
-        uint32_t fb[4];
-        const int b_row = 16 * pair + ptx::lane_b_row(lane);
-        ptx::ldmatrix_x4(fb, tile_k + (b_row * kChunks + ptx::swizzle(b_row, 2 * step + ptx::lane_b_chunk(lane))) * 16);
-        const uint32_t lo[2] = {fb[0], fb[1]}, hi[2] = {fb[2], fb[3]};
-        ptx::mma_m16n8k16<T>(acc[2 * pair], fa, lo);
-        ptx::mma_m16n8k16<T>(acc[2 * pair + 1], fa, hi);
-      }
-    }
+    tile_logits<T, kChunks>(acc, tile_q, tile_k, warp, lane);
     for (int n = 0; n < 8; ++n) {
       for (int i = 0; i < 4; ++i) {
         const int h = i >> 1;
@@ -183,22 +152,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
       }
     }
     if constexpr (kQueryGrad) {
-      // grad += P K over this tile: P straight from the accumulators as the A
-      // operand (16 columns per k step), K read transposed from the same tile.
-      for (int step = 0; step < 4; ++step) {
-        const uint32_t pa[4] = {ptx::pack2<T>(acc[2 * step][0], acc[2 * step][1]),
-                                ptx::pack2<T>(acc[2 * step][2], acc[2 * step][3]),
-                                ptx::pack2<T>(acc[2 * step + 1][0], acc[2 * step + 1][1]),
-                                ptx::pack2<T>(acc[2 * step + 1][2], acc[2 * step + 1][3])};
-        for (int pair = 0; pair < kChunks / 2; ++pair) {
-          uint32_t fv[4];
-          const int v_row = 16 * step + ptx::lane_bt_row(lane);
-          ptx::ldmatrix_x4<true>(fv, tile_k + (v_row * kChunks + ptx::swizzle(v_row, 2 * pair + ptx::lane_bt_chunk(lane))) * 16);
-          const uint32_t lo[2] = {fv[0], fv[1]}, hi[2] = {fv[2], fv[3]};
-          ptx::mma_m16n8k16<T>(grad[2 * pair], pa, lo);
-          ptx::mma_m16n8k16<T>(grad[2 * pair + 1], pa, hi);
-        }
-      }
+      tile_times_values<T, kChunks>(grad, acc, tile_k, lane);  // grad += P K over this tile
     }
   }
   ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
@@ -224,16 +178,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
     }
   }
   if constexpr (kQueryGrad) {
-    // Each (row, feature) of the warp's 16 x d block belongs to one lane.
-    for (int n = 0; n < kChunks; ++n) {
-      for (int i = 0; i < 4; ++i) {
-        const int h = i >> 1;
-        const int64_t feature = 8 * n + ptx::acc_col(lane, i);
-        if (live[h] && feature < p.d) {
-          p.part_grad[(int64_t(blockIdx.y) * p.rows + (global_row[h] - p.first_row)) * p.d + feature] = grad[n][i];
-        }
-      }
-    }
+    store_row_block<kChunks>(p.part_grad + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
   }
 }
 

@@ -25,7 +25,10 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/index_select.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/bitwise_and.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
@@ -42,6 +45,7 @@
 #include "compat.cuh"
 #include "../contrastive_check.h"
 #include "../message.h"
+#include "contrastive_fused_grad.cuh"
 #include "contrastive_fused_stats.cuh"
 #include "contrastive_gemm_rows.cuh"
 #include "gemm_acc.h"
@@ -117,14 +121,14 @@ struct GemmLossResult {
   at::Tensor lse_positive;                        // log-sum-exp form
   at::Tensor row_loss;                            // rows_need_positives (symmetric)
   at::Tensor grad_q_hat, grad_k_hat;              // accumulation type, G including scale and w
+  bool grad_k_includes_q = false;                 // Q = K: grad_k_hat is d z_hat, grad_q_hat unused
 };
 
-// The one place the statistics pass's route is chosen (Note [Fused statistics
-// pass], contrastive_fused_stats.cuh): the fused kernel for forward calls
-// without a gradient on bf16/fp16 unit rows of 8 to 128 features (16-byte
-// rows) on sm_80+, else the GEMM route's. With a gradient the GEMM route forms
-// S_c for G anyway, and its statistics read that S_c once: a fused pass there
-// would add a fourth product of the pairs and save one read.
+// The one place the fused route is chosen (Note [Fused statistics pass],
+// contrastive_fused_stats.cuh; Note [Fused gradient pass],
+// contrastive_fused_grad.cuh): bf16/fp16 unit rows of 8 to 128 features
+// (16-byte rows) on sm_80+ take the fused statistics and gradient passes,
+// everything else the GEMM route's.
 template <typename T>
 bool fused_route_fits(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
   if constexpr (!std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
@@ -132,22 +136,31 @@ bool fused_route_fits(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
   } else {
     const int64_t d = spec.q_hat.size(1);
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-    return route == ContrastiveRoute::kFused && !spec.given_lse.defined() && spec.bounded && d % 8 == 0 && d > 0 &&
-        d <= 128 && std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
+    return route == ContrastiveRoute::kFused && spec.bounded && d % 8 == 0 && d > 0 && d <= 128 &&
+        std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
         spec.k_hat.is_contiguous() && aligned(spec.q_hat) && aligned(spec.k_hat);
   }
 }
+// Note [Fused query gradient] (contrastive_fused_stats.cuh): InfoNCE with a
+// query gradient, one positive per row (key r + offset, or MoCo's positive key
+// outside the columns), takes d query from the statistics pass itself.
 template <typename T>
-bool fused_stats_apply(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
-  return !spec.grad_q && !spec.grad_k && fused_route_fits(spec, route);
+bool fused_query_grad_in_stats(const GemmLossSpec<T>& spec) {
+  return spec.grad_q && !spec.given_lse.defined() && spec.labels == nullptr && !spec.exclude_self &&
+      !spec.exclude_positives && !spec.positives_lse;
 }
-// Note [Fused query gradient] (contrastive_fused_stats.cuh): InfoNCE whose
-// query alone asks for a gradient, one positive per row (key r + offset, or
-// MoCo's positive key outside the columns).
-template <typename T>
-bool fused_query_grad_apply(const GemmLossSpec<T>& spec, ContrastiveRoute route) {
-  return spec.grad_q && !spec.grad_k && spec.labels == nullptr && !spec.exclude_self && !spec.exclude_positives &&
-      !spec.positives_lse && fused_route_fits(spec, route);
+
+// Column splits of a fused pass: two waves of `ctas_per_sm` CTAs per
+// multiprocessor, splits of whole column tiles.
+struct FusedSplits {
+  int64_t tiles_per_split, splits;
+};
+inline FusedSplits fused_splits(int64_t rows, int64_t cols, int ctas_per_sm, c10::Device device) {
+  const int64_t row_blocks = ceil_div64(rows, kFusedRows);
+  const int64_t col_tiles = std::max<int64_t>(ceil_div64(cols, kFusedCols), 1);
+  const int64_t wanted = 2 * ctas_per_sm * int64_t(multiprocessor_count(device));
+  const int64_t per_split = ceil_div64(col_tiles, std::clamp<int64_t>(ceil_div64(wanted, row_blocks), 1, col_tiles));
+  return {per_split, ceil_div64(col_tiles, per_split)};
 }
 
 // The fused statistics pass over all anchors; returns the column splits of the
@@ -158,11 +171,8 @@ int64_t fused_stats(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_
   using Dev = std::conditional_t<std::is_same_v<T, c10::Half>, __half, __nv_bfloat16>;
   const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
   const int64_t row_blocks = ceil_div64(na, kFusedRows);
-  const int64_t col_tiles = std::max<int64_t>(ceil_div64(n, kFusedCols), 1);
-  // Two waves of 4 CTAs per multiprocessor; splits of whole column tiles.
-  const int64_t wanted = 8 * int64_t(multiprocessor_count(device));
-  const int64_t tiles_per_split = ceil_div64(col_tiles, std::clamp<int64_t>(ceil_div64(wanted, row_blocks), 1, col_tiles));
-  const int64_t splits = ceil_div64(col_tiles, tiles_per_split);
+  // 4 CTAs per multiprocessor fit (96 registers); 2 with the query gradient (182).
+  const auto [tiles_per_split, splits] = fused_splits(na, n, part_grad ? 2 : 4, device);
   const auto acc_opts = spec.q_hat.options().dtype(at::kFloat);
   parts = at::empty({spec.positives_lse ? 5 : 3, splits, na}, acc_opts);
   part_count = at::empty({splits, na}, acc_opts.dtype(at::kLong));
@@ -206,6 +216,63 @@ int64_t fused_stats(const GemmLossSpec<T>& spec, c10::Device device, cudaStream_
     d <= 64 ? run(Small{}, std::false_type{}) : run(Large{}, std::false_type{});
   }
   return splits;
+}
+
+// Each anchor's gradient statistics, packed for the fused gradient pass
+// (FusedAnchorTerms): lse log2(e), kGScale w, 1 / |P| (-1: the positives' term
+// is exp(s - lse_pos)), lse_pos log2(e).
+inline at::Tensor fused_anchor_terms(const at::Tensor& lse, const at::Tensor& weight, const at::Tensor& inv_count,
+                                     const at::Tensor& lse_positive) {
+  constexpr double kLog2e = 1.4426950408889634;
+  const at::Tensor inv = lse_positive.defined() ? at::where(inv_count == 0, -1.0, inv_count) : inv_count;
+  const at::Tensor pos = lse_positive.defined() ? lse_positive * kLog2e : at::zeros_like(lse);
+  return at::stack({lse * kLog2e, weight * kGScale, inv, pos}, 1).to(at::kFloat).contiguous();
+}
+
+// One fused gradient pass (contrastive_fused_grad.cuh): sum_c G_rc cols_in_c
+// for each row of rows_in (fp32, rows x d, before the scale max|w| / kGScale),
+// the column splits summed in a fixed order.
+template <typename T>
+at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                      const at::Tensor& terms, const GemmLossSpec<T>& spec, c10::Device device, cudaStream_t stream) {
+  using Dev = std::conditional_t<std::is_same_v<T, c10::Half>, __half, __nv_bfloat16>;
+  const int64_t rows = rows_in.size(0), cols = cols_in.size(0), d = rows_in.size(1);
+  const auto acc_opts = rows_in.options().dtype(at::kFloat);
+  if (rows == 0) return at::zeros({0, d}, acc_opts);
+  // 3 CTAs per multiprocessor (167 registers, 50 KB: Note [Fused gradient pass]).
+  const auto [tiles_per_split, splits] = fused_splits(rows, cols, 3, device);
+  at::Tensor out = at::empty({splits, rows, d}, acc_opts);
+  FusedGradParams<Dev> p{};
+  p.rows_in = reinterpret_cast<const Dev*>(rows_in.const_data_ptr());
+  p.cols_in = reinterpret_cast<const Dev*>(cols_in.const_data_ptr());
+  p.rows = rows;
+  p.cols = cols;
+  p.d = d;
+  p.cols_per_split = tiles_per_split * kFusedCols;
+  p.first_row = spec.first_row;
+  p.scale_log2 = static_cast<float>(spec.scale * 1.4426950408889634);
+  p.terms = reinterpret_cast<const FusedAnchorTerms*>(terms.const_data_ptr());
+  p.labels = spec.labels;
+  p.exclude_self = spec.exclude_self;
+  p.offset_positive = spec.offset_positive;
+  p.exclude_positives = spec.exclude_positives;
+  p.positive_offset = spec.positive_offset;
+  p.out = out.data_ptr<float>();
+  const dim3 grid = checked_grid("fused_grad_kernel (row blocks, splits)", ceil_div64(rows, kFusedRows), splits);
+  const auto run = [&](auto chunks, auto kind) {
+    constexpr int kChunks = decltype(chunks)::value;
+    constexpr FusedGradMode kMode = decltype(kind)::value;
+    launch_kernel(fused_grad_kernel<Dev, kChunks, kMode>, grid, dim3(kFusedThreads),
+                  fused_grad_smem_bytes<kChunks, kMode>(), stream, p);
+  };
+  const auto by_mode = [&](auto chunks) {
+    using M = FusedGradMode;
+    if (mode == M::kRows) run(chunks, std::integral_constant<M, M::kRows>{});
+    if (mode == M::kColumns) run(chunks, std::integral_constant<M, M::kColumns>{});
+    if (mode == M::kBoth) run(chunks, std::integral_constant<M, M::kBoth>{});
+  };
+  d <= 64 ? by_mode(std::integral_constant<int, 8>{}) : by_mode(std::integral_constant<int, 16>{});
+  return splits == 1 ? out[0] : out.sum(0);
 }
 
 template <typename T>
@@ -271,25 +338,44 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
                   checked_grid("gemm_row_merge_kernel (chunk rows / 256)", ceil_div64(c, kGemmRowThreads)),
                   dim3(kGemmRowThreads), 0, stream, m);
   };
-  const ContrastiveRoute route = contrastive_route();
-  const bool fused_grad = stats && fused_query_grad_apply(spec, route);
-  const bool fused = fused_grad || (stats && fused_stats_apply(spec, route));
-  if (fused) {
-    at::Tensor fused_parts, fused_count, part_grad;
-    const int64_t fused_splits =
-        fused_stats(spec, device, stream, fused_parts, fused_count, fused_grad ? &part_grad : nullptr);
-    merge_rows(0, na, fused_parts, fused_count, fused_splits);
-    if (!grad) return out;
-    // d q_hat = scale w (sum_c exp(s - shift) k_hat_c exp(shift - lse) - k_hat_positive / |P|),
-    // the splits summed in a fixed order (no atomics).
-    const double bound = std::abs(spec.scale);
-    at::Tensor g = part_grad.sum(0) * (at::exp(bound - out.lse) / kFusedPScale).unsqueeze(1);
-    if (spec.offset_positive) {
-      const at::Tensor index = (at::arange(na, out.lse.options().dtype(at::kLong)) + (spec.first_row + spec.positive_offset))
-                                   .clamp(0, std::max<int64_t>(n - 1, 0));
-      g -= spec.k_hat.index_select(0, index).to(acc_type) * inv_count.unsqueeze(1);
+  if (fused_route_fits(spec, contrastive_route())) {
+    const bool grad_in_stats = stats && fused_query_grad_in_stats(spec);
+    at::Tensor part_grad;
+    if (stats) {
+      at::Tensor fused_parts, fused_count;
+      const int64_t fused_splits =
+          fused_stats(spec, device, stream, fused_parts, fused_count, grad_in_stats ? &part_grad : nullptr);
+      merge_rows(0, na, fused_parts, fused_count, fused_splits);
     }
-    out.grad_q_hat = g * (weight * (product_scale * kGScale)).unsqueeze(1);
+    if (!grad) return out;
+    const at::Tensor& lse = stats ? out.lse : spec.given_lse;
+    if (grad_in_stats) {
+      // d q_hat = scale w (sum_c exp(s - shift) k_hat_c exp(shift - lse) - k_hat_positive / |P|),
+      // the splits summed in a fixed order (no atomics).
+      const double bound = std::abs(spec.scale);
+      at::Tensor g = part_grad.sum(0) * (at::exp(bound - lse) / kFusedPScale).unsqueeze(1);
+      if (spec.offset_positive) {
+        const at::Tensor index = (at::arange(na, lse.options().dtype(at::kLong)) + (spec.first_row + spec.positive_offset))
+                                     .clamp(0, std::max<int64_t>(n - 1, 0));
+        g -= spec.k_hat.index_select(0, index).to(acc_type) * inv_count.unsqueeze(1);
+      }
+      out.grad_q_hat = g * (weight * (product_scale * kGScale)).unsqueeze(1);
+    }
+    const at::Tensor terms =
+        fused_anchor_terms(lse, weight, inv_count, stats ? out.lse_positive : spec.given_lse_positive);
+    // Q = K (the symmetric op over all its rows): d z_hat = (G + G^T) z_hat in one pass.
+    if (spec.grad_q && spec.grad_k && na == n && spec.first_row == 0 &&
+        spec.q_hat.const_data_ptr() == spec.k_hat.const_data_ptr()) {
+      out.grad_k_hat = fused_grad(FusedGradMode::kBoth, spec.q_hat, spec.k_hat, terms, spec, device, stream) * product_scale;
+      out.grad_k_includes_q = true;
+      return out;
+    }
+    if (spec.grad_q && !grad_in_stats) {
+      out.grad_q_hat = fused_grad(FusedGradMode::kRows, spec.q_hat, spec.k_hat, terms, spec, device, stream) * product_scale;
+    }
+    if (spec.grad_k) {
+      out.grad_k_hat = fused_grad(FusedGradMode::kColumns, spec.k_hat, spec.q_hat, terms, spec, device, stream) * product_scale;
+    }
     return out;
   }
 
@@ -310,7 +396,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
   at::Tensor g_buffer;
   if (grad) g_buffer = std::is_same_v<T, A> ? s_buffer : at::empty({rows_per_chunk, n}, spec.q_hat.options());
   at::Tensor parts, part_count;  // the stats kernel's partials, [split][row]
-  if (stats && !fused) {
+  if (stats) {
     parts = at::empty({spec.positives_lse ? 5 : 3, splits, rows_per_chunk}, acc_opts);
     part_count = at::empty({splits, rows_per_chunk}, acc_opts.dtype(at::kLong));
   }
@@ -335,7 +421,7 @@ GemmLossResult<T> gemm_contrastive(const GemmLossSpec<T>& spec, c10::Device devi
     p.offset_positive = spec.offset_positive;
     p.positive_offset = spec.positive_offset;
     p.exclude_positives = spec.exclude_positives;
-    if (stats && !fused) {
+    if (stats) {
       p.part_shift = parts[0].template data_ptr<A>();
       p.part_sum = parts[1].template data_ptr<A>();
       p.part_positive = parts[2].template data_ptr<A>();

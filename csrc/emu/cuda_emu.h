@@ -81,8 +81,8 @@ size_t dynamic_smem_bytes();
 
 // ---- Launch ------------------------------------------------------------------------
 void run_grid(
-    dim3 grid, dim3 block, size_t dynamic_smem_bytes, size_t param_bytes, void (*body)(void*),
-    void* arg);
+    const void* kernel, dim3 grid, dim3 block, size_t dynamic_smem_bytes, size_t param_bytes,
+    void (*body)(void*), void* arg);
 // Throws the error of the last launch, if any (C10_CUDA_KERNEL_LAUNCH_CHECK's role).
 void check_launch();
 void set_schedule_seed(uint64_t seed);  // 0: threads and blocks in index order
@@ -125,6 +125,10 @@ void set_block_tail(uint64_t count);
 void count_mma();
 uint64_t schedule_seed();
 
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes):
+// a launch of more than 48 KB of dynamic shared memory needs it first.
+void allow_dynamic_smem(const void* kernel, size_t bytes);
+
 template <typename... Params, typename... Args>
 void launch(
     void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t,
@@ -136,7 +140,7 @@ void launch(
     void (*kernel)(Params...);
     Params_t params;
   } call{kernel, Params_t(std::forward<Args>(args)...)};
-  run_grid(grid, block, smem, (sizeof(std::decay_t<Params>) + ... + 0), [](void* p) {
+  run_grid(reinterpret_cast<const void*>(kernel), grid, block, smem, (sizeof(std::decay_t<Params>) + ... + 0), [](void* p) {
     auto* c = static_cast<Call*>(p);
     Params_t local = c->params;
     std::apply(c->kernel, local);

@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -29,6 +30,7 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // an H100 block's opt-in maximum
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;  // without the opt-in
 constexpr size_t kPortableParamBytes = 4096;    // portable kernel-parameter limit
 constexpr size_t kLargeParamBytes = 32764;      // CUDA 12.1+ with a 12.1+ driver
 constexpr size_t kSmemAlignment = 128;
@@ -76,6 +78,7 @@ struct Emulator {
   uint64_t launches = 0;
   uint64_t block_tail = 0;  // set_block_tail; 0: every block
   std::string pending_error;
+  std::unordered_map<const void*, size_t> smem_opt_in;  // allow_dynamic_smem, per kernel
 
   // The block being run.
   std::vector<Fiber> fibers;
@@ -245,7 +248,7 @@ void run_block(Emulator& e, uint3 block_idx, dim3 grid, dim3 block) {
   }
 }
 
-std::string check_config(dim3 grid, dim3 block, size_t smem, size_t param_bytes) {
+std::string check_config(dim3 grid, dim3 block, size_t smem, size_t opted_in, size_t param_bytes) {
   std::ostringstream s;
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64) {
@@ -255,6 +258,9 @@ std::string check_config(dim3 grid, dim3 block, size_t smem, size_t param_bytes)
     s << "invalid grid (" << grid.x << "," << grid.y << "," << grid.z << ")";
   } else if (smem > kMaxDynamicSmem) {
     s << "dynamic shared memory of " << smem << " bytes exceeds " << kMaxDynamicSmem;
+  } else if (smem > kDefaultDynamicSmem && smem > opted_in) {
+    s << "dynamic shared memory of " << smem << " bytes exceeds " << kDefaultDynamicSmem
+      << " without cudaFuncAttributeMaxDynamicSharedMemorySize (allowed: " << opted_in << ")";
   } else if (const size_t limit = driver_version() >= 12010 ? kLargeParamBytes : kPortableParamBytes;
              param_bytes > limit) {
     s << "kernel parameters take " << param_bytes << " bytes, over the " << limit << "-byte limit";
@@ -378,8 +384,14 @@ void fail(const char* what) {
 void* dynamic_smem() { return emu().smem; }
 size_t dynamic_smem_bytes() { return emu().smem_bytes; }
 
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  Emulator& e = emu();
+  std::lock_guard<std::mutex> lock(e.mutex);
+  if (bytes <= kMaxDynamicSmem) e.smem_opt_in[kernel] = bytes;  // past the maximum the GPU refuses it
+}
+
 void run_grid(
-    dim3 grid, dim3 block, size_t smem, size_t param_bytes, void (*body)(void*), void* arg) {
+    const void* kernel, dim3 grid, dim3 block, size_t smem, size_t param_bytes, void (*body)(void*), void* arg) {
   Emulator& e = emu();
   std::lock_guard<std::mutex> lock(e.mutex);
   TORCH_CHECK(
@@ -387,7 +399,9 @@ void run_grid(
       "ssl_emu: a kernel launch was made while the error of the previous one was never checked: ",
       e.pending_error);
   ++e.launches;
-  std::string config_error = check_config(grid, block, smem, param_bytes);
+  const auto opt_in = e.smem_opt_in.find(kernel);
+  std::string config_error =
+      check_config(grid, block, smem, opt_in == e.smem_opt_in.end() ? 0 : opt_in->second, param_bytes);
   if (!config_error.empty()) {
     e.pending_error = "invalid launch configuration: " + config_error;
     return;

@@ -1,0 +1,186 @@
+#pragma once
+// The fused route's gradient pass (Note [Fused gradient pass]): from the merged
+// statistics of each anchor r (lse_r, weight w_r, 1 / |P(r)|, lse_pos_r) it
+// recomputes S tile by tile on tensor cores and forms, in registers,
+//   G_rc = kGScale w_r (exp(scale S_rc - lse_r) - positive_rc / |P(r)|)
+//   (positive_rc exp(scale S_rc - lse_pos_r) in the log-sum-exp form with more
+//   than one positive; 0 at self and, in the excluded form, at the positives)
+// exactly as gemm_row_coef_kernel writes G_c (contrastive_gemm_rows.cuh),
+// rounded to the input dtype as the A operand of a second mma against the
+// column tile (FlashAttention-2's P V). One kernel, three orientations:
+//   kRows     CTA rows = anchors,    columns = candidates:  d q_hat = G k_hat
+//   kColumns  CTA rows = candidates, columns = anchors:     d k_hat = G^T q_hat
+//   kBoth     every row an anchor of the same matrix (the symmetric op, Q = K = z_hat):
+//             d z_hat = (G + G^T) z_hat, both terms of each pair from one S
+// Outputs are fp32 partials [split][row][d]; the host sums the splits in a
+// fixed order and multiplies by scale max|w| / kGScale. No float atomics.
+//
+// Note [Fused gradient pass]:
+// - Where it applies: the statistics pass's conditions (fused_route_fits in
+//   contrastive_gemm.h), with the statistics computed or given (backward op).
+// - Per anchor the host packs {lse_r log2(e), kGScale w_r, inv_r, lse_pos_r log2(e)}
+//   into 16 bytes (inv_r = -1: the log-sum-exp term); kColumns and kBoth stage
+//   the column anchors' records by cp.async next to their tile (1 KB per tile).
+// - Shared memory: the rows tile, two column tiles and two record tiles:
+//   3 x 16 KB + 2 KB = 50 KB at D <= 128 (over the 48 KB default: the launch
+//   opts in, launch_kernel), 26 KB at D <= 64.
+// - Per tile and warp: D_pad / 16 x 8 mma for S, 4 x D_pad / 8 mma for G V;
+//   per element one or (kBoth) two exp2 and one FFMA each.
+// - Registers (ptxas, sm_90, nvcc 13.0): 167 at D <= 128 in every mode, 149
+//   at D <= 64 (kBoth), no spills, no stack: 3 CTAs per SM (21.5 K registers
+//   and 50 KB each); the coefficient loop is unrolled so acc stays in registers.
+// - NT-Xent (kBoth) takes two products of the pairs for the whole gradient,
+//   where kRows + kColumns take four and the GEMM route four plus G_c's and
+//   S_c's round trip (16 bytes per pair).
+// - Counts (estimate, not measured; H200, bf16, D = 128): NT-Xent 2N = 8192,
+//   forward + backward = statistics (2 n^2 D = 17.2 GFLOP, 67 M exp2) + kBoth
+//   (34.4 GFLOP, 134 M exp2): 51.5 GFLOP, ~0.16 ms at ~330 TFLOP/s for
+//   mma.sync, the 201 M exp2 (~0.05 ms of MUFU) overlapping; 128 row blocks x
+//   7 splits = 896 CTAs (2.3 waves at 3/SM); 29 MB of fp32 split partials
+//   written and summed (~0.015 ms).
+#include <cstdint>
+
+#include "compat.cuh"
+#include "contrastive_fused_tiles.cuh"
+
+namespace ssl_ops::cuda {
+
+enum class FusedGradMode { kRows, kColumns, kBoth };
+
+// One anchor's statistics for the gradient (16 bytes: one cp.async).
+struct alignas(16) FusedAnchorTerms {
+  float lse_log2;      // lse_r log2(e)
+  float gw;            // kGScale w_r (|w_r| <= 1, normalised by the host); 0: the row adds nothing
+  float inv;           // 1 / |P(r)|; -1: the positives' term is exp(s - lse_pos_r)
+  float lse_pos_log2;  // lse_pos_r log2(e) (log-sum-exp form), else 0
+};
+
+template <typename T>
+struct FusedGradParams {
+  const T* rows_in;       // the CTA's rows (kRows, kBoth: anchors; kColumns: candidates), rows x d
+  const T* cols_in;       // the column tiles and values (kRows: candidates; kColumns: anchors; kBoth: = rows_in)
+  int64_t rows, cols, d, cols_per_split;  // cols_per_split: a multiple of kFusedCols
+  int64_t first_row;      // global index of anchor 0 (labels, self, offset positive)
+  float scale_log2;       // scale log2(e)
+  const FusedAnchorTerms* terms;  // per anchor (local index)
+  const int64_t* labels;  // by global index (anchor first_row + a, candidate c); null: no labels
+  bool exclude_self, offset_positive, exclude_positives;
+  int64_t positive_offset;
+  float* out;             // [split][rows][d]
+};
+
+template <int kChunks, FusedGradMode kMode>
+constexpr size_t fused_grad_smem_bytes() {
+  return 3 * fused_tile_bytes<kChunks>() +
+      (kMode == FusedGradMode::kRows ? 0 : 2 * kFusedCols * sizeof(FusedAnchorTerms));
+}
+
+// G for anchor terms t and a candidate with logit s_log2 (log2 units).
+__device__ __forceinline__ float fused_coefficient(float s_log2, const FusedAnchorTerms& t, bool positive,
+                                                   bool exclude_positives) {
+  if (t.gw == 0.0f || (positive && exclude_positives)) return 0.0f;
+  float positive_term = 0.0f;
+  if (positive) positive_term = t.inv >= 0.0f ? t.inv : exp2f(s_log2 - t.lse_pos_log2);
+  return t.gw * (exp2f(s_log2 - t.lse_log2) - positive_term);
+}
+
+template <typename T, int kChunks, FusedGradMode kMode>
+__global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradParams<T> p) {
+  constexpr bool kRowAnchors = kMode != FusedGradMode::kColumns;
+  constexpr bool kColumnAnchors = kMode != FusedGradMode::kRows;
+  constexpr size_t kTileBytes = fused_tile_bytes<kChunks>();
+  constexpr int kTermsBytes = kFusedCols * int(sizeof(FusedAnchorTerms));
+  SSL_DYNAMIC_SMEM(unsigned char, smem);
+  unsigned char* tile_q = smem;
+  unsigned char* terms_tiles = smem + 3 * kTileBytes;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = int64_t(blockIdx.x) * kFusedRows;
+  const int64_t c0 = int64_t(blockIdx.y) * p.cols_per_split;
+  const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
+  // The column anchors' records of tile t0 into record buffer b (past the end: zeros, gw = 0).
+  const auto stage_terms = [&](int b, int64_t t0) {
+    if (threadIdx.x < kFusedCols) {
+      const bool inside = t0 + threadIdx.x < p.cols;
+      ptx::cp_async_16(terms_tiles + b * kTermsBytes + threadIdx.x * sizeof(FusedAnchorTerms),
+                       inside ? p.terms + t0 + threadIdx.x : p.terms, inside ? 16 : 0);
+    }
+  };
+  stage_rows<T, kChunks>(tile_q, p.rows_in, p.rows, row0, p.d);
+  stage_rows<T, kChunks>(smem + kTileBytes, p.cols_in, p.cols, c0, p.d);
+  if constexpr (kColumnAnchors) stage_terms(0, c0);
+  ptx::cp_async_commit();
+
+  // Global indices: anchors first_row + local index (labels, self, offsets).
+  const int64_t row_global0 = kRowAnchors ? p.first_row : 0;
+  const int64_t col_global0 = kColumnAnchors && kMode != FusedGradMode::kBoth ? p.first_row : 0;
+  int64_t row_global[2], label[2];
+  bool live[2];
+  FusedAnchorTerms row_terms[2] = {};
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
+    live[h] = row < p.rows;
+    row_global[h] = row_global0 + row;
+    label[h] = p.labels && live[h] ? p.labels[row_global[h]] : 0;
+    if constexpr (kRowAnchors) {
+      if (live[h]) row_terms[h] = p.terms[row];
+    }
+  }
+  float grad[kChunks][4] = {};
+
+  int buffer = 0;
+  for (int64_t t0 = c0; t0 < c1; t0 += kFusedCols, buffer ^= 1) {
+    ptx::cp_async_wait<0>();
+    __syncthreads();  // tile t0 is in; every warp is done with the other buffer
+    if (t0 + kFusedCols < c1) {
+      stage_rows<T, kChunks>(smem + (2 - buffer) * kTileBytes, p.cols_in, p.cols, t0 + kFusedCols, p.d);
+      if constexpr (kColumnAnchors) stage_terms(buffer ^ 1, t0 + kFusedCols);
+    }
+    ptx::cp_async_commit();
+    const unsigned char* tile_k = smem + (1 + buffer) * kTileBytes;
+    const auto* column_terms = reinterpret_cast<const FusedAnchorTerms*>(terms_tiles + buffer * kTermsBytes);
+
+    // Label equality of this thread's 16 columns with its two rows (bit 2 (2 n + j) + h),
+    // loaded before the products so their latency hides behind them.
+    uint32_t same_label = 0;
+    if (p.labels) {
+      for (int n = 0; n < 8; ++n) {
+        for (int j = 0; j < 2; ++j) {
+          const int64_t col = t0 + 8 * n + ptx::acc_col(lane, j);
+          if (col >= c1) continue;
+          const int64_t label_c = p.labels[col_global0 + col];
+          for (int h = 0; h < 2; ++h) same_label |= uint32_t(label_c == label[h]) << (2 * (2 * n + j) + h);
+        }
+      }
+    }
+    float acc[8][4] = {};
+    tile_logits<T, kChunks>(acc, tile_q, tile_k, warp, lane);
+#pragma unroll  // acc must stay in registers: indexed by constants only
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int h = i >> 1;
+        const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
+        const int64_t col_global = col_global0 + col;
+        const float s_log2 = acc[n][i] * p.scale_log2;
+        float coef = 0.0f;
+        if (live[h] && col < c1 && !(p.exclude_self && col_global == row_global[h])) {
+          const bool same = p.labels && ((same_label >> (2 * (2 * n + (i & 1)) + h)) & 1u);
+          if constexpr (kRowAnchors) {  // anchor = row, candidate = column
+            const bool positive = p.offset_positive ? col_global == row_global[h] + p.positive_offset : same;
+            coef += fused_coefficient(s_log2, row_terms[h], positive, p.exclude_positives);
+          }
+          if (kColumnAnchors && !SSL_OPS_PLANTED(kDropTransposedTerm)) {  // anchor = column, candidate = row
+            const bool positive = p.offset_positive ? row_global[h] == col_global + p.positive_offset : same;
+            coef += fused_coefficient(s_log2, column_terms[col - t0], positive, p.exclude_positives);
+          }
+        }
+        acc[n][i] = coef;
+      }
+    }
+    tile_times_values<T, kChunks>(grad, acc, tile_k, lane);
+  }
+  ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
+  store_row_block<kChunks>(p.out + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
+}
+
+}  // namespace ssl_ops::cuda

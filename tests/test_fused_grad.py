@@ -1,0 +1,145 @@
+"""The fused route's gradient pass (csrc/cuda/contrastive_fused_grad.cuh) on
+the emulator: NT-Xent / SupCon / DCL gradients in one pass over the pairs
+(G + G^T) z, anchor ranges in two (rows and columns swapped), InfoNCE's d key
+for MoCo v3 and CLIP, the forward with a gradient and the backward ops, all
+against float64, with proof that the fused kernels ran and no vendor GEMM did."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_ops import emulation, reference
+from test_contrastive_kernels import (EPS, EXCLUDED, LOGSUMEXP, checker, rand, sym_excluded_reference,
+                                      sym_lse_reference, sym_reference)
+from test_fused_route import (FRAGMENT_LANE, HALF, MEAN, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE, emu,  # noqa: F401
+                              fused_kernel_runs)
+
+pytestmark = pytest.mark.emu
+
+SYM_REFERENCES = {MEAN: sym_reference, LOGSUMEXP: sym_lse_reference, EXCLUDED: sym_excluded_reference}
+
+
+def group_labels(rows, seed):
+    """Groups of 1 to 4 rows (0 to 3 positives), shuffled."""
+    sizes = torch.tensor([1, 2, 3, 4])
+    labels = torch.repeat_interleave(torch.arange(rows), sizes.repeat(rows)[:rows])[:rows]
+    return labels[torch.randperm(rows, generator=torch.Generator().manual_seed(seed))]
+
+
+def sym_case(emu, z, labels, begin, end, scale, form):
+    """Forward with a gradient (mean over anchors with positives) and the
+    backward op for random row weights, both on the fused route, against float64."""
+    rows = z.shape[0]
+    same = labels[:, None] == labels[None, :]
+    anchor = torch.zeros(rows, dtype=torch.bool)
+    anchor[begin:end] = True
+    valid = ((same.sum(1) - 1) > 0) & anchor
+    check = checker(z.dtype, rows + z.shape[1], scale)
+    with fused_kernel_runs():
+        loss, lse, count, grad, lse_pos = emu.ops.contrastive_sym_loss(z, labels, begin, end, scale, EPS, True, 1,
+                                                                       True, form)
+    weight = valid.double() / max(int(valid.sum()), 1)
+    ref_rows, ref_grad = SYM_REFERENCES[form](z, labels, scale, weight)
+    check(loss, (ref_rows * weight).sum(), "mean loss")
+    check(grad, ref_grad, "forward gradient")
+    row_weight = rand((rows,), torch.float64, "cpu", 60)
+    with fused_kernel_runs():
+        grad_b = emu.ops.contrastive_sym_backward(row_weight.float(), z, labels, begin, end, lse, count, scale, EPS,
+                                                  True, 0, lse_pos if form == LOGSUMEXP else None, form)
+    _, ref_grad_b = SYM_REFERENCES[form](z, labels, scale, row_weight * valid)
+    check(grad_b, ref_grad_b, "backward gradient")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rows,d", [(2, 8), (63, 64), (130, 40), (200, 128), (65, 72)])
+@pytest.mark.parametrize("form", [MEAN, LOGSUMEXP, EXCLUDED], ids=["mean", "logsumexp", "excluded"])
+def test_sym_gradient_every_row_an_anchor(emu, dtype, rows, d, form):
+    """Every row an anchor: one pass forms both terms of each pair (kBoth);
+    partial row blocks and column tiles, D from one 16-byte chunk to 128."""
+    z = rand((rows, d), dtype, "cpu", 61)
+    sym_case(emu, z, group_labels(rows, 62), 0, rows, 1 / 0.1, form)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("rows,begin,end", [(200, 0, 70), (200, 130, 200), (260, 65, 195), (140, 1, 2)])
+@pytest.mark.parametrize("form", [MEAN, LOGSUMEXP], ids=["mean", "logsumexp"])
+def test_sym_gradient_anchor_range(emu, dtype, rows, begin, end, form):
+    """The anchors of one process (gathered rows): d z from the anchors' rows
+    (kRows) plus every row as a candidate (kColumns), self by global index."""
+    z = rand((rows, 64), dtype, "cpu", 63)
+    sym_case(emu, z, torch.arange(rows).remainder(rows // 3), begin, end, 1 / 0.3, form)
+
+
+@pytest.mark.parametrize("scale", [-3.0, 1 / 0.5, 1 / 0.05])
+def test_sym_gradient_scales(emu, scale):
+    """Negative and large scales: exp(s - lse) with s up to |scale| = 20."""
+    z = rand((100, 32), torch.float16, "cpu", 64)
+    sym_case(emu, z, torch.arange(100).remainder(50), 0, 100, scale, MEAN)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("batch,keys,offset", [(1, 1, 0), (70, 70, 0), (66, 200, 67), (130, 260, 130)])
+def test_asym_key_gradient(emu, dtype, batch, keys, offset):
+    """MoCo v3 and CLIP (one direction), keys gathered: d query from the
+    statistics pass, d key by the pass with rows and columns swapped."""
+    q = rand((batch, 48), dtype, "cpu", 65)
+    k = rand((keys, 48), dtype, "cpu", 66)
+    scale = 1 / 0.2
+    mask = [True, True, False]
+    with fused_kernel_runs():
+        loss, lse, gq, gk, _ = emu.ops.contrastive_asym_loss(q, k, None, offset, scale, EPS, True, 1, mask)
+    check = checker(dtype, keys + 48, scale, degenerate=(q, k) if keys == 1 else ())
+    q64, k64 = (t.double().requires_grad_() for t in (q, k))
+    logits = F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).t() * scale
+    ref_rows = F.cross_entropy(logits, torch.arange(batch) + offset, reduction="none")
+    ref_grads = torch.autograd.grad(ref_rows.mean(), [q64, k64], retain_graph=True)
+    check(loss, ref_rows.mean().detach(), "mean loss")
+    check(gq, ref_grads[0], "grad query")
+    check(gk, ref_grads[1], "grad key")
+    weight = rand((batch,), torch.float64, "cpu", 67)
+    ref_grads = torch.autograd.grad((ref_rows * weight).sum(), [q64, k64])
+    with fused_kernel_runs():
+        grads = emu.ops.contrastive_asym_backward(weight.float(), q, k, None, offset, lse, scale, EPS, True, 0, mask)
+    check(grads[0], ref_grads[0], "backward grad query", weight=weight.abs().max())
+    check(grads[1], ref_grads[1], "backward grad key", weight=weight.abs().max())
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_moco_queue_gradient(emu, dtype):
+    """MoCo with every input taking a gradient (a queue that is a parameter)."""
+    q, k, queue = (rand(shape, dtype, "cpu", s) for shape, s in (((65, 64), 68), ((65, 64), 69), ((300, 64), 70)))
+    mask = [True, True, True]
+    with fused_kernel_runs():
+        loss, lse, gq, gqueue, gk = emu.ops.contrastive_asym_loss(q, queue, k, 0, 1 / 0.2, EPS, True, 1, mask)
+    inputs = [t.double().requires_grad_() for t in (q, k, queue)]
+    ref = reference.info_nce_loss(*inputs, temperature=0.2)
+    ref_grads = torch.autograd.grad(ref, inputs)
+    check = checker(dtype, 65 + 300 + 64, 1 / 0.2)
+    check(loss, ref.detach(), "mean loss")
+    check(gq, ref_grads[0], "grad query")
+    check(gk, ref_grads[1], "grad positive key")
+    check(gqueue, ref_grads[2], "grad queue")
+
+
+def test_gradient_pass_outputs_are_deterministic(emu):
+    """No float atomics: two runs give the same bits."""
+    z = rand((200, 64), torch.bfloat16, "cpu", 71)
+    labels = torch.arange(200).remainder(100)
+    first = emu.ops.contrastive_sym_loss(z, labels, 0, 200, 10.0, EPS, True, 1, True)[3]
+    second = emu.ops.contrastive_sym_loss(z, labels, 0, 200, 10.0, EPS, True, 1, True)[3]
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("bug", [FRAGMENT_LANE, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE],
+                         ids=["fragment-lane", "missing-wait-group", "swizzle-off-by-one"])
+def test_planted_primitive_bugs_fail_the_gradient_tests(emu, bug):
+    z = rand((130, 64), torch.bfloat16, "cpu", 72)
+    labels = torch.arange(130).remainder(65)
+    sym_case(emu, z, labels, 0, 130, 1 / 0.1, MEAN)
+    module = emulation.load()
+    module.set_planted_bug(bug)
+    try:
+        with pytest.raises((AssertionError, RuntimeError)):
+            sym_case(emu, z, labels, 0, 130, 1 / 0.1, MEAN)
+    finally:
+        module.set_planted_bug(0)
