@@ -83,6 +83,16 @@ def test_launch_configuration_errors(emu):
     torch.ops.ssl_ops_emu._test_launch_config(anchor, 32, 2)  # errors are not sticky
 
 
+def test_dynamic_shared_memory_past_48_kb_needs_the_opt_in(emu):
+    anchor = torch.empty(1)
+    torch.ops.ssl_ops_emu._test_smem_launch(anchor, 48 * 1024, False)
+    with pytest.raises(RuntimeError, match="without cudaFuncAttributeMaxDynamicSharedMemorySize"):
+        torch.ops.ssl_ops_emu._test_smem_launch(anchor, 50 * 1024, False)
+    torch.ops.ssl_ops_emu._test_smem_launch(anchor, 50 * 1024, True)  # launch_kernel opts in
+    with pytest.raises(RuntimeError, match="exceeds 232448"):
+        torch.ops.ssl_ops_emu._test_smem_launch(anchor, 228 * 1024, True)
+
+
 def test_misaligned_vector_store_faults_as_on_a_gpu(emu):
     out = torch.zeros(12)  # torch aligns CPU storage to 64 bytes
     torch.ops.ssl_ops_emu._test_store16(out, 4)

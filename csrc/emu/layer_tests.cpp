@@ -89,6 +89,21 @@ void test_launch_config(const at::Tensor& anchor, int64_t threads, int64_t block
   launch_kernel(noop_kernel, dim3(blocks), dim3(threads), 0, current_stream(anchor.device()));
 }
 
+// A launch of `bytes` of dynamic shared memory through launch_kernel (which
+// opts in past 48 KB, as cudaFuncSetAttribute does on a GPU) or straight to
+// the emulator without the opt-in (two kernels: an opt-in lasts).
+template <int kId>
+__global__ void smem_kernel() {}
+
+void test_smem_launch(const at::Tensor& anchor, int64_t bytes, bool opt_in) {
+  if (opt_in) {
+    launch_kernel(smem_kernel<1>, dim3(1), dim3(32), size_t(bytes), current_stream(anchor.device()));
+  } else {
+    ::ssl_emu::launch(smem_kernel<0>, dim3(1), dim3(32), size_t(bytes), current_stream(anchor.device()));
+    check_launch();
+  }
+}
+
 // store16 of four floats (1, 2, 3, 4) at out + offset: a GPU faults on a
 // misaligned vector store, and the emulator must too.
 __global__ void store16_kernel(float* dst) { store16(dst, Vec<float, 4>{{1.f, 2.f, 3.f, 4.f}}); }
@@ -171,6 +186,7 @@ SSL_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("_test_warp_ops", &test_warp_ops);
   m.impl("_test_partial_warp", &test_partial_warp);
   m.impl("_test_launch_config", &test_launch_config);
+  m.impl("_test_smem_launch", &test_smem_launch);
   m.impl("_test_checked_grid", &test_checked_grid);
   m.impl("_test_store16", &test_store16);
   m.impl("_test_wmma", &test_wmma);

@@ -17,6 +17,7 @@ TORCH_LIBRARY(ssl_ops_emu, m) {
   m.def("_test_warp_ops(Tensor x) -> Tensor");
   m.def("_test_partial_warp(Tensor x) -> Tensor");
   m.def("_test_launch_config(Tensor anchor, int threads, int blocks) -> ()");
+  m.def("_test_smem_launch(Tensor anchor, int bytes, bool opt_in) -> ()");
   m.def("_test_checked_grid(Tensor anchor, int x, int y, int z) -> ()");
   m.def("_test_store16(Tensor(a!) out, int offset) -> ()");
   m.def("_test_wmma(Tensor a, Tensor b) -> Tensor");
