@@ -28,10 +28,10 @@ space is capped, so an implementation that would not fit reports OOM).
     python -m benchmarks.contrastive --device cuda   # 2N 2048 to 65536, fp32 and bf16, on the GPU
 
 On CUDA, memory is torch.cuda.max_memory_allocated over the inputs, measured
-in this process, and every route of the fused losses is timed (the GEMM route
-at two chunk budgets, the tile kernels, and for NT-Xent the row-tile kernels
-that deterministic mode takes), with the fastest one named per shape: the
-measurement Note [Contrastive routes] in csrc/cuda/contrastive.cu asks for.
+in this process, and both routes of the fused losses are timed (the default,
+fused where it applies, and the GEMM route forced, also at a second chunk
+budget), with the fastest one named per shape (Note [Contrastive routes] in
+csrc/cuda/contrastive.cu).
 """
 
 import argparse
@@ -112,8 +112,6 @@ def loss_fn(case, impl):
 CUDA_ROUTES = {
     "gemm": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "gemm"},
     "gemm_big_chunks": {"SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS": str(2**27)},  # 512 MB fp32 chunks (default 2^25)
-    "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"},
-    "row_tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"},  # and deterministic, below
 }
 
 
@@ -133,19 +131,6 @@ def run_once(case, impl, inputs):
 
 
 def run_route(case, impl, inputs):
-    if impl == "row_tiles":
-        # The fused kernels as torch.use_deterministic_algorithms(True) runs them:
-        # on CUDA, NT-Xent forms every tile of S instead of each symmetric pair once.
-        # (Without filling fresh tensors with NaN, which deterministic mode also does.)
-        previous = torch.are_deterministic_algorithms_enabled()
-        previous_fill = torch.utils.deterministic.fill_uninitialized_memory
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        try:
-            return run_route(case, "fused", inputs)
-        finally:
-            torch.use_deterministic_algorithms(previous)
-            torch.utils.deterministic.fill_uninitialized_memory = previous_fill
     fn = loss_fn(case, "fused" if impl in CUDA_ROUTES else impl)
     if case["mode"] == "forward":
         with torch.no_grad():
@@ -275,8 +260,8 @@ def markdown(rows):
     lines = [
         "| loss | device | dtype | rows (2N or B) | queue | D | pass | fused ms | eager ms | compiled ms "
         "| vs eager | vs compiled | fused MiB | eager MiB | memory ratio | fused TFLOP/s | matmul TFLOP/s "
-        "| gemm ms | big chunks ms | tiles ms | row tiles ms | fastest route | Inf-CL ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| gemm ms | big chunks ms | fastest route | Inf-CL ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
@@ -290,7 +275,7 @@ def markdown(rows):
             f"| {vs_compiled} "
             f"| {fmt_mem(r['fused'])} | {fmt_mem(r['eager'])} | {ratio} "
             f"| {tflops} | {r['matmul_tflops']:.3f} | {fmt_time(r.get('gemm'))} | {fmt_time(r.get('gemm_big_chunks'))} "
-            f"| {fmt_time(r.get('tiles'))} | {fmt_time(r.get('row_tiles'))} | {r.get('fastest_route', '-')} "
+            f"| {r.get('fastest_route', '-')} "
             f"| {fmt_time(r.get('inf_cl'))} |"
         )
     return "\n".join(lines)
@@ -318,10 +303,8 @@ def main():
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
         if case["device"] == "cuda":
-            # DCL takes the GEMM route on either setting (the tile kernels have the mean form only).
             if case["loss"] != "siglip":  # SigLIP has one CUDA route
-                impls += ("gemm", "gemm_big_chunks") + (("tiles",) if case["loss"] != "dcl" else ()) \
-                    + (("row_tiles",) if case["loss"] == "nt_xent" else ())
+                impls += ("gemm", "gemm_big_chunks")
             # Inf-CL where it applies: in-batch InfoNCE, positives on the diagonal (MoCo v3, CLIP's one direction).
             if case["loss"] == "mocov3" and importlib.util.find_spec("inf_cl") is not None:
                 impls += ("inf_cl",)
@@ -333,11 +316,9 @@ def main():
     print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
           f"memory of a fresh process (CUDA: max_memory_allocated); TFLOP/s = the eager computation's "
           f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; CUDA routes: fused = "
-          f"the default (the fused statistics pass for bf16/fp16 forward calls of D 8-128, else the GEMM "
-          f"route), gemm = the GEMM route everywhere, big chunks = the GEMM route with 2^27-element chunks "
-          f"(default 2^25), tiles = the tile "
-          f"kernels (NT-Xent: each symmetric tile pair once), row tiles = the tile kernels under "
-          f"torch.use_deterministic_algorithms(True); fastest route = the quickest of those; Inf-CL = "
+          f"the default (the fused kernels for bf16/fp16 rows of D 8-128, else the GEMM route), gemm = the "
+          f"GEMM route everywhere, big chunks = the GEMM route with 2^27-element chunks (default 2^25); "
+          f"fastest route = the quickest of those; Inf-CL = "
           f"inf_cl.cal_inf_loss on normalised rows (MoCo v3 rows only; where the package is installed); "
           f"JSON: {path}")
     try:

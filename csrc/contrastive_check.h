@@ -32,8 +32,9 @@
 //   kernels; log-sum-exp before G within a chunk, so no online
 //   rescaling; the symmetry is not used (cuBLAS at tensor-core speed does the
 //   third product faster than a hand-written kernel would save it).
-// - CUDA tile route (contrastive_kernels.cuh, contrastive_pairs.cuh): S tiles
-//   in registers and shared memory, as on the CPU.
+// - CUDA fused route (csrc/cuda/contrastive_fused_*.cuh): S tiles in
+//   registers on tensor cores, never stored; the symmetric gradient takes both
+//   terms of each pair from one S.
 #include <ATen/core/Tensor.h>
 
 #include <cmath>

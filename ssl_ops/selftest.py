@@ -11,8 +11,9 @@ inputs. One line per op and route: PASS or FAIL, the worst norm-wise relative
 error over outputs and gradients against its tolerance, and the time of the
 large forward+backward against the eager reference in the input dtype. Exits
 1 on any failure, and names the setting that takes the failing op off its
-kernel (SSL_OPS_EAGER, ssl_ops/_fallback.py; the default contrastive route
-when only the tile route fails).
+kernel (SSL_OPS_EAGER, ssl_ops/_fallback.py; SSL_OPS_CUDA_CONTRASTIVE_ROUTE=gemm
+when only the fused contrastive route fails; the cosine matrix's GEMM route when
+only its tiles fail).
 """
 
 import argparse
@@ -95,8 +96,7 @@ def _labels(z):
 # The routes of the CUDA kernels, each run in turn (the environment variables
 # are read on every call).
 _CUDA_ROUTES = {
-    "contrastive": {"fused": {}, "gemm": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "gemm"},
-                    "tiles": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "tiles"}},
+    "contrastive": {"fused": {}, "gemm": {"SSL_OPS_CUDA_CONTRASTIVE_ROUTE": "gemm"}},
     "cosine_matrix": {"tiles": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "tiles"},
                       "gemm": {"SSL_OPS_CUDA_COSINE_MATRIX_ROUTE": "gemm"}},
 }
@@ -268,9 +268,6 @@ def main(argv=None):
         if route == "fused" and check.family == "contrastive":
             print(f"  {check.name}: the default (fused) route failed; set SSL_OPS_CUDA_CONTRASTIVE_ROUTE=gemm "
                   f"to use the vendor-GEMM route instead, and please report this output")
-        elif route == "tiles" and check.family == "contrastive":
-            print(f"  {check.name}: the tile route failed; the default route is used unless "
-                  f"SSL_OPS_CUDA_CONTRASTIVE_ROUTE=tiles is set")
         elif route == "tiles":
             print(f"  {check.name}: the tile route failed; set SSL_OPS_CUDA_COSINE_MATRIX_ROUTE=gemm "
                   f"to use the vendor GEMM instead")

@@ -82,8 +82,8 @@ def pytest_report_header(config):
 
 # The contrastive ops have two CUDA routes (Note [Contrastive routes] in
 # csrc/cuda/contrastive.cu), picked by SSL_OPS_CUDA_CONTRASTIVE_ROUTE on each
-# call: both (the default GEMM route and the hand-written tile kernels) under
-# every emulator seed.
+# call: the default (fused where it applies, the GEMM route elsewhere) and the
+# GEMM route forced, both under every emulator seed.
 
 
 def _contrastive_params(cuda_source_only=False):
@@ -91,16 +91,16 @@ def _contrastive_params(cuda_source_only=False):
     for seed in EMU_SEEDS:
         params.append(pytest.param(("emu", seed), id=f"emu-s{seed}", marks=pytest.mark.emu))
     for seed in EMU_SEEDS:
-        params.append(pytest.param(("emu", seed, "tiles"), id=f"emu-tiles-s{seed}", marks=pytest.mark.emu))
+        params.append(pytest.param(("emu", seed, "gemm"), id=f"emu-gemm-s{seed}", marks=pytest.mark.emu))
     params.append(pytest.param(("cuda",), id="cuda", marks=pytest.mark.cuda))
-    params.append(pytest.param(("cuda", "tiles"), id="cuda-tiles", marks=pytest.mark.cuda))
+    params.append(pytest.param(("cuda", "gemm"), id="cuda-gemm", marks=pytest.mark.cuda))
     return params
 
 
 def _with_route(request, monkeypatch):
     spec = request.param
-    if spec[-1] == "tiles":
-        monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "tiles")
+    if spec[-1] == "gemm":
+        monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
         spec = spec[:-1]
     else:
         monkeypatch.delenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", raising=False)
@@ -109,7 +109,7 @@ def _with_route(request, monkeypatch):
 
 @pytest.fixture(params=_contrastive_params())
 def contrastive_backend(request, monkeypatch):
-    """Like `backend`, with the CUDA source under both contrastive routes."""
+    """Like `backend`, with the CUDA source under both contrastive route settings."""
     return _with_route(request, monkeypatch)
 
 

@@ -1,6 +1,6 @@
 """Running a test body on the CPU kernels or on the CUDA source under the
 emulator: route names "cpu", "emulated" (the default contrastive route),
-"emulated-gemm" and "emulated-tiles"."""
+"emulated-gemm" (the GEMM route forced)."""
 
 import contextlib
 

@@ -15,7 +15,8 @@ EPS = 1e-12
 
 
 # Every case runs on the CPU kernels and on the CUDA source under both of its
-# routes (GEMM and tile kernels; conftest.py).
+# route settings (the default, fused where it applies, and the GEMM route
+# forced; conftest.py).
 @pytest.fixture
 def backend(contrastive_backend):
     return contrastive_backend
@@ -84,14 +85,12 @@ def test_sym_op(backend, dtype, rows, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rows,d,scale", [(300, 20, 2.0), (256, 33, 1 / 0.2), (70, 300, 1 / 0.01), (97, 7, -3.0)])
-def test_sym_op_tile_pairs_and_deterministic_route(cuda_source_backend, dtype, rows, d, scale):
-    """With every row an anchor the CUDA source forms each symmetric tile pair
-    once (atomics; log-sum-exps that way only where the logit bound holds, so
-    scale 100 takes the pairs for the gradient alone); with deterministic
-    algorithms it forms every tile, bit-identical run to run. Both against
-    the float64 reference, with enough row tiles that pair lists split over
-    blocks (odd and even tile counts) and SupCon labels with singletons."""
+@pytest.mark.parametrize("rows,d,scale", [(300, 24, 2.0), (256, 33, 1 / 0.2), (70, 300, 1 / 0.01), (97, 8, -3.0)])
+def test_sym_op_is_bit_identical_under_deterministic_algorithms(cuda_source_backend, dtype, rows, d, scale):
+    """Neither CUDA route uses float atomics, so
+    torch.use_deterministic_algorithms(True) changes no bit, and repeated runs
+    on a GPU agree bit for bit. Against the float64 reference, with SupCon
+    labels with singletons, bounded (2, 5, -3) and unbounded (100) scales."""
     backend = cuda_source_backend
     z = rand((rows, d), dtype, backend.device, 16)
     labels = torch.randint(0, rows // 3, (rows,), generator=torch.Generator().manual_seed(17))
@@ -111,7 +110,7 @@ def test_sym_op_tile_pairs_and_deterministic_route(cuda_source_backend, dtype, r
         check(grad, ref_grad, "gradient")
         return rows_loss, grad
 
-    pairs = run()
+    free = run()
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
@@ -121,7 +120,7 @@ def test_sym_op_tile_pairs_and_deterministic_route(cuda_source_backend, dtype, r
             assert all(torch.equal(a, b) for a, b in zip(deterministic, again))
     finally:
         torch.use_deterministic_algorithms(previous)
-    checker(dtype, rows + d, scale)(pairs[1], deterministic[1].double().cpu(), "tile pairs vs row tiles")
+    assert all(torch.equal(a, b) for a, b in zip(free, deterministic))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -249,14 +248,10 @@ def test_sym_op_positives_inside_the_log_keep_a_positive_far_below_the_largest_l
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sym_op_one_positive_per_row_is_the_mean_form_bit_for_bit(backend, dtype):
     """With two views each row's only positive is its log-sum-exp: both forms
-    run the same arithmetic, so loss and gradients are equal, not just close.
-    (On CUDA the log-sum-exp form always takes the GEMM route, so under the
-    tile route setting the mean form is run on the GEMM route to compare.)"""
+    run the same arithmetic, so loss and gradients are equal, not just close."""
     z = rand((130, 33), dtype, backend.device, 25)
     labels = torch.arange(65).repeat(2).to(backend.device)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", raising=False)
-        mean_form = backend.ops.contrastive_sym_loss(z, labels, 0, 130, 1 / 0.2, EPS, True, 1, True)
+    mean_form = backend.ops.contrastive_sym_loss(z, labels, 0, 130, 1 / 0.2, EPS, True, 1, True)
     lse_form = backend.ops.contrastive_sym_loss(z, labels, 0, 130, 1 / 0.2, EPS, True, 1, True, LOGSUMEXP)
     assert torch.equal(mean_form[0], lse_form[0])
     assert torch.equal(mean_form[3], lse_form[3])
@@ -534,42 +529,11 @@ def test_tf32_only_where_torch_allows_it(cuda_source_backend):
 
 @pytest.mark.parametrize("d", [257, 300, 520, 1100])
 def test_wide_features(backend, d):
-    """More than 256 features: the tile route's gradient kernels then cover the
-    features in several blocks (blockIdx.y/z > 0), which narrower tests never
-    reach; the GEMM route and the CPU take any width. Partial tiles, every
-    route, forward and backward, against float64."""
+    """More than 256 features (past the fused route's widths): every route takes
+    any width. Partial tiles, forward and backward, against float64."""
     test_sym_op(backend, torch.float32, 37, d)
     test_asym_op(backend, torch.float32, 9, 70, d, True)
     test_asym_op(backend, torch.bfloat16, 33, 33, d, False)
-
-
-@pytest.mark.emu
-def test_tile_route_refuses_more_features_than_its_grid(monkeypatch):
-    """The tile route's gradient grid holds 65535 blocks of 256 features
-    (Note [Launch limits]): one feature more is refused, naming the input,
-    before any kernel runs (the forward's log-sum-exp pass included), for every
-    entry point. The inputs are 2 rows of ones, 134 MB each."""
-    from conftest import make_backend
-    from ssl_ops import emulation
-
-    backend = make_backend(("emu", 0))
-    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "tiles")
-    d = 256 * 65535 + 1
-    z, labels = torch.ones(2, d), torch.zeros(2, dtype=torch.long)
-    lse, count = torch.zeros(2), torch.ones(2, dtype=torch.long)
-    mask = [True, True, False]
-    launches = emulation.load().launch_count()
-    for name, call in [
-        ("z", lambda: backend.ops.contrastive_sym_loss(z, labels, 0, 2, 2.0, EPS, True, 1, True)),
-        ("z", lambda: backend.ops.contrastive_sym_backward(torch.ones(()), z, labels, 0, 2, lse, count, 2.0, EPS,
-                                                           True, 1)),
-        ("query", lambda: backend.ops.contrastive_asym_loss(z, z, None, 0, 2.0, EPS, True, 1, mask)),
-        ("query", lambda: backend.ops.contrastive_asym_backward(torch.ones(()), z, z, None, 0, lse, 2.0, EPS, True, 1,
-                                                                mask)),
-    ]:
-        with pytest.raises(RuntimeError, match=f"tile route .*{name} may have at most 16776960 features, got {d}"):
-            call()
-    assert emulation.load().launch_count() == launches
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 3 * 700, 7 * 700 + 5])
@@ -577,10 +541,6 @@ def test_gemm_route_chunks(cuda_source_backend, monkeypatch, chunk_elements):
     """The GEMM route takes the anchors in chunks of budget // candidates rows
     (at least one): one row per chunk, and chunks that do not divide the
     anchors, for both ops, forward and backward, against float64."""
-    import os
-
-    if os.environ.get("SSL_OPS_CUDA_CONTRASTIVE_ROUTE") == "tiles":
-        pytest.skip("the chunk budget is the GEMM route's")
     monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", str(chunk_elements))
     test_sym_op(cuda_source_backend, torch.float32, 66, 130)
     test_sym_op_anchor_range(cuda_source_backend, torch.bfloat16, 260, 65, 195)
@@ -596,10 +556,6 @@ def test_gemm_route_column_splits_merge_both_new_forms(cuda_source_backend, monk
     log-sum-exps (their own shift under the running max, scale 100) and the
     negatives-only sums merge across splits. Positives sit 700 columns apart,
     so each row's are in different splits. Anchors [1000, 1006)."""
-    import os
-
-    if os.environ.get("SSL_OPS_CUDA_CONTRASTIVE_ROUTE") == "tiles":
-        pytest.skip("the new forms take the GEMM route on either setting; once is enough")
     backend = cuda_source_backend
     rows, d, begin, end = 2100, 8, 1000, 1006
     monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", str(3 * rows))
@@ -622,8 +578,8 @@ def test_gemm_route_column_splits_merge_both_new_forms(cuda_source_backend, monk
 def test_route_and_budget_settings_are_checked(cuda_source_backend, monkeypatch):
     z = rand((6, 4), torch.float32, cuda_source_backend.device, 1)
     labels = torch.arange(3).repeat(2).to(cuda_source_backend.device)
-    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "fast")
-    with pytest.raises(RuntimeError, match=r'SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be "fused", "gemm" or "tiles", got "fast"'):
+    monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "tiles")
+    with pytest.raises(RuntimeError, match=r'SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be "fused" or "gemm", got "tiles"'):
         cuda_source_backend.ops.contrastive_sym_loss(z, labels, 0, 6, 2.0, EPS, True, 1, True)
     monkeypatch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
     monkeypatch.setenv("SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS", "0")

@@ -16,7 +16,7 @@ from ssl_ops.compat import lightly as compat
 from routes import route
 from tolerances import assert_close, cancellation_floor, rtol
 
-ROUTES = ["cpu", "emulated-gemm", "emulated-tiles"]
+ROUTES = ["cpu", "emulated", "emulated-gemm"]
 EXCLUDED = 2  # the op's positives argument: positives left out entirely
 
 

@@ -22,8 +22,10 @@ def test_selftest_passes_under_the_emulator(capsys):
         pytest.skip("the kernels' own tests cover the ASan pass; this one would take minutes there")
     assert selftest.main(["--emulate"]) == 0
     out = capsys.readouterr().out
-    for route in ("fused", "gemm", "tiles"):
+    for route in ("fused", "gemm"):
         assert f"PASS  nt_xent             {route}" in out
+    assert "PASS  cosine_matrix       tiles" in out
+    assert "nt_xent             tiles" not in out  # the contrastive losses have no tile route
 
 
 def test_selftest_reports_a_wrong_op_and_the_setting_that_avoids_it(capsys, monkeypatch):

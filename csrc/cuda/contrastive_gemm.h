@@ -54,21 +54,17 @@
 
 namespace ssl_ops::cuda {
 
-enum class ContrastiveRoute { kFused, kGemm, kTiles };
+enum class ContrastiveRoute { kFused, kGemm };
 
 // SSL_OPS_CUDA_CONTRASTIVE_ROUTE: "fused" (default: the fused kernels where
-// they apply, fused_stats_apply; the GEMM route elsewhere), "gemm" (the GEMM
-// route everywhere) or "tiles" (the hand-written tile kernels of
-// contrastive_kernels.cuh and contrastive_pairs.cuh). Read on every call, so
-// tests and benchmarks can time and check each.
+// fused_route_fits allows, the GEMM route elsewhere) or "gemm" (the GEMM route
+// everywhere). Read on every call, so tests and benchmarks can check and time both.
 inline ContrastiveRoute contrastive_route() {
   const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "fused") == 0) return ContrastiveRoute::kFused;
-  if (std::strcmp(value, "gemm") == 0) return ContrastiveRoute::kGemm;
-  TORCH_CHECK(std::strcmp(value, "tiles") == 0,
-              ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"fused\", \"gemm\" or \"tiles\", got \"",
-                               value, "\""));
-  return ContrastiveRoute::kTiles;
+  TORCH_CHECK(std::strcmp(value, "gemm") == 0,
+              ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"fused\" or \"gemm\", got \"", value, "\""));
+  return ContrastiveRoute::kGemm;
 }
 
 // Note [Chunk budget]: S_c holds at most this many elements (fp32: 128 MB by

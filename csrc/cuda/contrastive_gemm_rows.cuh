@@ -41,11 +41,12 @@
 #include <cstdint>
 
 #include "compat.cuh"
-#include "contrastive_kernels.cuh"
+#include "acc_type.cuh"
+#include "block_reduce.cuh"
 
 namespace ssl_ops::cuda {
 
-constexpr int kGemmRowThreads = 256;
+constexpr int kGemmRowThreads = kBlockReduceThreads;
 constexpr double kGScale = 16384.0;  // 2^14: exact in every dtype
 
 template <typename A>
@@ -67,21 +68,6 @@ struct GemmRowParams {
   A* part_pos_shift;       // positives inside the log only, else null
   A* part_pos_sum;
 };
-
-template <typename A>
-__device__ __forceinline__ A block_reduce(A v, A* smem, bool take_max) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const A other = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = take_max ? (other > v ? other : v) : v + other;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read by a previous reduction
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  A total = smem[0];
-  for (int w = 1; w < kGemmRowThreads / 32; ++w) total = take_max ? (smem[w] > total ? smem[w] : total) : total + smem[w];
-  return total;
-}
 
 template <typename A>
 struct RowColumn {

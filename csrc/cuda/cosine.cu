@@ -13,11 +13,11 @@
 
 #include <array>
 
-#include "../contrastive_check.h"
+#include "../contrastive_check.h"  // loss_dtype
 #include "../cosine_check.h"
 #include "compat.cuh"
-#include "contrastive_kernels.cuh"  // acc_t
-#include "contrastive_rows.cuh"     // warp_sum, kRowsPerBlock, to_output
+#include "acc_type.cuh"
+#include "row_norms.cuh"  // warp_sum, kRowsPerBlock, to_output
 
 namespace ssl_ops::cuda {
 namespace {

@@ -3,7 +3,7 @@
 // Note [Cosine matrix routes]. Forward, two routes (SSL_OPS_CUDA_COSINE_MATRIX_ROUTE
 // = "tiles" | "gemm" forces one; tests run both):
 //   tiles: row denominators (row_denom_kernel), then cosine_matrix_kernel on the
-//     contrastive S-tile machinery, whose epilogue applies both inverse norms
+//     S-tile machinery (similarity_tile.cuh), whose epilogue applies both inverse norms
 //     in registers (no normalised copy of a or b), stages the finished tile in
 //     shared memory and writes it as 16-byte vectors (Note [Cosine matrix
 //     stores]). With b = None only tiles on and above the diagonal are
@@ -59,9 +59,9 @@
 #include "../cosine_rank_one.h"
 #include "../message.h"
 #include "compat.cuh"
-#include "contrastive_kernels.cuh"
 #include "gemm_acc.h"
-#include "contrastive_rows.cuh"
+#include "row_norms.cuh"
+#include "similarity_tile.cuh"
 #include "launch_limits.h"
 
 namespace ssl_ops::cuda {

@@ -11,12 +11,8 @@
 //  kernel (file)                         grid                        user-facing limit / host check
 //  row_denom, finish_rows, row_dot,      x = ceil(rows / 8)          rows <= 8 (2^31 - 1) = 1.7e10: row_grid
 //    cosine_rows(_backward)
-//  lse_kernel (contrastive.cu)           x = ceil(rows / tile)       rows <= tile (2^31 - 1): check_tile_route_size
-//  grad_kernel                           x as lse; y = feature       D <= 256 * 65535 = 16,776,960 on the tile
-//                                          blocks, ceil(D / 256)       route: check_tile_route_size, before any
-//  sym_lse_pairs, sym_grad_pairs         x = row tiles; y = slices     kernel runs (the GEMM route, the default,
-//    (contrastive_pairs.cuh)               (<= 2 SMs); z = feature     has no feature limit)
-//                                          blocks (gradient)
+//  fused_row_stats, fused_grad          x = ceil(rows / 64);        rows <= 64 (2^31 - 1); splits <= 2 waves
+//    (contrastive_gemm.h)                y = column splits           of CTAs (~1056 on 132 SMs) < 65535
 //  gemm_row_stats / merge / coef         (chunk rows, splits)        chunk rows <= 2^31 - 1, splits <= 65535:
 //    (contrastive_gemm.h)                                              before the chunk buffer is allocated
 //  siglip_rows (siglip.cu)               (chunk rows, splits)        as the GEMM route (siglip_chunks.h)
@@ -28,8 +24,9 @@
 //                                                                      chunk index: numel <= 2^31 chunk_size
 // Threads per block are constants (256; 512 for the EMA), each kernel's
 // __launch_bounds__. Static shared memory is checked at build time: ptxas
-// refuses a kernel over 48 KB (the largest, sym_grad_pairs fp32, takes 36 KB;
-// each kernel's figure is in its file). No kernel uses dynamic shared memory.
+// refuses a kernel over 48 KB (each kernel's figure is in its file). Dynamic
+// shared memory: the fused kernels only, at most 50 KB, opted in past 48 KB by
+// launch_kernel (compat.cuh).
 // The emulator checks every launch against the same limits (csrc/emu/runtime.cpp).
 #include <c10/util/Exception.h>
 

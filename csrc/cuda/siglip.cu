@@ -22,7 +22,8 @@
 #include "../siglip_check.h"
 #include "../siglip_chunks.h"
 #include "compat.cuh"
-#include "contrastive_gemm_rows.cuh"  // block_reduce, kGemmRowThreads
+#include "acc_type.cuh"
+#include "block_reduce.cuh"
 #include "launch_limits.h"
 
 namespace ssl_ops::cuda {
@@ -44,8 +45,8 @@ struct SiglipRowParams {
 // t = -label * logit, e = exp(-|t|): loss = max(t, 0) + log1p(e),
 // g = -label * sigmoid(t) with sigmoid(t) = (t >= 0 ? 1 : e) / (1 + e).
 template <typename A>
-__global__ void __launch_bounds__(kGemmRowThreads) siglip_rows_kernel(SiglipRowParams<A> p) {
-  __shared__ A smem[kGemmRowThreads / 32];
+__global__ void __launch_bounds__(kBlockReduceThreads) siglip_rows_kernel(SiglipRowParams<A> p) {
+  __shared__ A smem[kBlockReduceThreads / 32];
   const int64_t row = blockIdx.x, split = blockIdx.y;
   const int64_t c0 = split * p.cols_per_split;
   const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kGemmRowThreads) siglip_rows_kernel(SiglipRowP
   const A scale = *p.scale, bias = p.bias ? *p.bias : A(0);
   const int64_t positive = row + p.positive_diagonal;
   A loss = 0, grad_scale = 0, grad_bias = 0;
-  for (int64_t c = c0 + threadIdx.x; c < c1; c += kGemmRowThreads) {
+  for (int64_t c = c0 + threadIdx.x; c < c1; c += kBlockReduceThreads) {
     const A sim = s[c];
     const A logit = scale * sim + bias;
     const bool is_positive = c == positive;
@@ -101,7 +102,7 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
                          bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr, compute_grad,
                          parts.data_ptr<A>()};
     launch_kernel(siglip_rows_kernel<A>, checked_grid("siglip_rows_kernel (chunk rows, splits)", rows, splits),
-                  dim3(kGemmRowThreads), 0, stream, p);
+                  dim3(kBlockReduceThreads), 0, stream, p);
   };
   if (s.scalar_type() == at::kDouble) {
     launch(s.data_ptr<double>());

@@ -1,5 +1,6 @@
 #pragma once
-// Row-wise kernels around the contrastive tile kernels, one warp per row:
+// Row kernels of the normalisation, one warp per row (the contrastive losses
+// and the cosine ops):
 //   row_denom_kernel:  denom_r = max(||x_r||, eps) (1 without normalisation)
 //   row_dot_kernel:    out_r = scale * (a_r . b_r) / (denom_a_r * denom_b_r)
 //   finish_rows_kernel: the gradient through the normalisation,
@@ -17,7 +18,7 @@
 #include <type_traits>
 
 #include "compat.cuh"
-#include "contrastive_kernels.cuh"
+#include "acc_type.cuh"
 #include "launch_limits.h"
 
 namespace ssl_ops::cuda {
