@@ -103,7 +103,7 @@ if WITH_CUDA:
 
 def aten_has_mm_out_dtype():
     """aten::mm.dtype_out (fp16/bf16 operands, fp32 result from cuBLAS) is in
-    recent torch only; csrc/cuda/contrastive_gemm.h widens the operands without it."""
+    recent torch only; csrc/cuda/contrastive_gemm.cu widens the operands without it."""
     header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ops", "mm.h")
     try:
         with open(header) as f:

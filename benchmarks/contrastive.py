@@ -31,7 +31,7 @@ On CUDA, memory is torch.cuda.max_memory_allocated over the inputs, measured
 in this process, and both routes of the fused losses are timed (the default,
 fused where it applies, and the GEMM route forced, also at a second chunk
 budget), with the fastest one named per shape (Note [Contrastive routes] in
-csrc/cuda/contrastive.cu).
+csrc/cuda/contrastive_passes.cu).
 """
 
 import argparse
@@ -106,7 +106,7 @@ def loss_fn(case, impl):
 
 
 # The CUDA routes of the fused losses (Note [Contrastive routes] in
-# csrc/cuda/contrastive.cu), timed side by side so the first GPU run settles the
+# csrc/cuda/contrastive_passes.cu), timed side by side so the first GPU run settles the
 # routing rule: "fused" is the default (the fused kernels where they apply,
 # else the GEMM route with the default chunk budget).
 CUDA_ROUTES = {

@@ -27,7 +27,7 @@
 //   rows against every candidate where they fit (G in place, no tile formed
 //   twice) and falls back to tiles with the query-only gradient accumulated in
 //   the log-sum-exp pass itself (online softmax).
-// - CUDA GEMM route (csrc/cuda/contrastive_gemm.h): chunks of c anchor rows
+// - CUDA GEMM route (csrc/cuda/contrastive_gemm.cu): chunks of c anchor rows
 //   against every candidate, S_c stored in fp32 by cuBLAS and read back by row
 //   kernels; log-sum-exp before G within a chunk, so no online
 //   rescaling; the symmetry is not used (cuBLAS at tensor-core speed does the

@@ -45,13 +45,16 @@ def _no_double_backward(ctx, *grads):
 
 
 def _sym_setup_context(ctx, inputs, output):
-    z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, _ = inputs[:9]
+    z, labels, anchor_begin, anchor_end, scale, eps, normalize, reduction, compute_grad = inputs[:9]
     positives = inputs[9] if len(inputs) > 9 else 0
     _, lse, positive_count, grad, lse_positive = output
     ctx.save_for_backward(z, labels, lse, positive_count, grad, lse_positive)
     ctx.anchors = (anchor_begin, anchor_end)
     ctx.options = (scale, eps, normalize, reduction)
     ctx.positives = positives
+    # The op's contract (and its fake kernel's): asked with a reduction, the
+    # forward returns d loss / d z for grad_loss = 1.
+    ctx.grad_in_forward = bool(compute_grad) and reduction != 0
 
 
 def _sym_backward(ctx, grad_loss, *_unused):
@@ -59,7 +62,7 @@ def _sym_backward(ctx, grad_loss, *_unused):
         _no_double_backward(ctx)
     z, labels, lse, positive_count, grad, lse_positive = ctx.saved_tensors
     scale, eps, normalize, reduction = ctx.options
-    if reduction != 0 and grad.shape == z.shape:
+    if ctx.grad_in_forward:
         grad_z = grad * grad_loss  # computed in the forward; only scaled here
     else:
         grad_z = torch.ops.ssl_ops.contrastive_sym_backward(
@@ -112,11 +115,14 @@ def _asym_backward_fake(grad_loss, query, key, positive_key, positive_offset, ls
 
 
 def _asym_setup_context(ctx, inputs, output):
-    query, key, positive_key, positive_offset, scale, eps, normalize, reduction, _ = inputs
+    query, key, positive_key, positive_offset, scale, eps, normalize, reduction, grad_mask = inputs
     _, lse, gq, gk, gp = output
     ctx.save_for_backward(query, key, positive_key, lse, gq, gk, gp)
     ctx.positive_offset = positive_offset
     ctx.options = (scale, eps, normalize, reduction)
+    # The op's contract (and its fake kernel's): with a reduction, the forward
+    # returns the gradients grad_mask asks for, for grad_loss = 1.
+    ctx.grads_in_forward = tuple(bool(m) and reduction != 0 for m in grad_mask)
 
 
 def _asym_backward(ctx, grad_loss, *_unused):
@@ -128,8 +134,7 @@ def _asym_backward(ctx, grad_loss, *_unused):
     if positive_key is None:
         needs[2] = False
     stored = (gq, gk, gp)
-    inputs = (query, key, positive_key)
-    if reduction != 0 and all(not n or g.shape == x.shape for n, g, x in zip(needs, stored, inputs)):
+    if all(not n or in_forward for n, in_forward in zip(needs, ctx.grads_in_forward)):
         grads = [g * grad_loss if n else None for n, g in zip(needs, stored)]
     else:
         grads = torch.ops.ssl_ops.contrastive_asym_backward(

@@ -81,7 +81,7 @@ def pytest_report_header(config):
 
 
 # The contrastive ops have two CUDA routes (Note [Contrastive routes] in
-# csrc/cuda/contrastive.cu), picked by SSL_OPS_CUDA_CONTRASTIVE_ROUTE on each
+# csrc/cuda/contrastive_passes.cu), picked by SSL_OPS_CUDA_CONTRASTIVE_ROUTE on each
 # call: the default (fused where it applies, the GEMM route elsewhere) and the
 # GEMM route forced, both under every emulator seed.
 

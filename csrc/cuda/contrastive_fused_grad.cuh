@@ -16,8 +16,8 @@
 // fixed order and multiplies by scale max|w| / kGScale. No float atomics.
 //
 // Note [Fused gradient pass]:
-// - Where it applies: the statistics pass's conditions (fused_route_fits in
-//   contrastive_gemm.h), with the statistics computed or given (backward op).
+// - Where it applies: the statistics pass's conditions (choose_contrastive_route in
+//   contrastive_passes.cu), with the statistics computed or given (backward op).
 // - Per anchor the host packs {lse_r log2(e), kGScale w_r, inv_r, lse_pos_r log2(e)}
 //   into 16 bytes (inv_r = -1: the log-sum-exp term); kColumns and kBoth stage
 //   the column anchors' records by cp.async next to their tile (1 KB per tile).

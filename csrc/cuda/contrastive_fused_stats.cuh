@@ -11,7 +11,7 @@
 // Note [Fused statistics pass]:
 // - bf16/fp16 rows, D a multiple of 8 (16-byte rows for cp.async) and at most
 //   128, the logit bound usable (unit rows), sm_80+; everything else keeps the
-//   GEMM route's statistics (route choice: fused_route_fits in contrastive_gemm.h).
+//   GEMM route's statistics (route choice: choose_contrastive_route in contrastive_passes.cu).
 // - CTA: 4 warps, 64 anchor rows (16 per warp, one m16 tile), column tiles of
 //   64 double-buffered by cp.async; Q and K tiles swizzled (tensor_core_ptx.cuh).
 //   Shared memory 3 x 64 rows x D_pad x 2 bytes: 24 KB (D <= 64) or 48 KB

@@ -1,5 +1,5 @@
 #pragma once
-// Row kernels of the GEMM route (host code: contrastive_gemm.h). The vendor
+// Row kernels of the GEMM route (host code: contrastive_gemm.cu). The vendor
 // GEMM has written one chunk of the similarity matrix,
 //   S_rc = q_hat_r . k_hat_c        (c anchor rows x all n candidate columns, fp32; fp64 for double)
 // and these kernels read it once per pass:

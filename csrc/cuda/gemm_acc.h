@@ -1,7 +1,7 @@
 #pragma once
 // GEMMs whose products accumulate in the accumulation type (fp32 for fp16/bf16
 // operands, else the operands' own): cuBLAS through ATen, used by the
-// contrastive GEMM route (contrastive_gemm.h) and the cosine matrix.
+// contrastive GEMM route (contrastive_gemm.cu) and the cosine matrix.
 // Under the emulator they run as CPU at::mm on operands widened the way the
 // tensor cores read them.
 #include <ATen/core/Tensor.h>

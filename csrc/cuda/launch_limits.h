@@ -12,9 +12,9 @@
 //  row_denom, finish_rows, row_dot,      x = ceil(rows / 8)          rows <= 8 (2^31 - 1) = 1.7e10: row_grid
 //    cosine_rows(_backward)
 //  fused_row_stats, fused_grad          x = ceil(rows / 64);        rows <= 64 (2^31 - 1); splits <= 2 waves
-//    (contrastive_gemm.h)                y = column splits           of CTAs (~1056 on 132 SMs) < 65535
+//    (contrastive_fused.cu)               y = column splits           of CTAs (~1056 on 132 SMs) < 65535
 //  gemm_row_stats / merge / coef         (chunk rows, splits)        chunk rows <= 2^31 - 1, splits <= 65535:
-//    (contrastive_gemm.h)                                              before the chunk buffer is allocated
+//    (contrastive_gemm.cu)                                              before the chunk buffer is allocated
 //  siglip_rows (siglip.cu)               (chunk rows, splits)        as the GEMM route (siglip_chunks.h)
 //  cosine_matrix_kernel                  x = tiles (b = None: the    tiles <= 2^31 - 1, e.g. b = None needs
 //                                          upper triangle)             M <= 4,194,240 (fp64 2,097,120):

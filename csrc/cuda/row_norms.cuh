@@ -9,6 +9,7 @@
 //   written in x's dtype (float16 saturated at its largest finite value).
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 29-31 registers
 // (row_denom), 38-39 (finish_rows; 48 double); no shared memory, no spills.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -159,6 +160,12 @@ at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStrea
                       denom.data_ptr<A>()};
   launch_kernel(row_denom_kernel<T>, row_grid(x.size(0)), dim3(kRowThreads), 0, stream, p);
   return denom;
+}
+
+// The rows the products multiply: x / denom in x's dtype (x itself without normalisation).
+inline at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& denom, bool normalize) {
+  if (!normalize) return x;
+  return (x.to(denom.scalar_type()) / denom.unsqueeze(1)).to(x.scalar_type());
 }
 
 // The gradient through the normalisation of x for d(normalised rows) =

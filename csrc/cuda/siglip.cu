@@ -1,5 +1,5 @@
 // SigLIP's pairwise sigmoid loss, CUDA: Note [SigLIP loss] (csrc/siglip_check.h)
-// on the contrastive GEMM route's pattern (contrastive_gemm.h): chunks of
+// on the contrastive GEMM route's pattern (contrastive_gemm.cu): chunks of
 // image rows (csrc/siglip_chunks.h), each chunk's similarities from cuBLAS,
 // then one fused row kernel (siglip_rows_kernel) that reads each similarity
 // once and writes G over it, with the partial sums of the loss, g * s and g,

@@ -1,0 +1,224 @@
+// The fused route of the contrastive losses (Note [Contrastive routes],
+// contrastive_passes.cu), host code: the statistics pass
+// (contrastive_fused_stats.cuh) and the gradient passes
+// (contrastive_fused_grad.cuh) over tensor-core tiles that never store S; the
+// statistics partials merge as on the GEMM route (merge_row_stats).
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "contrastive_fused_grad.cuh"
+#include "contrastive_fused_stats.cuh"
+#include "contrastive_gemm_rows.cuh"  // kGScale
+#include "contrastive_passes.h"
+#include "launch_limits.h"
+
+namespace ssl_ops::cuda {
+namespace {
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+using DeviceHalf = std::conditional_t<std::is_same_v<T, c10::Half>, __half, __nv_bfloat16>;
+
+// Note [Fused query gradient] (contrastive_fused_stats.cuh): InfoNCE with a
+// query gradient, one positive per row (key r + offset, or MoCo's positive key
+// outside the columns), takes d query from the statistics pass itself.
+template <typename T>
+bool fused_query_grad_in_stats(const ContrastiveSpec<T>& spec) {
+  return spec.grad_q && !spec.given_lse.defined() && spec.labels == nullptr && !spec.exclude_self &&
+      !spec.exclude_positives && !spec.positives_lse;
+}
+
+// Column splits of a fused pass: two waves of `ctas_per_sm` CTAs per
+// multiprocessor, splits of whole column tiles.
+struct FusedSplits {
+  int64_t tiles_per_split, splits;
+};
+FusedSplits fused_splits(int64_t rows, int64_t cols, int ctas_per_sm, c10::Device device) {
+  const int64_t row_blocks = ceil_div64(rows, kFusedRows);
+  const int64_t col_tiles = std::max<int64_t>(ceil_div64(cols, kFusedCols), 1);
+  const int64_t wanted = 2 * ctas_per_sm * int64_t(multiprocessor_count(device));
+  const int64_t per_split = ceil_div64(col_tiles, std::clamp<int64_t>(ceil_div64(wanted, row_blocks), 1, col_tiles));
+  return {per_split, ceil_div64(col_tiles, per_split)};
+}
+
+// The fused statistics pass over all anchors; returns the column splits of the
+// partials it wrote into parts ([3 or 5][splits][na]) and part_count.
+template <typename T>
+int64_t fused_stats(const ContrastiveSpec<T>& spec, c10::Device device, cudaStream_t stream, at::Tensor& parts,
+                    at::Tensor& part_count, at::Tensor* part_grad = nullptr) {
+  using Dev = DeviceHalf<T>;
+  const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
+  const int64_t row_blocks = ceil_div64(na, kFusedRows);
+  // 4 CTAs per multiprocessor fit (96 registers); 2 with the query gradient (182).
+  const auto [tiles_per_split, splits] = fused_splits(na, n, part_grad ? 2 : 4, device);
+  const auto acc_opts = spec.q_hat.options().dtype(at::kFloat);
+  parts = at::empty({spec.positives_lse ? 5 : 3, splits, na}, acc_opts);
+  part_count = at::empty({splits, na}, acc_opts.dtype(at::kLong));
+  FusedStatsParams<Dev> p{};
+  p.q = reinterpret_cast<const Dev*>(spec.q_hat.const_data_ptr());
+  p.k = reinterpret_cast<const Dev*>(spec.k_hat.const_data_ptr());
+  p.rows = na;
+  p.cols = n;
+  p.d = d;
+  p.cols_per_split = tiles_per_split * kFusedCols;
+  p.first_row = spec.first_row;
+  p.scale = static_cast<float>(spec.scale);
+  p.labels = spec.labels;
+  p.exclude_self = spec.exclude_self;
+  p.offset_positive = spec.offset_positive;
+  p.exclude_positives = spec.exclude_positives;
+  p.positive_offset = spec.positive_offset;
+  p.part_shift = parts[0].template data_ptr<float>();
+  p.part_sum = parts[1].template data_ptr<float>();
+  p.part_positive = parts[2].template data_ptr<float>();
+  p.part_count = part_count.template data_ptr<int64_t>();
+  if (spec.positives_lse) {
+    p.part_pos_shift = parts[3].template data_ptr<float>();
+    p.part_pos_sum = parts[4].template data_ptr<float>();
+  }
+  if (part_grad) {
+    *part_grad = at::empty({splits, na, d}, acc_opts);
+    p.part_grad = part_grad->template data_ptr<float>();
+  }
+  const dim3 grid = checked_grid("fused_row_stats_kernel (row blocks, splits)", row_blocks, splits);
+  const auto run = [&](auto chunks, auto query_grad) {
+    constexpr int kChunks = decltype(chunks)::value;
+    launch_kernel(fused_row_stats_kernel<Dev, kChunks, decltype(query_grad)::value>, grid, dim3(kFusedThreads),
+                  fused_stats_smem_bytes<kChunks>(), stream, p);
+  };
+  using Small = std::integral_constant<int, 8>;
+  using Large = std::integral_constant<int, 16>;
+  if (part_grad) {
+    d <= 64 ? run(Small{}, std::true_type{}) : run(Large{}, std::true_type{});
+  } else {
+    d <= 64 ? run(Small{}, std::false_type{}) : run(Large{}, std::false_type{});
+  }
+  return splits;
+}
+
+// Each anchor's gradient statistics, packed for the fused gradient pass
+// (FusedAnchorTerms): lse log2(e), kGScale w, 1 / |P| (-1: the positives' term
+// is exp(s - lse_pos)), lse_pos log2(e).
+inline at::Tensor fused_anchor_terms(const at::Tensor& lse, const at::Tensor& weight, const at::Tensor& inv_count,
+                                     const at::Tensor& lse_positive) {
+  constexpr double kLog2e = 1.4426950408889634;
+  const at::Tensor inv = lse_positive.defined() ? at::where(inv_count == 0, -1.0, inv_count) : inv_count;
+  const at::Tensor pos = lse_positive.defined() ? lse_positive * kLog2e : at::zeros_like(lse);
+  return at::stack({lse * kLog2e, weight * kGScale, inv, pos}, 1).to(at::kFloat).contiguous();
+}
+
+// One fused gradient pass (contrastive_fused_grad.cuh): sum_c G_rc cols_in_c
+// for each row of rows_in (fp32, rows x d, before the scale max|w| / kGScale),
+// the column splits summed in a fixed order.
+template <typename T>
+at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                      const at::Tensor& terms, const ContrastiveSpec<T>& spec, c10::Device device, cudaStream_t stream) {
+  using Dev = DeviceHalf<T>;
+  const int64_t rows = rows_in.size(0), cols = cols_in.size(0), d = rows_in.size(1);
+  const auto acc_opts = rows_in.options().dtype(at::kFloat);
+  if (rows == 0) return at::zeros({0, d}, acc_opts);
+  // 3 CTAs per multiprocessor (167 registers, 50 KB: Note [Fused gradient pass]).
+  const auto [tiles_per_split, splits] = fused_splits(rows, cols, 3, device);
+  at::Tensor out = at::empty({splits, rows, d}, acc_opts);
+  FusedGradParams<Dev> p{};
+  p.rows_in = reinterpret_cast<const Dev*>(rows_in.const_data_ptr());
+  p.cols_in = reinterpret_cast<const Dev*>(cols_in.const_data_ptr());
+  p.rows = rows;
+  p.cols = cols;
+  p.d = d;
+  p.cols_per_split = tiles_per_split * kFusedCols;
+  p.first_row = spec.first_row;
+  p.scale_log2 = static_cast<float>(spec.scale * 1.4426950408889634);
+  p.terms = reinterpret_cast<const FusedAnchorTerms*>(terms.const_data_ptr());
+  p.labels = spec.labels;
+  p.exclude_self = spec.exclude_self;
+  p.offset_positive = spec.offset_positive;
+  p.exclude_positives = spec.exclude_positives;
+  p.positive_offset = spec.positive_offset;
+  p.out = out.data_ptr<float>();
+  const dim3 grid = checked_grid("fused_grad_kernel (row blocks, splits)", ceil_div64(rows, kFusedRows), splits);
+  const auto run = [&](auto chunks, auto kind) {
+    constexpr int kChunks = decltype(chunks)::value;
+    constexpr FusedGradMode kMode = decltype(kind)::value;
+    launch_kernel(fused_grad_kernel<Dev, kChunks, kMode>, grid, dim3(kFusedThreads),
+                  fused_grad_smem_bytes<kChunks, kMode>(), stream, p);
+  };
+  const auto by_mode = [&](auto chunks) {
+    using M = FusedGradMode;
+    if (mode == M::kRows) run(chunks, std::integral_constant<M, M::kRows>{});
+    if (mode == M::kColumns) run(chunks, std::integral_constant<M, M::kColumns>{});
+    if (mode == M::kBoth) run(chunks, std::integral_constant<M, M::kBoth>{});
+  };
+  d <= 64 ? by_mode(std::integral_constant<int, 8>{}) : by_mode(std::integral_constant<int, 16>{});
+  return splits == 1 ? out[0] : out.sum(0);
+}
+
+}  // namespace
+
+template <typename T>
+void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, ContrastiveResult<T>& out,
+                  c10::Device device, cudaStream_t stream) {
+  const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0);
+  const bool stats = !spec.given_lse.defined();
+  const bool grad_in_stats = stats && fused_query_grad_in_stats(spec);
+  at::Tensor part_grad;
+  if (stats) {
+    at::Tensor parts, part_count;
+    const int64_t splits = fused_stats(spec, device, stream, parts, part_count, grad_in_stats ? &part_grad : nullptr);
+    merge_row_stats(spec, out, w, 0, na, parts, part_count, splits, stream);
+  }
+  if (!spec.grad_q && !spec.grad_k) return;
+  const at::Tensor& lse = stats ? out.lse : spec.given_lse;
+  if (grad_in_stats) {
+    // d q_hat = scale w (sum_c exp(s - shift) k_hat_c exp(shift - lse) - k_hat_positive / |P|),
+    // the splits summed in a fixed order (no atomics).
+    const double bound = std::abs(spec.scale);
+    at::Tensor g = part_grad.sum(0) * (at::exp(bound - lse) / kFusedPScale).unsqueeze(1);
+    if (spec.offset_positive) {
+      const at::Tensor index = (at::arange(na, lse.options().dtype(at::kLong)) + (spec.first_row + spec.positive_offset))
+                                   .clamp(0, std::max<int64_t>(n - 1, 0));
+      g -= spec.k_hat.index_select(0, index).to(lse.scalar_type()) * w.inv_count.unsqueeze(1);
+    }
+    out.grad_q_hat = g * (w.weight * (w.product_scale * kGScale)).unsqueeze(1);
+  }
+  const at::Tensor terms =
+      fused_anchor_terms(lse, w.weight, w.inv_count, stats ? out.lse_positive : spec.given_lse_positive);
+  // Q = K (the symmetric op over all its rows): d z_hat = (G + G^T) z_hat in one pass.
+  if (spec.grad_q && spec.grad_k && na == n && spec.first_row == 0 &&
+      spec.q_hat.const_data_ptr() == spec.k_hat.const_data_ptr()) {
+    out.grad_k_hat =
+        fused_grad(FusedGradMode::kBoth, spec.q_hat, spec.k_hat, terms, spec, device, stream) * w.product_scale;
+    out.grad_k_includes_q = true;
+    return;
+  }
+  if (spec.grad_q && !grad_in_stats) {
+    out.grad_q_hat =
+        fused_grad(FusedGradMode::kRows, spec.q_hat, spec.k_hat, terms, spec, device, stream) * w.product_scale;
+  }
+  if (spec.grad_k) {
+    out.grad_k_hat =
+        fused_grad(FusedGradMode::kColumns, spec.k_hat, spec.q_hat, terms, spec, device, stream) * w.product_scale;
+  }
+}
+
+template void fused_passes<c10::Half>(const ContrastiveSpec<c10::Half>&, const PassWeights&,
+                                      ContrastiveResult<c10::Half>&, c10::Device, cudaStream_t);
+template void fused_passes<c10::BFloat16>(const ContrastiveSpec<c10::BFloat16>&, const PassWeights&,
+                                          ContrastiveResult<c10::BFloat16>&, c10::Device, cudaStream_t);
+
+}  // namespace ssl_ops::cuda

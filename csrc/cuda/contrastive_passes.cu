@@ -1,0 +1,157 @@
+// The passes over S behind both contrastive ops (contrastive_passes.h): the
+// route choice, the outputs and weights both routes share, and the merge of
+// the statistics partials.
+//
+// Note [Contrastive routes]:
+// - Fused (default, where choose_contrastive_route allows: bf16/fp16, 8 <= D <= 128
+//   a multiple of 8, bounded logits, sm_80+): tensor-core tiles that never
+//   store S (contrastive_fused.cu); no vendor GEMM.
+// - GEMM (everything else; SSL_OPS_CUDA_CONTRASTIVE_ROUTE=gemm forces it): each
+//   chunk's S_c by the vendor GEMM in fp32, row kernels for the statistics and
+//   the coefficients G_c, two more GEMMs for the gradient; O(c n + n D) memory
+//   (contrastive_gemm.cu).
+// - Why a fused route: the GEMM route moves 18 bytes per pair through memory and
+//   launches about six kernels per chunk. Measured on an H200 (2026-11-28,
+//   benchmarks/RESULTS.md): bf16, D = 128, NT-Xent 2N = 8192 forward+backward
+//   1.6 ms against eager's 1.2.
+// - Deterministic: no float atomics on either route and fixed chunk and split
+//   orders, so repeated runs are bit-identical; torch's deterministic mode
+//   changes no choice.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "../message.h"
+#include "contrastive_gemm_rows.cuh"
+#include "contrastive_passes.h"
+#include "launch_limits.h"
+#include "tensor_core_arch.h"
+
+namespace ssl_ops::cuda {
+namespace {
+
+enum class ContrastiveRoute { kFused, kGemm };
+
+// The one place the route is chosen. SSL_OPS_CUDA_CONTRASTIVE_ROUTE, read once
+// per call: "fused" (default) or "gemm" (the GEMM route everywhere, for tests,
+// benchmarks and the selftest's fallback). The fused route takes bf16/fp16 unit
+// rows of 8 to 128 features (16-byte rows, 16-byte aligned) on sm_80+ (Note
+// [Fused statistics pass], Note [Fused gradient pass]); fp32 (no TF32 fused
+// path yet), fp64, other D and older archs take the GEMM route.
+template <typename T>
+ContrastiveRoute choose_contrastive_route(const ContrastiveSpec<T>& spec) {
+  const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
+  const bool forced_gemm = value != nullptr && std::strcmp(value, "gemm") == 0;
+  TORCH_CHECK(forced_gemm || value == nullptr || *value == '\0' || std::strcmp(value, "fused") == 0,
+              ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"fused\" or \"gemm\", got \"", value, "\""));
+  if constexpr (!std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
+    return ContrastiveRoute::kGemm;
+  } else {
+    const int64_t d = spec.q_hat.size(1);
+    const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+    const bool fits = spec.bounded && d % 8 == 0 && d > 0 && d <= 128 &&
+        std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
+        spec.k_hat.is_contiguous() && aligned(spec.q_hat) && aligned(spec.k_hat);
+    return fits && !forced_gemm ? ContrastiveRoute::kFused : ContrastiveRoute::kGemm;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+ContrastiveResult<T> contrastive_passes(const ContrastiveSpec<T>& spec, c10::Device device, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const ContrastiveRoute route = choose_contrastive_route(spec);
+  const auto acc_opts = spec.q_hat.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
+  const bool stats = !spec.given_lse.defined();
+  const bool grad = spec.grad_q || spec.grad_k;
+  ContrastiveResult<T> out;
+  if (stats) {
+    out.lse = at::empty({na}, acc_opts);
+    out.positive_sum = at::empty({na}, acc_opts);
+    out.positive_count = at::empty({na}, acc_opts.dtype(at::kLong));
+    if (spec.positives_lse) out.lse_positive = at::empty({na}, acc_opts);
+    if (spec.rows_need_positives) out.row_loss = at::empty({na}, acc_opts);
+  }
+  if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
+  if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
+  if (na == 0 || (!grad && !stats)) return out;
+
+  PassWeights w;
+  if (grad) {
+    const at::Tensor& given = stats ? spec.weight : spec.given_weight;
+    at::Tensor max_weight = at::ones({}, acc_opts);
+    if (given.defined()) {
+      max_weight = at::clamp_min(given.abs().max(), std::numeric_limits<A>::min());
+      w.weight_in = (given / max_weight).contiguous();
+    }
+    w.product_scale = max_weight * (spec.scale / kGScale);
+    w.weight = stats ? at::empty({na}, acc_opts) : w.weight_in;
+    w.inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    if (route == ContrastiveRoute::kFused) {
+      fused_passes(spec, w, out, device, stream);
+      return out;
+    }
+  }
+  gemm_passes(spec, w, out, device, stream);
+  return out;
+}
+
+template <typename T>
+void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, const PassWeights& w, int64_t r0,
+                     int64_t c, const at::Tensor& part_values, const at::Tensor& part_counts, int64_t splits,
+                     cudaStream_t stream) {
+  using A = acc_t<T>;
+  const bool grad = spec.grad_q || spec.grad_k;
+  GemmMergeParams<A> m{};
+  m.part_shift = part_values[0].template const_data_ptr<A>();
+  m.part_sum = part_values[1].template const_data_ptr<A>();
+  m.part_positive = part_values[2].template const_data_ptr<A>();
+  m.part_count = part_counts.template const_data_ptr<int64_t>();
+  if (spec.positives_lse) {
+    m.part_pos_shift = part_values[3].template const_data_ptr<A>();
+    m.part_pos_sum = part_values[4].template const_data_ptr<A>();
+  }
+  m.lse_positive = spec.positives_lse ? out.lse_positive.template data_ptr<A>() + r0 : nullptr;
+  m.row_loss = spec.rows_need_positives ? out.row_loss.template data_ptr<A>() + r0 : nullptr;
+  m.rows = c;
+  m.splits = splits;
+  m.initial_logit = spec.initial_logit.defined() ? spec.initial_logit.template const_data_ptr<A>() + r0 : nullptr;
+  m.weight_in = w.weight_in.defined() ? w.weight_in.template const_data_ptr<A>() + r0 : nullptr;
+  m.rows_need_positives = spec.rows_need_positives;
+  m.exclude_positives = spec.exclude_positives;
+  m.lse = out.lse.template data_ptr<A>() + r0;
+  m.positive_sum = out.positive_sum.template data_ptr<A>() + r0;
+  m.positive_count = out.positive_count.template data_ptr<int64_t>() + r0;
+  // The merge writes the per-row terms of a gradient in the same pass.
+  m.weight = grad ? w.weight.template data_ptr<A>() + r0 : nullptr;
+  m.inv_count = grad ? w.inv_count.template data_ptr<A>() + r0 : nullptr;
+  launch_kernel(gemm_row_merge_kernel<A>,
+                checked_grid("gemm_row_merge_kernel (chunk rows / 256)", (c + kGemmRowThreads - 1) / kGemmRowThreads),
+                dim3(kGemmRowThreads), 0, stream, m);
+}
+
+#define SSL_OPS_INSTANTIATE_PASSES(T)                                                                         \
+  template ContrastiveResult<T> contrastive_passes<T>(const ContrastiveSpec<T>&, c10::Device, cudaStream_t); \
+  template void merge_row_stats<T>(const ContrastiveSpec<T>&, ContrastiveResult<T>&, const PassWeights&,       \
+                                   int64_t, int64_t, const at::Tensor&, const at::Tensor&, int64_t, cudaStream_t);
+SSL_OPS_INSTANTIATE_PASSES(float)
+SSL_OPS_INSTANTIATE_PASSES(double)
+SSL_OPS_INSTANTIATE_PASSES(c10::Half)
+SSL_OPS_INSTANTIATE_PASSES(c10::BFloat16)
+#undef SSL_OPS_INSTANTIATE_PASSES
+
+}  // namespace ssl_ops::cuda
