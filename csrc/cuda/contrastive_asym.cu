@@ -53,9 +53,9 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
   if (positive.has_value()) {
     in.p = positive->contiguous();
     in.denom_p = row_denoms<T>(in.p, eps, normalize, stream);
-    RowDotParams<T> d{in.q.const_data_ptr<T>(), in.p.const_data_ptr<T>(), in.denom_q.const_data_ptr<A>(),
-                      in.denom_p.const_data_ptr<A>(), in.q.size(0), in.q.size(1), static_cast<A>(scale),
-                      in.positive_logit.data_ptr<A>()};
+    RowDotParams<T> d{in.q.template const_data_ptr<T>(), in.p.template const_data_ptr<T>(),
+                      in.denom_q.template const_data_ptr<A>(), in.denom_p.template const_data_ptr<A>(),
+                      in.q.size(0), in.q.size(1), static_cast<A>(scale), in.positive_logit.template data_ptr<A>()};
     launch_kernel(row_dot_kernel<T>, row_grid(in.q.size(0)), dim3(kRowThreads), 0, stream, d);
   }
   return in;
