@@ -14,7 +14,10 @@ from .contrastive import _check_temperature, _check_view, _gathered_sym_loss, _s
 def negative_mises_fisher_weights(out0, out1, sigma=0.5):
     """lightly's DCLW weights: ``2 - N * softmax(<out0_i, out1_i> / sigma)`` over
     the batch, on detached inputs (no gradient through the weights)."""
-    similarity = torch.einsum("nm,nm->n", out0.detach(), out1.detach()) / sigma
+    # lightly's einsum("nm,nm->n") as a product and a sum in the accumulation
+    # type: einsum runs row-wise dots as a batched GEMM (one more vendor call).
+    acc = torch.promote_types(out0.dtype, torch.float32)
+    similarity = (out0.detach().to(acc) * out1.detach().to(acc)).sum(1).to(out0.dtype) / sigma
     return 2 - out0.shape[0] * F.softmax(similarity, dim=0)
 
 

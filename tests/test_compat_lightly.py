@@ -16,6 +16,7 @@ from torch import nn
 import ssl_ops
 from ssl_ops import emulation
 from ssl_ops.compat import lightly as compat
+from tolerances import assert_close, rtol
 
 
 def small_model(seed=0):
@@ -183,3 +184,50 @@ def test_patch_without_lightly_says_so(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"needs lightly installed \(pip install lightly\)"):
         compat.patch()
+
+
+def _moco_pair(L):
+    """lightly's NTXentLoss with a memory bank (MoCo) and ours, the banks equal."""
+    ours, theirs = compat.NTXentLoss(0.1, memory_bank_size=(64, 32)), L.NTXentLoss(0.1, memory_bank_size=(64, 32))
+    theirs.memory_bank.bank.copy_(ours.memory_bank.bank)
+    return ours, theirs.double()
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "make_pair, rows, features",
+    [
+        (lambda L: (compat.NTXentLoss(0.1), L.NTXentLoss(0.1)), 9, 32),
+        (lambda L: (compat.NTXentLoss(0.5), L.NTXentLoss(0.5)), 40, 128),
+        (_moco_pair, 9, 32),
+        (lambda L: (compat.DCLLoss(0.1), L.DCLLoss(0.1)), 9, 16),
+        (lambda L: (compat.DCLWLoss(0.2, sigma=0.5), L.DCLWLoss(0.2, sigma=0.5)), 33, 64),
+    ],
+    ids=["ntxent-9x32", "ntxent-40x128", "ntxent-memory-bank-9x32", "dcl-9x16", "dclw-33x64"],
+)
+def test_lightly_losses_on_the_fused_route_match_lightly(dtype, make_pair, rows, features):
+    """Half rows take the fused route under the emulator (no vendor GEMM, the
+    mma count grows); lightly's own loss on the same rows in float64 is the
+    oracle, loss and gradients."""
+    lightly_loss = pytest.importorskip("lightly.loss")
+    if not emulation.available():
+        pytest.skip("the emulation module is not built")
+    from test_fused_route import fused_kernel_runs
+
+    ours_loss, theirs_loss = make_pair(lightly_loss)
+    g = torch.Generator().manual_seed(rows)
+    out0, out1 = (torch.randn(rows, features, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    with emulation.use_emulated_kernels(), fused_kernel_runs():
+        ours = ours_loss(out0, out1)
+        grads = torch.autograd.grad(ours, [out0, out1])
+    ref0, ref1 = (x.detach().double().requires_grad_() for x in (out0, out1))
+    theirs = theirs_loss(ref0, ref1)
+    ref_grads = torch.autograd.grad(theirs, [ref0, ref1])
+    bank_rows = ours_loss.memory_bank.size[0] if hasattr(ours_loss, "memory_bank") else 0
+    length = 2 * rows + bank_rows + features  # the longest sums: candidates, features
+    scale = 1 / ours_loss.temperature
+    assert_close(ours, theirs, rtol(dtype, output=ours.dtype, length=length, logit_scale=scale), "loss")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert a.dtype == dtype
+        assert_close(a, b, rtol(dtype, length=length, logit_scale=scale), f"d out{i}")
