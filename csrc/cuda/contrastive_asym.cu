@@ -33,6 +33,7 @@ namespace {
 template <typename T>
 struct AsymInputs {
   at::Tensor q, k, p, denom_q, denom_k, denom_p, positive_logit;
+  at::Tensor q_hat, k_hat;  // the rows the products multiply
   int64_t offset = 0;  // without p: the positive of query r is key r + offset
 };
 
@@ -47,8 +48,10 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
   // place when nothing normalises it (solo-learn's mocov2plus), never copying it.
   const bool column_major = key.dim() == 2 && key.t().is_contiguous();
   in.k = (!normalize && column_major) ? key : key.contiguous();
-  in.denom_q = row_denoms<T>(in.q, eps, normalize, stream);
-  in.denom_k = row_denoms<T>(in.k, eps, normalize, stream);
+  NormalizedRows q = normalized_rows<T>(in.q, eps, normalize, stream);
+  NormalizedRows k = normalized_rows<T>(in.k, eps, normalize, stream);
+  in.denom_q = q.denom, in.q_hat = q.rows;
+  in.denom_k = k.denom, in.k_hat = k.rows;
   in.positive_logit = at::empty({in.q.size(0)}, in.denom_q.options());
   if (positive.has_value()) {
     in.p = positive->contiguous();
@@ -97,8 +100,8 @@ std::pair<at::Tensor, std::array<at::Tensor, 3>> asym_passes(AsymInputs<T>& in, 
                                                           cudaStream_t stream) {
   const bool with_p = in.p.defined();
   ContrastiveSpec<T> spec;
-  spec.q_hat = normalized_rows(in.q, in.denom_q, normalize);
-  spec.k_hat = normalized_rows(in.k, in.denom_k, normalize);
+  spec.q_hat = in.q_hat;
+  spec.k_hat = in.k_hat;
   spec.offset_positive = !with_p;
   spec.positive_offset = in.offset;
   if (with_p) spec.initial_logit = in.positive_logit;

@@ -20,6 +20,7 @@
 // operands truncated to TF32 where torch allows TF32 for matmuls.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -65,6 +66,8 @@ void gemm_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, Contrasti
   const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0);
   const bool stats = !spec.given_lse.defined();
   const bool grad = spec.grad_q || spec.grad_k;
+  if (spec.grad_q) out.grad_q_hat = at::empty({na, spec.q_hat.size(1)}, acc_opts);
+  if (spec.grad_k) out.grad_k_hat = at::zeros({n, spec.q_hat.size(1)}, acc_opts);  // accumulated over the chunks
   const int64_t rows_per_chunk =
       std::clamp<int64_t>(contrastive_chunk_elements(kDefaultChunkElements) / std::max<int64_t>(n, 1), 1, na);
   // Column splits: a full wave of blocks (8 per multiprocessor: the row kernels

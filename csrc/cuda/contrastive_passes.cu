@@ -84,9 +84,11 @@ ContrastiveResult<T> contrastive_passes(const ContrastiveSpec<T>& spec, c10::Dev
     if (spec.positives_lse) out.lse_positive = at::empty({na}, acc_opts);
     if (spec.rows_need_positives) out.row_loss = at::empty({na}, acc_opts);
   }
-  if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
-  if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
-  if (na == 0 || (!grad && !stats)) return out;
+  if (na == 0 || (!grad && !stats)) {
+    if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
+    if (spec.grad_k) out.grad_k_hat = at::zeros({n, d}, acc_opts);
+    return out;
+  }
 
   PassWeights w;
   if (grad) {

@@ -72,7 +72,8 @@ void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, 
                      int64_t c, const at::Tensor& part_values, const at::Tensor& part_counts, int64_t splits,
                      cudaStream_t stream);
 
-// The routes: `out` arrives with its outputs allocated (grad_k_hat zeroed).
+// The routes: `out` arrives with its statistics allocated; each route
+// allocates the gradients it writes.
 template <typename T>
 void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, ContrastiveResult<T>& out,
                   c10::Device device, cudaStream_t stream);  // Half and BFloat16 only

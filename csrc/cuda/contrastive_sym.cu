@@ -60,6 +60,10 @@ ContrastiveSpec<T> sym_spec(const at::Tensor& z_hat, const at::Tensor& labels, A
 // keep 0 (no positives, so no loss and no weight).
 template <typename T>
 SymSaved sym_saved_from(const ContrastiveResult<T>& r, int64_t rows, Anchors anchors) {
+  if (anchors.begin == 0 && anchors.end == rows) {  // every row an anchor: no copies (ten launches fewer)
+    const at::Tensor none = at::empty({0}, r.lse.options());
+    return {r.lse, r.positive_sum, r.positive_count, r.lse_positive.defined() ? r.lse_positive : none, r.row_loss};
+  }
   SymSaved s{at::zeros({rows}, r.lse.options()), at::zeros({rows}, r.lse.options()),
              at::zeros({rows}, r.positive_count.options())};
   s.lse.narrow(0, anchors.begin, anchors.count()).copy_(r.lse);
@@ -101,10 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
   const Anchors anchors{anchor_begin, anchor_end};
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_loss", [&] {
-    const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
+    const auto [denom, z_hat] = normalized_rows<scalar_t>(z, eps, normalize, stream);
     const bool with_grad = compute_grad && reduction != Reduction::None;
-    ContrastiveSpec<scalar_t> spec = sym_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
-                                                          scale, normalize, form);
+    ContrastiveSpec<scalar_t> spec = sym_spec<scalar_t>(z_hat, labels, anchors, scale, normalize, form);
     spec.grad_q = spec.grad_k = with_grad;  // weights: 1 where the row has positives
     ContrastiveResult<scalar_t> r = contrastive_passes(spec, z.device(), stream);
     const SymSaved s = sym_saved_from(r, z.size(0), anchors);
@@ -135,13 +138,12 @@ at::Tensor contrastive_sym_backward(const at::Tensor& grad_loss, const at::Tenso
   const at::Tensor z = z_in.contiguous(), labels = labels_in.contiguous();
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contrastive_sym_backward", [&] {
-    const at::Tensor denom = row_denoms<scalar_t>(z, eps, normalize, stream);
+    const auto [denom, z_hat] = normalized_rows<scalar_t>(z, eps, normalize, stream);
     const at::Tensor lse_acc = lse.to(denom.scalar_type()).contiguous();
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), positive_count > 0, denom.scalar_type());
     const Anchors anchors{anchor_begin, anchor_end};
-    ContrastiveSpec<scalar_t> spec = sym_spec<scalar_t>(normalized_rows(z, denom, normalize), labels, anchors,
-                                                          scale, normalize, form);
+    ContrastiveSpec<scalar_t> spec = sym_spec<scalar_t>(z_hat, labels, anchors, scale, normalize, form);
     const at::Tensor count = positive_count.narrow(0, anchors.begin, anchors.count()).to(lse_acc.scalar_type());
     spec.given_lse = lse_acc.narrow(0, anchors.begin, anchors.count()).contiguous();
     spec.given_weight = weight.narrow(0, anchors.begin, anchors.count()).contiguous();

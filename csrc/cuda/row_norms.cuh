@@ -1,7 +1,8 @@
 #pragma once
 // Row kernels of the normalisation, one warp per row (the contrastive losses
 // and the cosine ops):
-//   row_denom_kernel:  denom_r = max(||x_r||, eps) (1 without normalisation)
+//   row_denom_kernel:  denom_r = max(||x_r||, eps) (1 without normalisation), and
+//                      optionally x_hat_r = x_r / denom_r in x's dtype
 //   row_dot_kernel:    out_r = scale * (a_r . b_r) / (denom_a_r * denom_b_r)
 //   finish_rows_kernel: the gradient through the normalisation,
 //     g = grad_hat_r + coef_r * other_r / other_denom_r   (either part optional)
@@ -9,7 +10,6 @@
 //   written in x's dtype (float16 saturated at its largest finite value).
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 29-31 registers
 // (row_denom), 38-39 (finish_rows; 48 double); no shared memory, no spills.
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -40,6 +40,7 @@ struct RowDenomParams {
   acc_t<T> eps;
   bool normalize;
   acc_t<T>* denom;
+  T* x_hat;  // x / denom rounded to T, or null: not written
 };
 
 template <typename T>
@@ -53,10 +54,14 @@ __global__ void __launch_bounds__(kRowThreads) row_denom_kernel(RowDenomParams<T
     const A v = static_cast<A>(p.x[r * p.features + k]);
     sum += v * v;
   }
-  sum = warp_sum(sum);
-  if (lane == 0) {
-    const A norm = sqrt(sum);
-    p.denom[r] = p.normalize ? (norm > p.eps ? norm : p.eps) : A(1);
+  sum = warp_sum(sum);  // in every lane
+  const A norm = sqrt(sum);
+  const A denom = p.normalize ? (norm > p.eps ? norm : p.eps) : A(1);
+  if (lane == 0) p.denom[r] = denom;
+  if (p.x_hat == nullptr) return;
+  // The row again, from cache: the normalised rows the products multiply.
+  for (int64_t k = lane; k < p.features; k += 32) {
+    p.x_hat[r * p.features + k] = static_cast<T>(static_cast<A>(p.x[r * p.features + k]) / denom);
   }
 }
 
@@ -157,15 +162,27 @@ at::Tensor row_denoms(const at::Tensor& x, double eps, bool normalize, cudaStrea
   at::Tensor denom = at::empty({x.size(0)}, options);
   if (x.size(0) == 0) return denom;
   RowDenomParams<T> p{x.const_data_ptr<T>(), x.size(0), x.size(1), static_cast<A>(eps), normalize,
-                      denom.data_ptr<A>()};
+                      denom.data_ptr<A>(), nullptr};
   launch_kernel(row_denom_kernel<T>, row_grid(x.size(0)), dim3(kRowThreads), 0, stream, p);
   return denom;
 }
 
-// The rows the products multiply: x / denom in x's dtype (x itself without normalisation).
-inline at::Tensor normalized_rows(const at::Tensor& x, const at::Tensor& denom, bool normalize) {
-  if (!normalize) return x;
-  return (x.to(denom.scalar_type()) / denom.unsqueeze(1)).to(x.scalar_type());
+// The rows the products multiply, x / denom in x's dtype (x itself without
+// normalisation), and denom: one launch where the norms alone took one and the
+// division three (widen, divide, round).
+struct NormalizedRows {
+  at::Tensor denom, rows;
+};
+template <typename T>
+NormalizedRows normalized_rows(const at::Tensor& x, double eps, bool normalize, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (!normalize || x.size(0) == 0) return {row_denoms<T>(x, eps, normalize, stream), x};
+  NormalizedRows out{at::empty({x.size(0)}, x.options().dtype(c10::CppTypeToScalarType<A>::value)),
+                        at::empty(x.sizes(), x.options())};
+  RowDenomParams<T> p{x.const_data_ptr<T>(), x.size(0), x.size(1), static_cast<A>(eps), normalize,
+                      out.denom.template data_ptr<A>(), out.rows.template data_ptr<T>()};
+  launch_kernel(row_denom_kernel<T>, row_grid(x.size(0)), dim3(kRowThreads), 0, stream, p);
+  return out;
 }
 
 // The gradient through the normalisation of x for d(normalised rows) =
