@@ -1,6 +1,7 @@
 """The fused route's statistics pass (csrc/cuda/contrastive_fused_stats.cuh)
-on the emulator: forward calls without a gradient on bf16/fp16 rows of 8 to
-128 features, every form the GEMM route serves (pairs and SupCon labels; mean,
+on the emulator: forward calls without a gradient on bf16/fp16 rows, and fp32
+rows where torch allows TF32, of 4 to 256 features, every form the GEMM route
+serves (pairs and SupCon labels; mean,
 log-sum-exp and excluded positives; anchor ranges; MoCo's positive key, cross-
 view and offset positives; reductions none, mean and sum), against float64,
 with proof that the fused kernel ran (mma.sync counts) and no vendor GEMM did,
@@ -24,6 +25,33 @@ pytestmark = pytest.mark.emu
 MEAN = 0
 FRAGMENT_LANE, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE = 3, 4, 5
 HALF = [torch.bfloat16, torch.float16]
+TF32 = "tf32"  # fp32 rows with torch's TF32 allowed: the fused kernels' m16n8k8 path
+FUSED_DTYPES = HALF + [TF32]
+
+
+def as_dtype(dtype):
+    return torch.float32 if dtype == TF32 else dtype
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.fixture(params=FUSED_DTYPES, ids=str)
+def fused_dtype(request):
+    """Each dtype the fused route serves, TF32 allowed for "tf32" only."""
+    with tf32_allowed(request.param == TF32):
+        yield request.param
+
+
+def fused_checker(dtype, length, scale, **kwargs):
+    return checker(as_dtype(dtype), length, scale, tf32=dtype == TF32, **kwargs)
 
 
 @pytest.fixture(params=EMU_SEEDS, ids=lambda s: f"emu-s{s}")
@@ -51,13 +79,16 @@ def fused_kernel_runs(expected=True):
 def against_gemm_route(run, length, scale, monkeypatch):
     """run() on the fused route, and on the GEMM route from the same operands:
     both form S in fp32 from the same rounded rows, so only the order of the
-    fp32 sums separates them (a far tighter check than the float64 one's)."""
+    fp32 sums separates them (a far tighter check than the float64 one's).
+    With TF32 the operands' rounding differs too (the emulated vendor GEMM
+    truncates, the fused kernels round to nearest)."""
     with fused_kernel_runs():
         fused = run()
     with monkeypatch.context() as patch:
         patch.setenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE", "gemm")
         gemm = run()
-    tol = rtol(torch.float32, length=length, logit_scale=scale, rounds_operands=False)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    tol = rtol(torch.float32, length=length, logit_scale=scale, rounds_operands=False, tf32=tf32)
     for i, (a, b) in enumerate(zip(fused, gemm)):
         if a.is_floating_point():
             finite = torch.isfinite(b)  # lse is -inf for a row without candidates (one row)
@@ -77,13 +108,27 @@ def sym_rows(emu, z, labels, begin, end, scale, form, monkeypatch):
     return rows, lse, count, lse_pos
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("rows,d", [(1, 8), (2, 8), (63, 64), (130, 40), (200, 128), (65, 72)])
+SYM_SHAPES = [(1, 8), (2, 8), (63, 64), (130, 40), (200, 128), (65, 72), (70, 136), (130, 256)]
+
+
+@pytest.mark.parametrize("rows,d", SYM_SHAPES)
 @pytest.mark.parametrize("form", [MEAN, LOGSUMEXP, EXCLUDED], ids=["mean", "logsumexp", "excluded"])
-def test_sym_forms(emu, dtype, rows, d, form, monkeypatch):
+def test_sym_forms(emu, fused_dtype, rows, d, form, monkeypatch):
     """Partial row blocks and column tiles, one and two rows, D from one 16-byte
-    chunk to 128; groups of 1 to 4 rows (0 to 3 positives)."""
-    z = rand((rows, d), dtype, "cpu", 31)
+    chunk to 256 (each row width the kernels are built for); groups of 1 to 4
+    rows (0 to 3 positives)."""
+    sym_forms_case(emu, fused_dtype, rows, d, form, monkeypatch)
+
+
+@pytest.mark.parametrize("rows,d", [(1, 4), (70, 36), (65, 252)])
+def test_tf32_rows_of_four_features(emu, rows, d, monkeypatch):
+    """fp32 rows are whole 16-byte chunks from 4 features on."""
+    with tf32_allowed(True):
+        sym_forms_case(emu, TF32, rows, d, MEAN, monkeypatch)
+
+
+def sym_forms_case(emu, dtype, rows, d, form, monkeypatch):
+    z = rand((rows, d), as_dtype(dtype), "cpu", 31)
     sizes = torch.tensor([1, 2, 3, 4])
     labels = torch.repeat_interleave(torch.arange(rows), sizes.repeat(rows)[:rows])[:rows]
     labels = labels[torch.randperm(rows, generator=torch.Generator().manual_seed(32))]
@@ -91,7 +136,7 @@ def test_sym_forms(emu, dtype, rows, d, form, monkeypatch):
     same = labels[:, None] == labels[None, :]
     valid = (same.sum(1) - 1) > 0
     out, lse, count, lse_pos = sym_rows(emu, z, labels, 0, rows, scale, form, monkeypatch)
-    check = checker(dtype, rows + d, scale)
+    check = fused_checker(dtype, rows + d, scale)
     assert count.tolist() == (same.sum(1) - 1).tolist()
     reference_fn = {MEAN: sym_reference, LOGSUMEXP: sym_lse_reference, EXCLUDED: sym_excluded_reference}[form]
     ref_rows, _ = reference_fn(z, labels, scale, valid.double())
@@ -126,13 +171,13 @@ def test_sym_reductions(emu, reduction):
     checker(torch.bfloat16, rows + 32, 1 / 0.2)(loss, expected, "loss")
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("batch,queue,d", [(1, 1, 8), (65, 700, 64), (70, 66, 128)])
+@pytest.mark.parametrize("batch,queue,d", [(1, 1, 8), (65, 700, 64), (70, 66, 128), (66, 130, 256)])
 @pytest.mark.parametrize("with_queue", [True, False], ids=["moco", "cross-view"])
 @pytest.mark.parametrize("reduction", [0, 1], ids=["none", "mean"])
-def test_asym(emu, dtype, batch, queue, d, with_queue, reduction, monkeypatch):
+def test_asym(emu, fused_dtype, batch, queue, d, with_queue, reduction, monkeypatch):
     """MoCo (the positive key's logit merged as each row's first term) and
     cross-view InfoNCE (the positive on the diagonal)."""
+    dtype = as_dtype(fused_dtype)
     q = rand((batch, d), dtype, "cpu", 35)
     k = rand((batch, d), dtype, "cpu", 36)
     qu = rand((queue, d), dtype, "cpu", 37) if with_queue else None
@@ -144,7 +189,7 @@ def test_asym(emu, dtype, batch, queue, d, with_queue, reduction, monkeypatch):
         batch + queue + d, scale, monkeypatch)
     inputs = [t.double() for t in (q, k) + ((qu,) if with_queue else ())]
     ref = reference.info_nce_loss(*inputs, temperature=0.2, reduction=["none", "mean"][reduction])
-    checker(dtype, batch + queue + d, scale)(loss, ref, "loss")
+    fused_checker(fused_dtype, batch + queue + d, scale)(loss, ref, "loss")
 
 
 @pytest.mark.parametrize("batch,keys,offset", [(1, 3, 2), (70, 140, 70), (66, 200, 67)])
@@ -161,14 +206,14 @@ def test_asym_positive_offset(emu, batch, keys, offset, monkeypatch):
     checker(torch.bfloat16, keys + 24, scale)(rows, ref_rows, "row losses")
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("batch,queue,d", [(1, 1, 8), (65, 700, 64), (70, 130, 128), (130, 66, 40)])
+@pytest.mark.parametrize("batch,queue,d", [(1, 1, 8), (65, 700, 64), (70, 130, 128), (130, 66, 40), (66, 70, 256)])
 @pytest.mark.parametrize("form", ["moco", "moco-positive-grad", "cross-view", "offset"])
-def test_query_gradient_in_the_statistics_pass(emu, dtype, batch, queue, d, form):
+def test_query_gradient_in_the_statistics_pass(emu, fused_dtype, batch, queue, d, form):
     """InfoNCE whose query alone asks for a gradient (MoCo's detached queue,
     MoCo v3's momentum keys): loss and d query from the fused pass, no GEMM
     (Note [Fused query gradient]); MoCo's positive key may take a gradient
     too (its term needs no product of the pairs)."""
+    dtype = as_dtype(fused_dtype)
     q = rand((batch, d), dtype, "cpu", 45)
     if form.startswith("moco"):
         k, candidates = rand((batch, d), dtype, "cpu", 46), rand((queue, d), dtype, "cpu", 47)
@@ -194,8 +239,8 @@ def test_query_gradient_in_the_statistics_pass(emu, dtype, batch, queue, d, form
         logits = F.normalize(q64, dim=1) @ F.normalize(candidates.double(), dim=1).t() * scale
         ref = F.cross_entropy(logits, torch.arange(batch) + offset)
     grads = torch.autograd.grad(ref, wanted)
-    check = checker(dtype, batch + candidates.shape[0] + d, scale,
-                    degenerate=(q, candidates) if candidates.shape[0] == 1 and positive is None else ())
+    check = fused_checker(fused_dtype, batch + candidates.shape[0] + d, scale,
+                          degenerate=(q, candidates) if candidates.shape[0] == 1 and positive is None else ())
     check(loss, ref.detach(), "mean loss")
     check(gq, grads[0], "grad query")
     if mask[2]:
@@ -214,18 +259,21 @@ def test_sym_negative_and_small_scales(emu, scale, monkeypatch):
 
 @pytest.mark.parametrize("dtype,d,why", [
     (torch.bfloat16, 12, "rows of 24 bytes: no 16-byte cp.async"),
-    (torch.bfloat16, 136, "more features than the fused kernel's 128"),
-    (torch.float32, 64, "fp32: the GEMM route (TF32 is a later step)"),
+    (TF32, 30, "fp32 rows of 120 bytes: no 16-byte cp.async"),
+    (torch.bfloat16, 264, "more features than the fused kernels' 256"),
+    (TF32, 260, "more features than the fused kernels' 256"),
+    (torch.float32, 64, "fp32 without TF32 (torch's default): exact products"),
+    (torch.float64, 64, "fp64: exact products"),
     (torch.bfloat16, 64, "T = 0.01: past the logit bound, the running max"),
 ])
 def test_other_shapes_keep_the_gemm_route(emu, dtype, d, why):
-    z = rand((70, d), dtype, "cpu", 40)
+    z = rand((70, d), as_dtype(dtype), "cpu", 40)
     labels = torch.arange(70).remainder(35)
     scale = 100.0 if "0.01" in why else 5.0
-    with fused_kernel_runs(expected=False):
+    with tf32_allowed(dtype == TF32), fused_kernel_runs(expected=False):
         rows, *_ = emu.ops.contrastive_sym_loss(z, labels, 0, 70, scale, EPS, True, 0, False)
     ref_rows, _ = sym_reference(z, labels, scale, torch.ones(70, dtype=torch.float64))
-    checker(dtype, 70 + d, scale)(rows, ref_rows, "row losses")
+    fused_checker(dtype, 70 + d, scale)(rows, ref_rows, "row losses")
 
 
 def test_gemm_override_keeps_the_gemm_route(emu, monkeypatch):
@@ -249,14 +297,26 @@ def test_arch_below_sm80_keeps_the_gemm_route(emu):
         module.set_compute_capability(90)
 
 
-@pytest.mark.parametrize("bug", [FRAGMENT_LANE, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE],
-                         ids=["fragment-lane", "missing-wait-group", "swizzle-off-by-one"])
-def test_planted_primitive_bugs_fail_the_fused_tests(emu, bug, monkeypatch):
-    test_sym_forms(emu, torch.bfloat16, 130, 64, MEAN, monkeypatch)
-    module = emulation.load()
-    module.set_planted_bug(bug)
-    try:
-        with pytest.raises((AssertionError, RuntimeError)):
-            test_sym_forms(emu, torch.bfloat16, 130, 64, MEAN, monkeypatch)
-    finally:
-        module.set_planted_bug(0)
+PLANTED_BUGS = pytest.mark.parametrize("bug", [FRAGMENT_LANE, MISSING_WAIT_GROUP, SWIZZLE_OFF_BY_ONE],
+                                       ids=["fragment-lane", "missing-wait-group", "swizzle-off-by-one"])
+# The row widths and element types whose tiles the planted bugs must reach: the
+# bf16 path at 64 and 256 features, and TF32's (its own P V operand loads).
+PLANTED_CASES = pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch.bfloat16, 256), (TF32, 64)],
+                                        ids=["bf16-64", "bf16-256", "tf32-64"])
+
+
+@PLANTED_BUGS
+@PLANTED_CASES
+def test_planted_primitive_bugs_fail_the_fused_tests(emu, bug, dtype, d, monkeypatch):
+    with tf32_allowed(dtype == TF32):
+        sym_forms_case(emu, dtype, 130, d, MEAN, monkeypatch)
+        module = emulation.load()
+        module.set_planted_bug(bug)
+        if bug == MISSING_WAIT_GROUP:  # copies land only when waited for (seed 0's rule): no lucky landing
+            module.set_schedule_seed(0)
+        try:
+            with pytest.raises((AssertionError, RuntimeError)):
+                sym_forms_case(emu, dtype, 130, d, MEAN, monkeypatch)
+        finally:
+            module.set_planted_bug(0)
+            module.set_schedule_seed(emu.seed)

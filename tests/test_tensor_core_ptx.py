@@ -96,7 +96,6 @@ def test_planted_primitive_bugs_are_caught(seeded, bug, dtype):
     check(a, b)
     seeded.set_planted_bug(bug)
     try:
-        # A wrong result, or (the swizzle past the tile's last row) a fault.
         with pytest.raises((AssertionError, RuntimeError)):
             check(a, b)
     finally:

@@ -36,6 +36,9 @@ import torch
 
 SAFETY = 4.0
 FLOAT16_MAX = torch.finfo(torch.float16).max
+# TF32 keeps 10 mantissa bits: a full ulp covers both the truncation of the
+# emulated vendor GEMM and the rounding (cvt.rna) of the fused kernels.
+TF32_ROUNDOFF = 2.0**-10
 
 
 def unit_roundoff(dtype):
@@ -47,7 +50,7 @@ def accumulator(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rtol(inputs, output=None, *, length=1, logit_scale=0.0, rounds_operands=True):
+def rtol(inputs, output=None, *, length=1, logit_scale=0.0, rounds_operands=True, tf32=False):
     """Relative tolerance of a result computed from ``inputs``-dtype tensors.
 
     output: the result's dtype (default: the input dtype); length: the longest
@@ -56,10 +59,11 @@ def rtol(inputs, output=None, *, length=1, logit_scale=0.0, rounds_operands=True
     rounds_operands: the kernel may round normalised operands to the input
     dtype (tensor cores, vendor GEMMs); False for kernels that read the inputs
     and compute in the accumulator type throughout.
+    tf32: fp32 operands go to the tensor cores as TF32 (torch allows it).
     """
     output = inputs if output is None else output
     u_acc = unit_roundoff(accumulator(inputs))
-    u_operand = unit_roundoff(inputs) if rounds_operands else 0.0
+    u_operand = TF32_ROUNDOFF if tf32 else unit_roundoff(inputs) if rounds_operands else 0.0
     logit_error = (1.0 + abs(logit_scale)) * (math.sqrt(length) * u_acc + 2 * u_operand)
     return SAFETY * (logit_error + unit_roundoff(output))
 

@@ -105,6 +105,29 @@ inline int loaded_code_arch() {
   type* name = reinterpret_cast<type*>(name##_bytes)
 #endif
 
+// How many CTAs of kKernel (`threads` each, `dynamic_smem` bytes) one
+// multiprocessor holds: asked of the driver once per device (registers and
+// shared memory as ptxas left them); the emulator counts shared memory only
+// (228 KB per multiprocessor, 1 KB of it reserved per CTA).
+template <auto kKernel>
+int max_ctas_per_multiprocessor(int threads, size_t dynamic_smem) {
+#if defined(SSL_OPS_CUDA_EMU)
+  (void)threads;
+  const size_t fit = (228 * 1024) / (dynamic_smem + 1024);
+  return fit < 1 ? 1 : fit > 32 ? 32 : static_cast<int>(fit);
+#else
+  static PerDeviceCache cache{};
+  return cached_for_device(cache, current_device(), [&](int) {
+    if (dynamic_smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic_smem)));
+    }
+    int ctas = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kKernel, threads, dynamic_smem));
+    return ctas < 1 ? 1 : ctas;  // 0 is the cache's "not yet"; a launch that cannot fit fails on its own
+  });
+#endif
+}
+
 // N values moved as one aligned access (16 bytes: one LDG.128 / STG.128).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {

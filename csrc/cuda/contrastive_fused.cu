@@ -31,8 +31,26 @@ namespace {
 
 inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The element type the kernels read: bf16 and fp16 as they are, fp32 as TF32 (Note [Fused TF32]).
 template <typename T>
-using DeviceHalf = std::conditional_t<std::is_same_v<T, c10::Half>, __half, __nv_bfloat16>;
+using DeviceElement = std::conditional_t<std::is_same_v<T, c10::Half>, __half,
+                                         std::conditional_t<std::is_same_v<T, float>, float, __nv_bfloat16>>;
+
+// Calls f(std::integral_constant<int, kChunks>) with the 16-byte chunks per
+// shared-memory row that hold d features of Dev: 8, 16 or 32 for bf16/fp16
+// (D <= 64, 128, 256), 16, 32 or 64 for fp32 (D <= 64, 128, 256).
+template <typename Dev, typename F>
+void with_row_chunks(int64_t d, F&& f) {
+  const int64_t chunks = ceil_div64(d * int64_t(sizeof(Dev)), 16);
+  constexpr int kSmallest = std::is_same_v<Dev, float> ? 16 : 8;
+  if (chunks <= kSmallest) {
+    f(std::integral_constant<int, kSmallest>{});
+  } else if (chunks <= 2 * kSmallest) {
+    f(std::integral_constant<int, 2 * kSmallest>{});
+  } else {
+    f(std::integral_constant<int, 4 * kSmallest>{});
+  }
+}
 
 // Note [Fused query gradient] (contrastive_fused_stats.cuh): InfoNCE with a
 // query gradient, one positive per row (key r + offset, or MoCo's positive key
@@ -43,8 +61,8 @@ bool fused_query_grad_in_stats(const ContrastiveSpec<T>& spec) {
       !spec.exclude_positives && !spec.positives_lse;
 }
 
-// Column splits of a fused pass: two waves of `ctas_per_sm` CTAs per
-// multiprocessor, splits of whole column tiles.
+// Column splits of a fused pass: two waves of the CTAs the multiprocessors
+// hold (max_ctas_per_multiprocessor), splits of whole column tiles.
 struct FusedSplits {
   int64_t tiles_per_split, splits;
 };
@@ -61,21 +79,15 @@ FusedSplits fused_splits(int64_t rows, int64_t cols, int ctas_per_sm, c10::Devic
 template <typename T>
 int64_t fused_stats(const ContrastiveSpec<T>& spec, c10::Device device, cudaStream_t stream, at::Tensor& parts,
                     at::Tensor& part_count, at::Tensor* part_grad = nullptr) {
-  using Dev = DeviceHalf<T>;
+  using Dev = DeviceElement<T>;
   const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0), d = spec.q_hat.size(1);
-  const int64_t row_blocks = ceil_div64(na, kFusedRows);
-  // 4 CTAs per multiprocessor fit (96 registers); 2 with the query gradient (182).
-  const auto [tiles_per_split, splits] = fused_splits(na, n, part_grad ? 2 : 4, device);
   const auto acc_opts = spec.q_hat.options().dtype(at::kFloat);
-  parts = at::empty({spec.positives_lse ? 5 : 3, splits, na}, acc_opts);
-  part_count = at::empty({splits, na}, acc_opts.dtype(at::kLong));
   FusedStatsParams<Dev> p{};
   p.q = reinterpret_cast<const Dev*>(spec.q_hat.const_data_ptr());
   p.k = reinterpret_cast<const Dev*>(spec.k_hat.const_data_ptr());
   p.rows = na;
   p.cols = n;
   p.d = d;
-  p.cols_per_split = tiles_per_split * kFusedCols;
   p.first_row = spec.first_row;
   p.scale = static_cast<float>(spec.scale);
   p.labels = spec.labels;
@@ -83,31 +95,34 @@ int64_t fused_stats(const ContrastiveSpec<T>& spec, c10::Device device, cudaStre
   p.offset_positive = spec.offset_positive;
   p.exclude_positives = spec.exclude_positives;
   p.positive_offset = spec.positive_offset;
-  p.part_shift = parts[0].template data_ptr<float>();
-  p.part_sum = parts[1].template data_ptr<float>();
-  p.part_positive = parts[2].template data_ptr<float>();
-  p.part_count = part_count.template data_ptr<int64_t>();
-  if (spec.positives_lse) {
-    p.part_pos_shift = parts[3].template data_ptr<float>();
-    p.part_pos_sum = parts[4].template data_ptr<float>();
-  }
-  if (part_grad) {
-    *part_grad = at::empty({splits, na, d}, acc_opts);
-    p.part_grad = part_grad->template data_ptr<float>();
-  }
-  const dim3 grid = checked_grid("fused_row_stats_kernel (row blocks, splits)", row_blocks, splits);
+  int64_t splits = 0;
   const auto run = [&](auto chunks, auto query_grad) {
     constexpr int kChunks = decltype(chunks)::value;
-    launch_kernel(fused_row_stats_kernel<Dev, kChunks, decltype(query_grad)::value>, grid, dim3(kFusedThreads),
-                  fused_stats_smem_bytes<kChunks>(), stream, p);
+    constexpr auto kKernel = fused_row_stats_kernel<Dev, kChunks, decltype(query_grad)::value>;
+    constexpr size_t kSmem = fused_stats_smem_bytes<kChunks>();
+    const auto split = fused_splits(na, n, max_ctas_per_multiprocessor<kKernel>(kFusedThreads, kSmem), device);
+    splits = split.splits;
+    p.cols_per_split = split.tiles_per_split * kFusedCols;
+    parts = at::empty({spec.positives_lse ? 5 : 3, splits, na}, acc_opts);
+    part_count = at::empty({splits, na}, acc_opts.dtype(at::kLong));
+    p.part_shift = parts[0].template data_ptr<float>();
+    p.part_sum = parts[1].template data_ptr<float>();
+    p.part_positive = parts[2].template data_ptr<float>();
+    p.part_count = part_count.template data_ptr<int64_t>();
+    if (spec.positives_lse) {
+      p.part_pos_shift = parts[3].template data_ptr<float>();
+      p.part_pos_sum = parts[4].template data_ptr<float>();
+    }
+    if (part_grad) {
+      *part_grad = at::empty({splits, na, d}, acc_opts);
+      p.part_grad = part_grad->template data_ptr<float>();
+    }
+    const dim3 grid = checked_grid("fused_row_stats_kernel (row blocks, splits)", ceil_div64(na, kFusedRows), splits);
+    launch_kernel(kKernel, grid, dim3(kFusedThreads), kSmem, stream, p);
   };
-  using Small = std::integral_constant<int, 8>;
-  using Large = std::integral_constant<int, 16>;
-  if (part_grad) {
-    d <= 64 ? run(Small{}, std::true_type{}) : run(Large{}, std::true_type{});
-  } else {
-    d <= 64 ? run(Small{}, std::false_type{}) : run(Large{}, std::false_type{});
-  }
+  with_row_chunks<Dev>(d, [&](auto chunks) {
+    part_grad ? run(chunks, std::true_type{}) : run(chunks, std::false_type{});
+  });
   return splits;
 }
 
@@ -128,20 +143,16 @@ inline at::Tensor fused_anchor_terms(const at::Tensor& lse, const at::Tensor& we
 template <typename T>
 at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::Tensor& cols_in,
                       const at::Tensor& terms, const ContrastiveSpec<T>& spec, c10::Device device, cudaStream_t stream) {
-  using Dev = DeviceHalf<T>;
+  using Dev = DeviceElement<T>;
   const int64_t rows = rows_in.size(0), cols = cols_in.size(0), d = rows_in.size(1);
   const auto acc_opts = rows_in.options().dtype(at::kFloat);
   if (rows == 0) return at::zeros({0, d}, acc_opts);
-  // 3 CTAs per multiprocessor (167 registers, 50 KB: Note [Fused gradient pass]).
-  const auto [tiles_per_split, splits] = fused_splits(rows, cols, 3, device);
-  at::Tensor out = at::empty({splits, rows, d}, acc_opts);
   FusedGradParams<Dev> p{};
   p.rows_in = reinterpret_cast<const Dev*>(rows_in.const_data_ptr());
   p.cols_in = reinterpret_cast<const Dev*>(cols_in.const_data_ptr());
   p.rows = rows;
   p.cols = cols;
   p.d = d;
-  p.cols_per_split = tiles_per_split * kFusedCols;
   p.first_row = spec.first_row;
   p.scale_log2 = static_cast<float>(spec.scale * 1.4426950408889634);
   p.terms = reinterpret_cast<const FusedAnchorTerms*>(terms.const_data_ptr());
@@ -150,22 +161,26 @@ at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::T
   p.offset_positive = spec.offset_positive;
   p.exclude_positives = spec.exclude_positives;
   p.positive_offset = spec.positive_offset;
-  p.out = out.data_ptr<float>();
-  const dim3 grid = checked_grid("fused_grad_kernel (row blocks, splits)", ceil_div64(rows, kFusedRows), splits);
+  at::Tensor out;
   const auto run = [&](auto chunks, auto kind) {
     constexpr int kChunks = decltype(chunks)::value;
     constexpr FusedGradMode kMode = decltype(kind)::value;
-    launch_kernel(fused_grad_kernel<Dev, kChunks, kMode>, grid, dim3(kFusedThreads),
-                  fused_grad_smem_bytes<kChunks, kMode>(), stream, p);
+    constexpr auto kKernel = fused_grad_kernel<Dev, kChunks, kMode>;
+    constexpr size_t kSmem = fused_grad_smem_bytes<kChunks, kMode>();
+    const auto split = fused_splits(rows, cols, max_ctas_per_multiprocessor<kKernel>(kFusedThreads, kSmem), device);
+    p.cols_per_split = split.tiles_per_split * kFusedCols;
+    out = at::empty({split.splits, rows, d}, acc_opts);
+    p.out = out.data_ptr<float>();
+    const dim3 grid = checked_grid("fused_grad_kernel (row blocks, splits)", ceil_div64(rows, kFusedRows), split.splits);
+    launch_kernel(kKernel, grid, dim3(kFusedThreads), kSmem, stream, p);
   };
-  const auto by_mode = [&](auto chunks) {
+  with_row_chunks<Dev>(d, [&](auto chunks) {
     using M = FusedGradMode;
     if (mode == M::kRows) run(chunks, std::integral_constant<M, M::kRows>{});
     if (mode == M::kColumns) run(chunks, std::integral_constant<M, M::kColumns>{});
     if (mode == M::kBoth) run(chunks, std::integral_constant<M, M::kBoth>{});
-  };
-  d <= 64 ? by_mode(std::integral_constant<int, 8>{}) : by_mode(std::integral_constant<int, 16>{});
-  return splits == 1 ? out[0] : out.sum(0);
+  });
+  return out.size(0) == 1 ? out[0] : out.sum(0);
 }
 
 }  // namespace
@@ -216,6 +231,8 @@ void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, Contrast
   }
 }
 
+template void fused_passes<float>(const ContrastiveSpec<float>&, const PassWeights&, ContrastiveResult<float>&,
+                                  c10::Device, cudaStream_t);
 template void fused_passes<c10::Half>(const ContrastiveSpec<c10::Half>&, const PassWeights&,
                                       ContrastiveResult<c10::Half>&, c10::Device, cudaStream_t);
 template void fused_passes<c10::BFloat16>(const ContrastiveSpec<c10::BFloat16>&, const PassWeights&,

@@ -125,7 +125,8 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
       if (live[h]) row_terms[h] = p.terms[row];
     }
   }
-  float grad[kChunks][4] = {};
+  constexpr int kFeatureTiles = fused_feature_tiles<T, kChunks>();
+  float grad[kFeatureTiles][4] = {};
 
   int buffer = 0;
   for (int64_t t0 = c0; t0 < c1; t0 += kFusedCols, buffer ^= 1) {
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
     tile_times_values<T, kChunks>(grad, acc, tile_k, lane);
   }
   ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
-  store_row_block<kChunks>(p.out + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
+  store_row_block<kFeatureTiles>(p.out + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
 }
 
 }  // namespace ssl_ops::cuda

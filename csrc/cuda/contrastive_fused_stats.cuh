@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
   }
   float sum[2] = {}, positive[2] = {}, pos_sum[2] = {};
   int count[2] = {};
-  float grad[kQueryGrad ? kChunks : 1][4] = {};  // n8 tiles of the d features
+  constexpr int kFeatureTiles = fused_feature_tiles<T, kChunks>();
+  float grad[kQueryGrad ? kFeatureTiles : 1][4] = {};  // n8 tiles of the d features
 
   int buffer = 0;
   for (int64_t t0 = c0; t0 < c1; t0 += kFusedCols, buffer ^= 1) {
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
     }
   }
   if constexpr (kQueryGrad) {
-    store_row_block<kChunks>(p.part_grad + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
+    store_row_block<kFeatureTiles>(p.part_grad + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
   }
 }
 

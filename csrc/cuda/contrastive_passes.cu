@@ -3,9 +3,10 @@
 // the statistics partials.
 //
 // Note [Contrastive routes]:
-// - Fused (default, where choose_contrastive_route allows: bf16/fp16, 8 <= D <= 128
-//   a multiple of 8, bounded logits, sm_80+): tensor-core tiles that never
-//   store S (contrastive_fused.cu); no vendor GEMM.
+// - Fused (default, where choose_contrastive_route allows: bf16/fp16, and fp32
+//   as TF32 where torch allows it, D <= 256 in 16-byte rows, bounded logits,
+//   sm_80+): tensor-core tiles that never store S (contrastive_fused.cu); no
+//   vendor GEMM.
 // - GEMM (everything else; SSL_OPS_CUDA_CONTRASTIVE_ROUTE=gemm forces it): each
 //   chunk's S_c by the vendor GEMM in fp32, row kernels for the statistics and
 //   the coefficients G_c, two more GEMMs for the gradient; O(c n + n D) memory
@@ -44,25 +45,28 @@ enum class ContrastiveRoute { kFused, kGemm };
 
 // The one place the route is chosen. SSL_OPS_CUDA_CONTRASTIVE_ROUTE, read once
 // per call: "fused" (default) or "gemm" (the GEMM route everywhere, for tests,
-// benchmarks and the selftest's fallback). The fused route takes bf16/fp16 unit
-// rows of 8 to 128 features (16-byte rows, 16-byte aligned) on sm_80+ (Note
-// [Fused statistics pass], Note [Fused gradient pass]); fp32 (no TF32 fused
-// path yet), fp64, other D and older archs take the GEMM route.
+// benchmarks and the selftest's fallback). The fused route takes unit rows of
+// bf16/fp16, or fp32 where torch allows TF32 for matmuls, with 1 to 256
+// features in whole 16-byte rows (D a multiple of 8; fp32: of 4), contiguous
+// and 16-byte aligned, on sm_80+ (Note [Fused statistics pass], Note [Fused
+// gradient pass]); exact fp32, fp64, other D and older archs take the GEMM
+// route. Deterministic mode changes nothing: neither route uses atomics.
 template <typename T>
 ContrastiveRoute choose_contrastive_route(const ContrastiveSpec<T>& spec) {
   const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
   const bool forced_gemm = value != nullptr && std::strcmp(value, "gemm") == 0;
   TORCH_CHECK(forced_gemm || value == nullptr || *value == '\0' || std::strcmp(value, "fused") == 0,
               ssl_ops::message("SSL_OPS_CUDA_CONTRASTIVE_ROUTE must be \"fused\" or \"gemm\", got \"", value, "\""));
-  if constexpr (!std::is_same_v<T, c10::BFloat16> && !std::is_same_v<T, c10::Half>) {
+  if constexpr (!fused_route_dtype<T>()) {
     return ContrastiveRoute::kGemm;
   } else {
+    if (forced_gemm || (std::is_same_v<T, float> && !tf32_allowed())) return ContrastiveRoute::kGemm;
     const int64_t d = spec.q_hat.size(1);
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-    const bool fits = spec.bounded && d % 8 == 0 && d > 0 && d <= 128 &&
+    const bool fits = spec.bounded && d > 0 && d <= kFusedMaxFeatures && (d * int64_t(sizeof(T))) % 16 == 0 &&
         std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
         spec.k_hat.is_contiguous() && aligned(spec.q_hat) && aligned(spec.k_hat);
-    return fits && !forced_gemm ? ContrastiveRoute::kFused : ContrastiveRoute::kGemm;
+    return fits ? ContrastiveRoute::kFused : ContrastiveRoute::kGemm;
   }
 }
 
@@ -102,7 +106,7 @@ ContrastiveResult<T> contrastive_passes(const ContrastiveSpec<T>& spec, c10::Dev
     w.weight = stats ? at::empty({na}, acc_opts) : w.weight_in;
     w.inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
   }
-  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+  if constexpr (fused_route_dtype<T>()) {
     if (route == ContrastiveRoute::kFused) {
       fused_passes(spec, w, out, device, stream);
       return out;

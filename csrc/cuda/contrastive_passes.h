@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "compat.cuh"
 
@@ -73,10 +74,16 @@ void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, 
                      cudaStream_t stream);
 
 // The routes: `out` arrives with its statistics allocated; each route
-// allocates the gradients it writes.
+// allocates the gradients it writes. The fused route serves the dtypes of
+// fused_route_dtype and at most kFusedMaxFeatures features.
+template <typename T>
+constexpr bool fused_route_dtype() {
+  return std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
+}
+constexpr int64_t kFusedMaxFeatures = 256;
 template <typename T>
 void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, ContrastiveResult<T>& out,
-                  c10::Device device, cudaStream_t stream);  // Half and BFloat16 only
+                  c10::Device device, cudaStream_t stream);
 template <typename T>
 void gemm_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, ContrastiveResult<T>& out,
                  c10::Device device, cudaStream_t stream);

@@ -4,6 +4,7 @@
 //   mma_m16n8k16<T>   d += A (16 x 16) B (16 x 8), bf16 or fp16 operands, fp32 accumulators
 //   mma_m16n8k8_tf32  d += A (16 x 8) B (8 x 8), TF32 operands
 //   ldmatrix_x4       four 8 x 8 16-bit matrices from shared memory (.trans: transposed)
+//   ld_shared_b32     one 32-bit word of shared memory (TF32's P V operands)
 //   cp_async_16       a 16-byte global -> shared copy (cp.async.cg), with
 //                     cp_async_commit / cp_async_wait<N> (wait_group N)
 // and the fragment layouts that feed them (the lane_* helpers and swizzle).
@@ -48,10 +49,14 @@ __device__ __forceinline__ int lane_bt_chunk(int lane) { return lane >> 4; }
 // Shared-memory tiles hold rows of 16-byte chunks, a multiple of 8 per row; chunk
 // c of row r sits at c ^ (r % 8), so the 8 rows an ldmatrix reads fall in 8
 // different bank groups (cute's Swizzle<3,3,3> on 16-bit elements, 64 per row).
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  // Planted bug: the key one too large, so rows 7 mod 8 spill into their neighbours.
-  const int key = SSL_OPS_PLANTED(kSwizzleOffByOne) ? (row & 7) + 1 : row & 7;
-  return chunk ^ key;
+// The key changes only the low three bits of c. Readers use swizzle, the
+// cp.async staging staged_swizzle: the same place, but for the planted bug.
+__device__ __forceinline__ int swizzle(int row, int chunk) { return chunk ^ (row & 7); }
+__device__ __forceinline__ int staged_swizzle(int row, int chunk) {
+  // Planted bug: the stager's key off by one ((r + 1) % 8), so its tile
+  // disagrees with every reader's at any row width.
+  if (SSL_OPS_PLANTED(kSwizzleOffByOne)) return chunk ^ ((row + 1) & 7);
+  return swizzle(row, chunk);
 }
 
 // ---- Conversions -----------------------------------------------------------------------
@@ -156,6 +161,19 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   (void)r;
   (void)row;
   __trap();
+#endif
+}
+
+// ---- Shared-memory loads ----------------------------------------------------------------
+// One 32-bit word of dynamic shared memory (4-byte aligned; the emulator checks
+// both, as for ldmatrix).
+__device__ __forceinline__ uint32_t ld_shared_b32(const void* p) {
+#if defined(SSL_OPS_CUDA_EMU)
+  return ::ssl_emu::ld_shared_b32(p);
+#else
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))));
+  return v;
 #endif
 }
 

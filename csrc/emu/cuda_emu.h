@@ -97,7 +97,7 @@ enum class PlantedBug : int {
   // The tensor-core primitives (csrc/cuda/tensor_core_ptx.cuh):
   kFragmentLane = 3,        // one lane addresses the wrong row of an A fragment
   kMissingWaitGroup = 4,    // cp_async_wait returns without waiting
-  kSwizzleOffByOne = 5,     // the shared-memory swizzle key is row % 8 + 1
+  kSwizzleOffByOne = 5,     // the cp.async staging's swizzle key is (row + 1) % 8, the readers' row % 8
 };
 PlantedBug planted_bug();
 void set_planted_bug(int bug);

@@ -129,6 +129,18 @@ uint16_t load_b16(const unsigned char* p) {
 }
 }  // namespace
 
+uint32_t ld_shared_b32(const void* p) {
+  const auto* bytes = static_cast<const unsigned char*>(p);
+  const auto* smem = static_cast<const unsigned char*>(dynamic_smem());
+  if (reinterpret_cast<uintptr_t>(bytes) % 4 != 0) fail("ld.shared.b32: the address is not 4-byte aligned");
+  if (bytes < smem || bytes + 4 > smem + dynamic_smem_bytes()) {
+    fail("ld.shared.b32: the address is outside the block's dynamic shared memory");
+  }
+  uint32_t v;
+  std::memcpy(&v, bytes, 4);
+  return v;
+}
+
 void ldmatrix_x4(uint32_t* r, const void* row, bool transposed) {
   const auto* bytes = static_cast<const unsigned char*>(row);
   const auto* smem = static_cast<const unsigned char*>(dynamic_smem());

@@ -29,6 +29,9 @@ void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b);
 // Four 8 x 8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8.
 void ldmatrix_x4(uint32_t* r, const void* row, bool transposed);
 
+// A 32-bit load of shared memory: 4-byte aligned, inside the block's dynamic shared memory.
+uint32_t ld_shared_b32(const void* p);
+
 void cp_async_16(void* shared_dst, const void* global_src, unsigned src_bytes);
 void cp_async_commit();
 // Lands every committed group but the `pending` most recent ones.

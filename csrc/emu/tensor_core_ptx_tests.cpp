@@ -32,7 +32,7 @@ __device__ void stage_chunk(unsigned char* tile, const T* src, int rows, int k, 
   const int valid = r < rows ? k - c * kPerChunk : 0;
   const int bytes = valid <= 0 ? 0 : (valid >= kPerChunk ? 16 : valid * int(sizeof(T)));
   const T* from = bytes > 0 ? src + int64_t(r) * k + c * kPerChunk : src;
-  void* to = tile + (r * kChunks + ptx::swizzle(r, c)) * 16;
+  void* to = tile + (r * kChunks + ptx::staged_swizzle(r, c)) * 16;
   if (fault) to = const_cast<T*>(src);
   ptx::cp_async_16(to, from, bytes);
 }
