@@ -200,11 +200,12 @@ def _moco_pair(L):
     [
         (lambda L: (compat.NTXentLoss(0.1), L.NTXentLoss(0.1)), 9, 32),
         (lambda L: (compat.NTXentLoss(0.5), L.NTXentLoss(0.5)), 40, 128),
+        (lambda L: (compat.NTXentLoss(0.2), L.NTXentLoss(0.2)), 66, 256),
         (_moco_pair, 9, 32),
         (lambda L: (compat.DCLLoss(0.1), L.DCLLoss(0.1)), 9, 16),
         (lambda L: (compat.DCLWLoss(0.2, sigma=0.5), L.DCLWLoss(0.2, sigma=0.5)), 33, 64),
     ],
-    ids=["ntxent-9x32", "ntxent-40x128", "ntxent-memory-bank-9x32", "dcl-9x16", "dclw-33x64"],
+    ids=["ntxent-9x32", "ntxent-40x128", "ntxent-66x256", "ntxent-memory-bank-9x32", "dcl-9x16", "dclw-33x64"],
 )
 def test_lightly_losses_on_the_fused_route_match_lightly(dtype, make_pair, rows, features):
     """Half rows take the fused route under the emulator (no vendor GEMM, the
