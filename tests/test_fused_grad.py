@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from ssl_ops import emulation, reference
 from test_contrastive_kernels import (EPS, EXCLUDED, LOGSUMEXP, checker, rand, sym_excluded_reference,
                                       sym_lse_reference, sym_reference)
-from test_fused_route import (MEAN, MISSING_WAIT_GROUP, PLANTED_BUGS, PLANTED_CASES, TF32, as_dtype, emu,  # noqa: F401
-                              fused_checker, fused_dtype, fused_kernel_runs, tf32_allowed)
+from test_fused_route import (MEAN, MISSING_WAIT_GROUP, PLAIN_TILES_ADD_NOTHING, PLANTED_BUGS, PLANTED_CASES, TF32, as_dtype, emu,  # noqa: F401
+                              fused_checker, fused_dtype, fused_kernel_runs, skip_past_the_fused_width, tf32_allowed)
 
 pytestmark = pytest.mark.emu
 
@@ -56,6 +56,7 @@ def sym_case(emu, z, labels, begin, end, scale, form):
 def test_sym_gradient_every_row_an_anchor(emu, fused_dtype, rows, d, form):
     """Every row an anchor: one pass forms both terms of each pair (kBoth);
     partial row blocks and column tiles, D from one 16-byte chunk to 256."""
+    skip_past_the_fused_width(fused_dtype, d)
     z = rand((rows, d), as_dtype(fused_dtype), "cpu", 61)
     sym_case(emu, z, group_labels(rows, 62), 0, rows, 1 / 0.1, form)
 
@@ -66,6 +67,7 @@ def test_sym_gradient_every_row_an_anchor(emu, fused_dtype, rows, d, form):
 def test_sym_gradient_anchor_range(emu, fused_dtype, rows, begin, end, d, form):
     """The anchors of one process (gathered rows): d z from the anchors' rows
     (kRows) plus every row as a candidate (kColumns), self by global index."""
+    skip_past_the_fused_width(fused_dtype, d)
     z = rand((rows, d), as_dtype(fused_dtype), "cpu", 63)
     sym_case(emu, z, torch.arange(rows).remainder(rows // 3), begin, end, 1 / 0.3, form)
 
@@ -82,6 +84,7 @@ def test_sym_gradient_scales(emu, scale):
 def test_asym_key_gradient(emu, fused_dtype, batch, keys, offset, d):
     """MoCo v3 and CLIP (one direction), keys gathered: d query from the
     statistics pass, d key by the pass with rows and columns swapped."""
+    skip_past_the_fused_width(fused_dtype, d)
     dtype = as_dtype(fused_dtype)
     q = rand((batch, d), dtype, "cpu", 65)
     k = rand((keys, d), dtype, "cpu", 66)
@@ -148,3 +151,97 @@ def test_planted_primitive_bugs_fail_the_gradient_tests(emu, bug, dtype, d):
         finally:
             module.set_planted_bug(0)
             module.set_schedule_seed(emu.seed)
+
+
+def clustered(rows, d, dtype, seed):
+    """Rows around one direction (pairwise cosines near 0.8): the softmax-weighted
+    sums over the candidates are as large as the positives' terms, so leaving
+    out part of them shows at the dtype's tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=g, dtype=torch.float64)
+    rows = direction / direction.norm() + 0.5 * torch.randn(rows, d, generator=g, dtype=torch.float64) / d**0.5
+    return rows.to(dtype)
+
+
+# Shapes whose warps meet whole plain tiles (Note [Fused plain tiles]): NT-Xent
+# pairs over 300 rows (the positive of row r is r +- 150, so two of a warp's
+# five column tiles hold neither its self nor its positives), MoCo against a
+# 400-row queue (every whole tile plain), MoCo v3 with keys gathered (positives
+# offset by 70).
+PAIRS = torch.arange(300).remainder(150)
+
+
+def check_plain_statistics(emu, dtype, monkeypatch):
+    """The statistics pass, against the GEMM route from the same operands (fp32 sums apart)."""
+    from test_fused_route import sym_rows
+
+    z = clustered(300, 64, as_dtype(dtype), 73)
+    rows, *_ = sym_rows(emu, z, PAIRS, 0, 300, 1 / 0.2, MEAN, monkeypatch)
+    ref_rows, _ = SYM_REFERENCES[MEAN](z, PAIRS, 1 / 0.2, torch.ones(300, dtype=torch.float64))
+    fused_checker(dtype, 364, 1 / 0.2)(rows, ref_rows, "row losses")
+
+
+def check_plain_gradient(emu, dtype, lse, count):
+    """The gradient pass alone: the backward op from given statistics, against float64."""
+    z = clustered(300, 64, as_dtype(dtype), 73)
+    weight = rand((300,), torch.float64, "cpu", 60)
+    with fused_kernel_runs():
+        grad = emu.ops.contrastive_sym_backward(weight.float(), z, PAIRS, 0, 300, lse, count, 1 / 0.2, EPS, True, 0,
+                                                None, MEAN)
+    _, ref_grad = SYM_REFERENCES[MEAN](z, PAIRS, 1 / 0.2, weight)
+    fused_checker(dtype, 364, 1 / 0.2)(grad, ref_grad, "backward gradient")
+
+
+def check_plain_moco(emu, dtype):
+    """d query from the statistics pass (MoCo), d key from the gradient pass (MoCo v3), against float64."""
+    real = as_dtype(dtype)
+    q, k, queue = (clustered(rows, 64, real, seed) for rows, seed in ((70, 74), (70, 75), (400, 76)))
+    with fused_kernel_runs():
+        loss, _, gq, _, _ = emu.ops.contrastive_asym_loss(q, queue, k, 0, 1 / 0.2, EPS, True, 1, [True, False, False])
+    q64 = q.double().requires_grad_()
+    ref = reference.info_nce_loss(q64, k.double(), queue.double(), temperature=0.2)
+    check = fused_checker(dtype, 70 + 400 + 64, 1 / 0.2)
+    check(loss, ref.detach(), "MoCo loss")
+    check(gq, torch.autograd.grad(ref, [q64])[0], "MoCo grad query")
+    keys = clustered(300, 64, real, 77)
+    with fused_kernel_runs():
+        loss, _, gq, gk, _ = emu.ops.contrastive_asym_loss(q, keys, None, 70, 1 / 0.2, EPS, True, 1, [True, True, False])
+    q64, k64 = q.double().requires_grad_(), keys.double().requires_grad_()
+    logits = F.normalize(q64, dim=1) @ F.normalize(k64, dim=1).t() / 0.2
+    ref = F.cross_entropy(logits, torch.arange(70) + 70)
+    ref_gq, ref_gk = torch.autograd.grad(ref, [q64, k64])
+    check = fused_checker(dtype, 70 + 300 + 64, 1 / 0.2)
+    check(loss, ref.detach(), "MoCo v3 loss")
+    check(gq, ref_gq, "MoCo v3 grad query")
+    check(gk, ref_gk, "MoCo v3 grad key")
+
+
+def plain_statistics(emu, dtype):
+    z = clustered(300, 64, as_dtype(dtype), 73)
+    _, lse, count, *_ = emu.ops.contrastive_sym_loss(z, PAIRS, 0, 300, 1 / 0.2, EPS, True, 0, False)
+    return lse, count
+
+
+def test_plain_tiles(emu, fused_dtype, monkeypatch):
+    check_plain_statistics(emu, fused_dtype, monkeypatch)
+    check_plain_gradient(emu, fused_dtype, *plain_statistics(emu, fused_dtype))
+    check_plain_moco(emu, fused_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, TF32], ids=str)
+def test_planted_plain_tile_bug_fails_each_pass(emu, dtype, monkeypatch):
+    """Plain tiles that add nothing fail the statistics pass's check, the
+    gradient pass's (statistics computed without the bug) and the MoCo checks:
+    the plain path runs in each pass and is checked."""
+    with tf32_allowed(dtype == TF32):
+        statistics = plain_statistics(emu, dtype)
+        module = emulation.load()
+        module.set_planted_bug(PLAIN_TILES_ADD_NOTHING)
+        try:
+            for check in (lambda: check_plain_statistics(emu, dtype, monkeypatch),
+                          lambda: check_plain_gradient(emu, dtype, *statistics),
+                          lambda: check_plain_moco(emu, dtype)):
+                with pytest.raises(AssertionError):
+                    check()
+        finally:
+            module.set_planted_bug(0)

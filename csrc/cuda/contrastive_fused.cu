@@ -38,17 +38,16 @@ using DeviceElement = std::conditional_t<std::is_same_v<T, c10::Half>, __half,
 
 // Calls f(std::integral_constant<int, kChunks>) with the 16-byte chunks per
 // shared-memory row that hold d features of Dev: 8, 16 or 32 for bf16/fp16
-// (D <= 64, 128, 256), 16, 32 or 64 for fp32 (D <= 64, 128, 256).
+// (D <= 64, 128, 256), 16 or 32 for fp32 (D <= 64, 128).
 template <typename Dev, typename F>
 void with_row_chunks(int64_t d, F&& f) {
   const int64_t chunks = ceil_div64(d * int64_t(sizeof(Dev)), 16);
-  constexpr int kSmallest = std::is_same_v<Dev, float> ? 16 : 8;
-  if (chunks <= kSmallest) {
-    f(std::integral_constant<int, kSmallest>{});
-  } else if (chunks <= 2 * kSmallest) {
-    f(std::integral_constant<int, 2 * kSmallest>{});
+  if constexpr (std::is_same_v<Dev, float>) {
+    chunks <= 16 ? f(std::integral_constant<int, 16>{}) : f(std::integral_constant<int, 32>{});
+  } else if (chunks <= 8) {
+    f(std::integral_constant<int, 8>{});
   } else {
-    f(std::integral_constant<int, 4 * kSmallest>{});
+    chunks <= 16 ? f(std::integral_constant<int, 16>{}) : f(std::integral_constant<int, 32>{});
   }
 }
 
@@ -134,7 +133,10 @@ inline at::Tensor fused_anchor_terms(const at::Tensor& lse, const at::Tensor& we
   constexpr double kLog2e = 1.4426950408889634;
   const at::Tensor inv = lse_positive.defined() ? at::where(inv_count == 0, -1.0, inv_count) : inv_count;
   const at::Tensor pos = lse_positive.defined() ? lse_positive * kLog2e : at::zeros_like(lse);
-  return at::stack({lse * kLog2e, weight * kGScale, inv, pos}, 1).to(at::kFloat).contiguous();
+  // A row without weight gets a finite lse (its lse is -inf without candidates),
+  // so that the plain tiles' gw exp2(s - lse) is 0, not 0 * inf.
+  const at::Tensor lse_log2 = at::where(weight == 0, 0.0, lse * kLog2e);
+  return at::stack({lse_log2, weight * kGScale, inv, pos}, 1).to(at::kFloat).contiguous();
 }
 
 // One fused gradient pass (contrastive_fused_grad.cuh): sum_c G_rc cols_in_c

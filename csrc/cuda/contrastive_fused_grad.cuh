@@ -72,7 +72,7 @@ struct FusedGradParams {
 template <int kChunks, FusedGradMode kMode>
 constexpr size_t fused_grad_smem_bytes() {
   return 3 * fused_tile_bytes<kChunks>() +
-      (kMode == FusedGradMode::kRows ? 0 : 2 * kFusedCols * sizeof(FusedAnchorTerms));
+      (kMode == FusedGradMode::kRows ? 0 : 2 * kFusedCols * sizeof(FusedAnchorTerms)) + 2 * kFusedLabelBytes;
 }
 
 // G for anchor terms t and a candidate with logit s_log2 (log2 units).
@@ -80,8 +80,8 @@ __device__ __forceinline__ float fused_coefficient(float s_log2, const FusedAnch
                                                    bool exclude_positives) {
   if (t.gw == 0.0f || (positive && exclude_positives)) return 0.0f;
   float positive_term = 0.0f;
-  if (positive) positive_term = t.inv >= 0.0f ? t.inv : exp2f(s_log2 - t.lse_pos_log2);
-  return t.gw * (exp2f(s_log2 - t.lse_log2) - positive_term);
+  if (positive) positive_term = t.inv >= 0.0f ? t.inv : ptx::exp2_ftz(s_log2 - t.lse_pos_log2);
+  return t.gw * (ptx::exp2_ftz(s_log2 - t.lse_log2) - positive_term);
 }
 
 template <typename T, int kChunks, FusedGradMode kMode>
@@ -93,7 +93,10 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
   SSL_DYNAMIC_SMEM(unsigned char, smem);
   unsigned char* tile_q = smem;
   unsigned char* terms_tiles = smem + 3 * kTileBytes;
+  unsigned char* label_tiles = terms_tiles + (kColumnAnchors ? 2 * kTermsBytes : 0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowStager<T, kChunks> stager;
+  const FusedLaneRows<kChunks> lane_rows(warp, lane);
   const int64_t row0 = int64_t(blockIdx.x) * kFusedRows;
   const int64_t c0 = int64_t(blockIdx.y) * p.cols_per_split;
   const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
@@ -105,24 +108,31 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
                        inside ? p.terms + t0 + threadIdx.x : p.terms, inside ? 16 : 0);
     }
   };
-  stage_rows<T, kChunks>(tile_q, p.rows_in, p.rows, row0, p.d);
-  stage_rows<T, kChunks>(smem + kTileBytes, p.cols_in, p.cols, c0, p.d);
+  stager.stage(tile_q, p.rows_in, p.rows, row0, p.d);
+  stager.stage(smem + kTileBytes, p.cols_in, p.cols, c0, p.d);
   if constexpr (kColumnAnchors) stage_terms(0, c0);
   ptx::cp_async_commit();
 
   // Global indices: anchors first_row + local index (labels, self, offsets).
   const int64_t row_global0 = kRowAnchors ? p.first_row : 0;
   const int64_t col_global0 = kColumnAnchors && kMode != FusedGradMode::kBoth ? p.first_row : 0;
-  int64_t row_global[2], label[2];
-  bool live[2];
-  FusedAnchorTerms row_terms[2] = {};
+  const int64_t* column_labels = p.labels ? p.labels + col_global0 : nullptr;  // by local column index
+  store_label(label_tiles, fetch_label(column_labels, p.cols, c0));
+  // The warp's 16 rows: global indices warp_row0 .. + 15, all of them rows of the matrix or not.
+  const int64_t warp_row0 = row_global0 + row0 + 16 * warp;
+  const bool warp_rows_full = row0 + 16 * warp + 16 <= p.rows;
+  // What the plain tiles need of this thread's two rows stays in registers
+  // (lse, weight, the labels' low words); the general path reloads the rest.
+  float row_lse_log2[2] = {}, row_gw[2] = {};
+  uint32_t label_low[2] = {};
   for (int h = 0; h < 2; ++h) {
     const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
-    live[h] = row < p.rows;
-    row_global[h] = row_global0 + row;
-    label[h] = p.labels && live[h] ? p.labels[row_global[h]] : 0;
-    if constexpr (kRowAnchors) {
-      if (live[h]) row_terms[h] = p.terms[row];
+    if (row < p.rows) {
+      if (p.labels) label_low[h] = uint32_t(p.labels[row_global0 + row]);
+      if constexpr (kRowAnchors) {
+        row_lse_log2[h] = p.terms[row].lse_log2;
+        row_gw[h] = p.terms[row].gw;
+      }
     }
   }
   constexpr int kFeatureTiles = fused_feature_tiles<T, kChunks>();
@@ -133,52 +143,99 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
     ptx::cp_async_wait<0>();
     __syncthreads();  // tile t0 is in; every warp is done with the other buffer
     if (t0 + kFusedCols < c1) {
-      stage_rows<T, kChunks>(smem + (2 - buffer) * kTileBytes, p.cols_in, p.cols, t0 + kFusedCols, p.d);
+      stager.stage(smem + (2 - buffer) * kTileBytes, p.cols_in, p.cols, t0 + kFusedCols, p.d);
       if constexpr (kColumnAnchors) stage_terms(buffer ^ 1, t0 + kFusedCols);
     }
     ptx::cp_async_commit();
+    const int64_t next_label = t0 + kFusedCols < c1 ? fetch_label(column_labels, p.cols, t0 + kFusedCols) : 0;
     const unsigned char* tile_k = smem + (1 + buffer) * kTileBytes;
     const auto* column_terms = reinterpret_cast<const FusedAnchorTerms*>(terms_tiles + buffer * kTermsBytes);
+    const unsigned char* tile_labels = label_tiles + buffer * kFusedLabelBytes;
 
-    // Label equality of this thread's 16 columns with its two rows (bit 2 (2 n + j) + h),
-    // loaded before the products so their latency hides behind them.
-    uint32_t same_label = 0;
-    if (p.labels) {
-      for (int n = 0; n < 8; ++n) {
-        for (int j = 0; j < 2; ++j) {
-          const int64_t col = t0 + 8 * n + ptx::acc_col(lane, j);
-          if (col >= c1) continue;
-          const int64_t label_c = p.labels[col_global0 + col];
-          for (int h = 0; h < 2; ++h) same_label |= uint32_t(label_c == label[h]) << (2 * (2 * n + j) + h);
-        }
-      }
+    // A plain tile (Note [Fused plain tiles]): every column a candidate of
+    // every row of the warp and the other way round, and no positive among them.
+    const int64_t col_first = col_global0 + t0;
+    bool special = !warp_rows_full || t0 + kFusedCols > c1 ||
+        (p.exclude_self && ranges_meet(col_first, kFusedCols, warp_row0, 16));
+    if (p.offset_positive) {
+      if (kRowAnchors) special |= ranges_meet(col_first, kFusedCols, warp_row0 + p.positive_offset, 16);
+      if (kColumnAnchors) special |= ranges_meet(warp_row0, 16, col_first + p.positive_offset, kFusedCols);
     }
+    if (p.labels && !special) special = labels_may_match(tile_labels, label_low, lane);
+    special = __any_sync(0xffffffffu, special);
+
     float acc[8][4] = {};
-    tile_logits<T, kChunks>(acc, tile_q, tile_k, warp, lane);
-#pragma unroll  // acc must stay in registers: indexed by constants only
-    for (int n = 0; n < 8; ++n) {
+    tile_logits<T, kChunks>(acc, tile_q, tile_k, lane_rows);
+    if (!special) {
+      // G = w_r exp(s - lse_r) (+ w_c exp(s - lse_c)): a row without weight has
+      // gw = 0 and a finite lse_log2 (fused_anchor_terms), so its term is 0.
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int h = i >> 1;
-        const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
-        const int64_t col_global = col_global0 + col;
-        const float s_log2 = acc[n][i] * p.scale_log2;
-        float coef = 0.0f;
-        if (live[h] && col < c1 && !(p.exclude_self && col_global == row_global[h])) {
-          const bool same = p.labels && ((same_label >> (2 * (2 * n + (i & 1)) + h)) & 1u);
-          if constexpr (kRowAnchors) {  // anchor = row, candidate = column
-            const bool positive = p.offset_positive ? col_global == row_global[h] + p.positive_offset : same;
-            coef += fused_coefficient(s_log2, row_terms[h], positive, p.exclude_positives);
-          }
-          if (kColumnAnchors && !SSL_OPS_PLANTED(kDropTransposedTerm)) {  // anchor = column, candidate = row
-            const bool positive = p.offset_positive ? row_global[h] == col_global + p.positive_offset : same;
-            coef += fused_coefficient(s_log2, column_terms[col - t0], positive, p.exclude_positives);
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          FusedAnchorTerms column = {};
+          if constexpr (kColumnAnchors) column = column_terms[8 * n + ptx::acc_col(lane, j)];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float& a = acc[n][2 * h + j];
+            float coef = 0.0f;
+            if constexpr (kRowAnchors) coef = row_gw[h] * ptx::exp2_ftz(fmaf(a, p.scale_log2, -row_lse_log2[h]));
+            if (kColumnAnchors && !SSL_OPS_PLANTED(kDropTransposedTerm)) {
+              coef = fmaf(column.gw, ptx::exp2_ftz(fmaf(a, p.scale_log2, -column.lse_log2)), coef);
+            }
+            a = SSL_OPS_PLANTED(kPlainTilesAddNothing) ? 0.0f : coef;
           }
         }
-        acc[n][i] = coef;
+      }
+    } else {
+      int64_t row_global[2], label[2];
+      bool live[2];
+      FusedAnchorTerms row_terms[2] = {};
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
+        live[h] = row < p.rows;
+        row_global[h] = row_global0 + row;
+        label[h] = p.labels && live[h] ? p.labels[row_global[h]] : 0;
+        if constexpr (kRowAnchors) {
+          if (live[h]) row_terms[h] = p.terms[row];
+        }
+      }
+      // Label equality of this thread's 16 columns with its two rows (bit 2 (2 n + j) + h).
+      uint32_t same_label = 0;
+      if (p.labels) {
+        for (int n = 0; n < 8; ++n) {
+          for (int j = 0; j < 2; ++j) {
+            const int64_t label_c = staged_label(tile_labels, n, j, lane);
+            for (int h = 0; h < 2; ++h) same_label |= uint32_t(label_c == label[h]) << (2 * (2 * n + j) + h);
+          }
+        }
+      }
+#pragma unroll  // acc must stay in registers: indexed by constants only
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int h = i >> 1;
+          const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
+          const int64_t col_global = col_global0 + col;
+          const float s_log2 = acc[n][i] * p.scale_log2;
+          float coef = 0.0f;
+          if (live[h] && col < c1 && !(p.exclude_self && col_global == row_global[h])) {
+            const bool same = p.labels && ((same_label >> (2 * (2 * n + (i & 1)) + h)) & 1u);
+            if constexpr (kRowAnchors) {  // anchor = row, candidate = column
+              const bool positive = p.offset_positive ? col_global == row_global[h] + p.positive_offset : same;
+              coef += fused_coefficient(s_log2, row_terms[h], positive, p.exclude_positives);
+            }
+            if (kColumnAnchors && !SSL_OPS_PLANTED(kDropTransposedTerm)) {  // anchor = column, candidate = row
+              const bool positive = p.offset_positive ? row_global[h] == col_global + p.positive_offset : same;
+              coef += fused_coefficient(s_log2, column_terms[col - t0], positive, p.exclude_positives);
+            }
+          }
+          acc[n][i] = coef;
+        }
       }
     }
-    tile_times_values<T, kChunks>(grad, acc, tile_k, lane);
+    tile_times_values<T, kChunks>(grad, acc, tile_k, lane_rows, lane);
+    store_label(label_tiles + (buffer ^ 1) * kFusedLabelBytes, next_label);
   }
   ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
   store_row_block<kFeatureTiles>(p.out + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);

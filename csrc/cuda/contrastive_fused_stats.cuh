@@ -44,6 +44,7 @@
 // at 2 CTAs/SM), ~0.03 ms at 300 TFLOP/s, plus 35 MB of split partials summed
 // on the host side (~0.01 ms).
 #include <cstdint>
+#include <type_traits>
 
 #include "compat.cuh"
 #include "contrastive_fused_tiles.cuh"
@@ -73,33 +74,52 @@ struct FusedStatsParams {
 
 template <int kChunks>
 constexpr size_t fused_stats_smem_bytes() {
-  return 3 * fused_tile_bytes<kChunks>();
+  return 3 * fused_tile_bytes<kChunks>() + 2 * kFusedLabelBytes;
+}
+
+// The CTAs per multiprocessor the launch bounds ask ptxas to fit: as many as
+// shared memory holds, at most 4 (bf16/fp16) or 3 (TF32, whose operands take a
+// conversion each), and with the query gradient's D / 2 accumulators per
+// thread 2 (D <= 128) or 1. Without a bound ptxas chose 128 registers for a
+// TF32 variant and spilled.
+template <typename T, int kChunks, bool kQueryGrad>
+constexpr int fused_stats_min_ctas() {
+  constexpr int kBySmem = int((228 * 1024) / (fused_stats_smem_bytes<kChunks>() + 1024));
+  constexpr int kMost = std::is_same_v<T, float> ? 3 : 4;
+  constexpr int kByShared = kBySmem < kMost ? kBySmem : kMost;
+  return kQueryGrad ? (kChunks <= 16 && kByShared >= 2 ? 2 : 1) : kByShared;
 }
 
 template <typename T, int kChunks, bool kQueryGrad>
-__global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedStatsParams<T> p) {
+__global__ void __launch_bounds__(kFusedThreads, (fused_stats_min_ctas<T, kChunks, kQueryGrad>()))
+    fused_row_stats_kernel(FusedStatsParams<T> p) {
   SSL_DYNAMIC_SMEM(unsigned char, smem);
   constexpr int kTileBytes = kFusedRows * kChunks * 16;
   unsigned char* tile_q = smem;
+  unsigned char* label_tiles = smem + 3 * kTileBytes;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const RowStager<T, kChunks> stager;
+  const FusedLaneRows<kChunks> lane_rows(warp, lane);
   const int64_t row0 = int64_t(blockIdx.x) * kFusedRows;
   const int64_t c0 = int64_t(blockIdx.y) * p.cols_per_split;
   const int64_t c1 = c0 + p.cols_per_split < p.cols ? c0 + p.cols_per_split : p.cols;
-  stage_rows<T, kChunks>(tile_q, p.q, p.rows, row0, p.d);
-  stage_rows<T, kChunks>(smem + kTileBytes, p.k, p.cols, c0, p.d);
+  stager.stage(tile_q, p.q, p.rows, row0, p.d);
+  stager.stage(smem + kTileBytes, p.k, p.cols, c0, p.d);
   ptx::cp_async_commit();
+  store_label(label_tiles, fetch_label(p.labels, p.cols, c0));
 
   const float bound = p.scale < 0 ? -p.scale : p.scale;
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = p.scale * kLog2e, shift_log2 = bound * kLog2e;
-  int64_t global_row[2];
-  int64_t label[2];
-  bool live[2];
+  // The warp's 16 rows: global indices warp_row0 .. + 15, all of them rows of the matrix or not.
+  const int64_t warp_row0 = p.first_row + row0 + 16 * warp;
+  const bool warp_rows_full = row0 + 16 * warp + 16 <= p.rows;
+  // The labels' low words of this thread's two rows stay in registers for the
+  // plain tiles; the general path reloads the rest.
+  uint32_t label_low[2] = {};
   for (int h = 0; h < 2; ++h) {
     const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
-    live[h] = row < p.rows;
-    global_row[h] = p.first_row + row;
-    label[h] = p.labels && live[h] ? p.labels[global_row[h]] : 0;
+    if (p.labels && row < p.rows) label_low[h] = uint32_t(p.labels[p.first_row + row]);
   }
   float sum[2] = {}, positive[2] = {}, pos_sum[2] = {};
   int count[2] = {};
@@ -109,52 +129,81 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
   int buffer = 0;
   for (int64_t t0 = c0; t0 < c1; t0 += kFusedCols, buffer ^= 1) {
     ptx::cp_async_wait<0>();
-    __syncthreads();  // tile t0 is in; every warp is done with the other buffer
-    if (t0 + kFusedCols < c1) stage_rows<T, kChunks>(smem + (2 - buffer) * kTileBytes, p.k, p.cols, t0 + kFusedCols, p.d);
+    __syncthreads();  // tile t0 and its labels are in; every warp is done with the other buffers
+    if (t0 + kFusedCols < c1) stager.stage(smem + (2 - buffer) * kTileBytes, p.k, p.cols, t0 + kFusedCols, p.d);
     ptx::cp_async_commit();
+    const int64_t next_label = t0 + kFusedCols < c1 ? fetch_label(p.labels, p.cols, t0 + kFusedCols) : 0;
     const unsigned char* tile_k = smem + (1 + buffer) * kTileBytes;
+    const unsigned char* tile_labels = label_tiles + buffer * kFusedLabelBytes;
 
-    // Which of this thread's 16 columns share a label with each of its two
-    // rows (bit 2 (2 n + j) + h), from one load per column before the products,
-    // so the loads' latency hides behind them and one register holds the answer.
-    uint32_t same_label = 0;
-    if (p.labels) {
+    // A plain tile (Note [Fused plain tiles]): every column a candidate of
+    // every row of the warp and no positive among them.
+    bool special = !warp_rows_full || t0 + kFusedCols > c1 ||
+        (p.exclude_self && ranges_meet(t0, kFusedCols, warp_row0, 16)) ||
+        (p.offset_positive && ranges_meet(t0, kFusedCols, warp_row0 + p.positive_offset, 16));
+    if (p.labels && !special) special = labels_may_match(tile_labels, label_low, lane);
+    special = __any_sync(0xffffffffu, special);
+
+    float acc[8][4] = {};
+    tile_logits<T, kChunks>(acc, tile_q, tile_k, lane_rows);
+    if (!special) {
+#pragma unroll
       for (int n = 0; n < 8; ++n) {
-        for (int j = 0; j < 2; ++j) {
-          const int64_t col = t0 + 8 * n + ptx::acc_col(lane, j);
-          if (col >= c1) continue;
-          const int64_t label_c = p.labels[col];
-          for (int h = 0; h < 2; ++h) same_label |= uint32_t(label_c == label[h]) << (2 * (2 * n + j) + h);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float e = ptx::exp2_ftz(fmaf(acc[n][i], scale_log2, -shift_log2));
+          if (SSL_OPS_PLANTED(kPlainTilesAddNothing)) e = 0.0f;
+          sum[i >> 1] += e;
+          if constexpr (kQueryGrad) acc[n][i] = e * kFusedPScale;
         }
       }
-    }
-    float acc[8][4] = {};
-    tile_logits<T, kChunks>(acc, tile_q, tile_k, warp, lane);
-    for (int n = 0; n < 8; ++n) {
-      for (int i = 0; i < 4; ++i) {
-        const int h = i >> 1;
-        const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
-        // P for the query gradient: exp(logit - shift) at the candidates, 0 elsewhere.
-        if (!live[h] || col >= c1 || (p.exclude_self && col == global_row[h])) {
-          if constexpr (kQueryGrad) acc[n][i] = 0.0f;
-          continue;
+    } else {
+      int64_t global_row[2], label[2];
+      bool live[2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
+        live[h] = row < p.rows;
+        global_row[h] = p.first_row + row;
+        label[h] = p.labels && live[h] ? p.labels[global_row[h]] : 0;
+      }
+      // Which of this thread's 16 columns share a label with each of its two
+      // rows (bit 2 (2 n + j) + h).
+      uint32_t same_label = 0;
+      if (p.labels) {
+        for (int n = 0; n < 8; ++n) {
+          for (int j = 0; j < 2; ++j) {
+            const int64_t label_c = staged_label(tile_labels, n, j, lane);
+            for (int h = 0; h < 2; ++h) same_label |= uint32_t(label_c == label[h]) << (2 * (2 * n + j) + h);
+          }
         }
-        bool is_positive = false;
-        if (p.labels) is_positive = (same_label >> (2 * (2 * n + (i & 1)) + h)) & 1u;
-        if (p.offset_positive) is_positive = col == global_row[h] + p.positive_offset;
-        const float e = exp2f(fmaf(acc[n][i], scale_log2, -shift_log2));
-        if (!(p.exclude_positives && is_positive)) sum[h] += e;
-        if (is_positive) {
-          positive[h] += p.scale * acc[n][i];
-          ++count[h];
-          pos_sum[h] += e;
+      }
+      for (int n = 0; n < 8; ++n) {
+        for (int i = 0; i < 4; ++i) {
+          const int h = i >> 1;
+          const int64_t col = t0 + 8 * n + ptx::acc_col(lane, i);
+          // P for the query gradient: exp(logit - shift) at the candidates, 0 elsewhere.
+          if (!live[h] || col >= c1 || (p.exclude_self && col == global_row[h])) {
+            if constexpr (kQueryGrad) acc[n][i] = 0.0f;
+            continue;
+          }
+          bool is_positive = false;
+          if (p.labels) is_positive = (same_label >> (2 * (2 * n + (i & 1)) + h)) & 1u;
+          if (p.offset_positive) is_positive = col == global_row[h] + p.positive_offset;
+          const float e = ptx::exp2_ftz(fmaf(acc[n][i], scale_log2, -shift_log2));
+          if (!(p.exclude_positives && is_positive)) sum[h] += e;
+          if (is_positive) {
+            positive[h] += p.scale * acc[n][i];
+            ++count[h];
+            pos_sum[h] += e;
+          }
+          if constexpr (kQueryGrad) acc[n][i] = e * kFusedPScale;
         }
-        if constexpr (kQueryGrad) acc[n][i] = e * kFusedPScale;
       }
     }
     if constexpr (kQueryGrad) {
-      tile_times_values<T, kChunks>(grad, acc, tile_k, lane);  // grad += P K over this tile
+      tile_times_values<T, kChunks>(grad, acc, tile_k, lane_rows, lane);  // grad += P K over this tile
     }
+    store_label(label_tiles + (buffer ^ 1) * kFusedLabelBytes, next_label);
   }
   ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
 
@@ -166,8 +215,9 @@ __global__ void __launch_bounds__(kFusedThreads) fused_row_stats_kernel(FusedSta
       pos_sum[h] += __shfl_xor_sync(0xffffffffu, pos_sum[h], offset);
       count[h] += __shfl_xor_sync(0xffffffffu, count[h], offset);
     }
-    if ((lane & 3) == 0 && live[h]) {
-      const int64_t at = int64_t(blockIdx.y) * p.rows + (global_row[h] - p.first_row);
+    const int64_t row = row0 + 16 * warp + ptx::acc_row(lane, 2 * h);
+    if ((lane & 3) == 0 && row < p.rows) {
+      const int64_t at = int64_t(blockIdx.y) * p.rows + row;
       p.part_shift[at] = bound;
       p.part_sum[at] = sum[h];
       p.part_positive[at] = positive[h];

@@ -45,17 +45,118 @@ constexpr int fused_feature_tiles() {
   return kChunks * (16 / int(sizeof(T))) / 8;
 }
 
-// 64 rows from `first` of a (total x d) matrix into a swizzled tile, rows and
-// chunks past the ends zero-filled.
+// Stages 64 rows from `first` of a (total x d) matrix into a swizzled tile by
+// cp.async, rows and chunks past the ends zero-filled. Thread x copies chunk
+// x % kChunks of rows x / kChunks + i (128 / kChunks) for every tile, so its
+// destinations are formed once: row i lies 2 KB further on, and its swizzle
+// key repeats every 8 rows (kPeriod distinct keys); a tile then costs one
+// 64-bit product and one add per chunk.
 template <typename T, int kChunks>
-__device__ __forceinline__ void stage_rows(unsigned char* tile, const T* src, int64_t total, int64_t first, int64_t d) {
-  constexpr int kPerChunk = 16 / sizeof(T);
-  for (int i = threadIdx.x; i < kFusedRows * kChunks; i += kFusedThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool inside = first + r < total && int64_t(c) * kPerChunk < d;
-    const T* from = inside ? src + (first + r) * d + c * kPerChunk : src;
-    ptx::cp_async_16(tile + (r * kChunks + ptx::staged_swizzle(r, c)) * 16, from, inside ? 16 : 0);
+struct RowStager {
+  static constexpr int kPerChunk = 16 / sizeof(T);
+  static constexpr int kPerThread = kFusedRows * kChunks / kFusedThreads;
+  static constexpr int kRowStep = kFusedThreads / kChunks;
+  static constexpr int kPeriod = kRowStep >= 8 ? 1 : 8 / kRowStep;
+  static_assert(kFusedThreads % kChunks == 0, "whole rows per pass");
+  int row, chunk;        // the first row and the chunk this thread copies
+  int dst[kPeriod];      // byte offsets of rows row + i kRowStep, i < kPeriod, in a tile
+
+  __device__ __forceinline__ RowStager() : row(threadIdx.x / kChunks), chunk(threadIdx.x % kChunks) {
+    for (int i = 0; i < kPeriod; ++i) {
+      const int r = row + i * kRowStep;
+      dst[i] = (r * kChunks + ptx::staged_swizzle(r, chunk)) * 16;
+    }
   }
+
+  __device__ __forceinline__ void stage(unsigned char* tile, const T* src, int64_t total, int64_t first,
+                                        int64_t d) const {
+    // The rows of this tile that exist, from this thread's first (0 to 64: 32-bit compares below).
+    const int64_t left = total - first - row;
+    const int rows_left = int64_t(chunk) * kPerChunk < d ? int(left < 0 ? 0 : left > kFusedRows ? kFusedRows : left) : 0;
+    const T* from = src + (first + row) * d + chunk * kPerChunk;
+    const int64_t step = kRowStep * d;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i, from += step) {
+      const bool inside = i * kRowStep < rows_left;
+      const int dst_i = dst[i % kPeriod] + (i / kPeriod) * kPeriod * kRowStep * kChunks * 16;
+      ptx::cp_async_16(tile + dst_i, inside ? from : src, inside ? 16 : 0);
+    }
+  }
+};
+
+// A lane's ldmatrix rows in a tile, formed once: row `row` of each 16-row block
+// at chunks 2 s + `chunk` for the k steps s. The swizzle key (row % 8) changes
+// only a chunk's low three bits, so step s reads at at[s % 4] + 128 (s / 4)
+// bytes, and block b of 16 rows b * 16 rows further on.
+template <int kChunks>
+struct LdmatrixRows {
+  int at[4];
+  __device__ __forceinline__ LdmatrixRows(int row, int chunk) {
+    for (int j = 0; j < 4; ++j) at[j] = (row * kChunks + ptx::swizzle(row, 2 * j + chunk)) * 16;
+  }
+  __device__ __forceinline__ int step(int s, int block = 0) const {
+    return at[s % 4] + 128 * (s / 4) + block * 16 * kChunks * 16;
+  }
+};
+
+// The ldmatrix rows of one warp's lanes: its A rows (16 warp + lane_a_row) in
+// the rows tile, the B rows (lane_b_row) and, for P V on bf16/fp16, the
+// transposed rows (lane_bt_row) in the column tile.
+template <int kChunks>
+struct FusedLaneRows {
+  LdmatrixRows<kChunks> a, b, bt;
+  __device__ __forceinline__ FusedLaneRows(int warp, int lane)
+      : a(16 * warp + ptx::lane_a_row(lane), ptx::lane_a_chunk(lane)),
+        b(ptx::lane_b_row(lane), ptx::lane_b_chunk(lane)),
+        bt(ptx::lane_bt_row(lane), ptx::lane_bt_chunk(lane)) {}
+};
+
+// ---- Plain tiles (Note [Fused plain tiles]) ---------------------------------------------
+// Most column tiles hold no column a warp's rows must treat apart: no self, no
+// positive, no column past the end. There the epilogue is one FFMA and one
+// exp2 (and the gradient's products) per logit, with no index arithmetic; the
+// rest take the general path. The warp decides together (one vote), so the
+// choice costs no divergence.
+
+// A tile's 64 column labels live in a 512-byte shared buffer. Threads 0-63 each
+// fetch one (0 past `total`) from global memory a tile ahead, into a register,
+// and store it after the tile's products: plain loads, as the labels of a
+// range of anchors need not be 16-byte aligned for cp.async.
+constexpr size_t kFusedLabelBytes = kFusedCols * sizeof(int64_t);
+__device__ __forceinline__ int64_t fetch_label(const int64_t* labels, int64_t total, int64_t first) {
+  const int64_t at = first + threadIdx.x;
+  return labels != nullptr && threadIdx.x < kFusedCols && at < total ? labels[at] : 0;
+}
+__device__ __forceinline__ void store_label(unsigned char* tile_labels, int64_t label) {
+  if (threadIdx.x < kFusedCols) memcpy(tile_labels + threadIdx.x * sizeof(int64_t), &label, sizeof(label));
+}
+
+// The staged label of this thread's column 8 n + acc_col(lane, j) of the tile.
+__device__ __forceinline__ int64_t staged_label(const unsigned char* tile_labels, int n, int j, int lane) {
+  int64_t v;
+  memcpy(&v, tile_labels + (8 * n + ptx::acc_col(lane, j)) * sizeof(int64_t), sizeof(v));
+  return v;
+}
+
+// Whether a column of this thread's 16 may share a label with one of its two
+// rows, whose labels' low 32 bits are label_low: the low words compared (a
+// superset of the matches, 32 compares).
+__device__ __forceinline__ bool labels_may_match(const unsigned char* tile_labels, const uint32_t (&label_low)[2],
+                                                 int lane) {
+  const uint32_t r0 = label_low[0], r1 = label_low[1];
+  bool hit = false;
+  for (int n = 0; n < 8; ++n) {
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t c = uint32_t(staged_label(tile_labels, n, j, lane));
+      hit |= (c == r0) | (c == r1);
+    }
+  }
+  return hit;
+}
+
+// Whether the half-open index ranges [a, a + a_len) and [b, b + b_len) meet.
+__device__ __forceinline__ bool ranges_meet(int64_t a, int64_t a_len, int64_t b, int64_t b_len) {
+  return a < b + b_len && b < a + a_len;
 }
 
 // fp32 bits as TF32, rounded (Note [Fused TF32]).
@@ -71,16 +172,16 @@ __device__ __forceinline__ void round_to_tf32(uint32_t (&r)[N]) {
 // acc[n][i] += S of this warp's 16 rows against the tile's columns 8 n + acc_col(lane, i).
 template <typename T, int kChunks>
 __device__ __forceinline__ void tile_logits(float (&acc)[8][4], const unsigned char* tile_q,
-                                            const unsigned char* tile_k, int warp, int lane) {
+                                            const unsigned char* tile_k, const FusedLaneRows<kChunks>& rows) {
+#pragma unroll
   for (int step = 0; step < kChunks / 2; ++step) {
     uint32_t fa[4];
-    const int a_row = 16 * warp + ptx::lane_a_row(lane);
-    ptx::ldmatrix_x4(fa, tile_q + (a_row * kChunks + ptx::swizzle(a_row, 2 * step + ptx::lane_a_chunk(lane))) * 16);
+    ptx::ldmatrix_x4(fa, tile_q + rows.a.step(step));
     if constexpr (std::is_same_v<T, float>) round_to_tf32(fa);
+#pragma unroll
     for (int pair = 0; pair < 4; ++pair) {
       uint32_t fb[4];
-      const int b_row = 16 * pair + ptx::lane_b_row(lane);
-      ptx::ldmatrix_x4(fb, tile_k + (b_row * kChunks + ptx::swizzle(b_row, 2 * step + ptx::lane_b_chunk(lane))) * 16);
+      ptx::ldmatrix_x4(fb, tile_k + rows.b.step(step, pair));
       if constexpr (std::is_same_v<T, float>) round_to_tf32(fb);
       const uint32_t lo[2] = {fb[0], fb[1]}, hi[2] = {fb[2], fb[3]};
       if constexpr (std::is_same_v<T, float>) {
@@ -99,7 +200,8 @@ __device__ __forceinline__ void tile_logits(float (&acc)[8][4], const unsigned c
 // 16 columns per k step; TF32: 8 columns per k step, Note [Fused TF32]).
 template <typename T, int kChunks>
 __device__ __forceinline__ void tile_times_values(float (&out)[fused_feature_tiles<T, kChunks>()][4],
-                                                  const float (&p)[8][4], const unsigned char* tile_v, int lane) {
+                                                  const float (&p)[8][4], const unsigned char* tile_v,
+                                                  const FusedLaneRows<kChunks>& rows, int lane) {
   if constexpr (std::is_same_v<T, float>) {
     // P's columns as TF32 A operands, k relabelled (Note [Fused TF32]).
     uint32_t pa[8][4];
@@ -139,15 +241,16 @@ __device__ __forceinline__ void tile_times_values(float (&out)[fused_feature_til
       }
     }
   } else {
+#pragma unroll
     for (int step = 0; step < 4; ++step) {
       const uint32_t pa[4] = {ptx::pack2<T>(p[2 * step][0], p[2 * step][1]),
                               ptx::pack2<T>(p[2 * step][2], p[2 * step][3]),
                               ptx::pack2<T>(p[2 * step + 1][0], p[2 * step + 1][1]),
                               ptx::pack2<T>(p[2 * step + 1][2], p[2 * step + 1][3])};
+#pragma unroll
       for (int pair = 0; pair < kChunks / 2; ++pair) {
         uint32_t fv[4];
-        const int v_row = 16 * step + ptx::lane_bt_row(lane);
-        ptx::ldmatrix_x4<true>(fv, tile_v + (v_row * kChunks + ptx::swizzle(v_row, 2 * pair + ptx::lane_bt_chunk(lane))) * 16);
+        ptx::ldmatrix_x4<true>(fv, tile_v + rows.bt.step(pair, step));  // rows 16 step.., chunks 2 pair..
         const uint32_t lo[2] = {fv[0], fv[1]}, hi[2] = {fv[2], fv[3]};
         ptx::mma_m16n8k16<T>(out[2 * pair], pa, lo);
         ptx::mma_m16n8k16<T>(out[2 * pair + 1], pa, hi);

@@ -46,11 +46,12 @@ enum class ContrastiveRoute { kFused, kGemm };
 // The one place the route is chosen. SSL_OPS_CUDA_CONTRASTIVE_ROUTE, read once
 // per call: "fused" (default) or "gemm" (the GEMM route everywhere, for tests,
 // benchmarks and the selftest's fallback). The fused route takes unit rows of
-// bf16/fp16, or fp32 where torch allows TF32 for matmuls, with 1 to 256
-// features in whole 16-byte rows (D a multiple of 8; fp32: of 4), contiguous
-// and 16-byte aligned, on sm_80+ (Note [Fused statistics pass], Note [Fused
-// gradient pass]); exact fp32, fp64, other D and older archs take the GEMM
-// route. Deterministic mode changes nothing: neither route uses atomics.
+// bf16/fp16 (D up to 256, a multiple of 8), or fp32 where torch allows TF32
+// for matmuls (D up to 128, a multiple of 4): whole 16-byte chunks of at most
+// 512 bytes a row, contiguous and 16-byte aligned, on sm_80+ (Note [Fused
+// statistics pass], Note [Fused gradient pass]); exact fp32, fp64, other D and
+// older archs take the GEMM route. Deterministic mode changes nothing:
+// neither route uses atomics.
 template <typename T>
 ContrastiveRoute choose_contrastive_route(const ContrastiveSpec<T>& spec) {
   const char* value = std::getenv("SSL_OPS_CUDA_CONTRASTIVE_ROUTE");
@@ -63,7 +64,7 @@ ContrastiveRoute choose_contrastive_route(const ContrastiveSpec<T>& spec) {
     if (forced_gemm || (std::is_same_v<T, float> && !tf32_allowed())) return ContrastiveRoute::kGemm;
     const int64_t d = spec.q_hat.size(1);
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-    const bool fits = spec.bounded && d > 0 && d <= kFusedMaxFeatures && (d * int64_t(sizeof(T))) % 16 == 0 &&
+    const bool fits = spec.bounded && d > 0 && d <= fused_route_max_features<T>() && (d * int64_t(sizeof(T))) % 16 == 0 &&
         std::min(current_compute_capability(), loaded_code_arch()) >= 80 && spec.q_hat.is_contiguous() &&
         spec.k_hat.is_contiguous() && aligned(spec.q_hat) && aligned(spec.k_hat);
     return fits ? ContrastiveRoute::kFused : ContrastiveRoute::kGemm;

@@ -75,12 +75,15 @@ void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, 
 
 // The routes: `out` arrives with its statistics allocated; each route
 // allocates the gradients it writes. The fused route serves the dtypes of
-// fused_route_dtype and at most kFusedMaxFeatures features.
+// fused_route_dtype and rows of at most 512 bytes (fused_route_max_features).
 template <typename T>
 constexpr bool fused_route_dtype() {
   return std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, float>;
 }
-constexpr int64_t kFusedMaxFeatures = 256;
+template <typename T>
+constexpr int64_t fused_route_max_features() {
+  return 512 / sizeof(T);  // bf16/fp16: 256; fp32 (TF32): 128
+}
 template <typename T>
 void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, ContrastiveResult<T>& out,
                   c10::Device device, cudaStream_t stream);

@@ -5,6 +5,7 @@
 //   mma_m16n8k8_tf32  d += A (16 x 8) B (8 x 8), TF32 operands
 //   ldmatrix_x4       four 8 x 8 16-bit matrices from shared memory (.trans: transposed)
 //   ld_shared_b32     one 32-bit word of shared memory (TF32's P V operands)
+//   exp2_ftz          2^x on the MUFU unit (ex2.approx.ftz)
 //   cp_async_16       a 16-byte global -> shared copy (cp.async.cg), with
 //                     cp_async_commit / cp_async_wait<N> (wait_group N)
 // and the fragment layouts that feed them (the lane_* helpers and swizzle).
@@ -12,6 +13,7 @@
 // csrc/emu/tensor_core_ptx.h gives each lane exactly the PTX layout's elements.
 // All need sm_80 (ldmatrix sm_75); a device pass below that traps, and the host
 // never routes there (Note [Tensor cores per arch]).
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -98,6 +100,23 @@ __device__ __forceinline__ uint32_t to_tf32(float v) {
   uint32_t out;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
   return out;
+#endif
+}
+
+// 2^x by the MUFU unit alone (ex2.approx.ftz.f32: at most 2 ulp, results below
+// 2^-126 flushed to 0), where exp2f adds a subnormal range check and two
+// multiplies. The fused kernels' exponents are at most 0 plus rounding, and
+// their terms below 2^-126 are far below the sums' last bit.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(SSL_OPS_CUDA_EMU)
+  const float y = std::exp2(x);
+  return y < 1.17549435e-38f ? 0.0f : y;
+#elif defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
 #endif
 }
 

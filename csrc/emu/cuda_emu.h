@@ -98,6 +98,7 @@ enum class PlantedBug : int {
   kFragmentLane = 3,        // one lane addresses the wrong row of an A fragment
   kMissingWaitGroup = 4,    // cp_async_wait returns without waiting
   kSwizzleOffByOne = 5,     // the cp.async staging's swizzle key is (row + 1) % 8, the readers' row % 8
+  kPlainTilesAddNothing = 6,  // the fused kernels' plain tiles (Note [Fused plain tiles]) add no term
 };
 PlantedBug planted_bug();
 void set_planted_bug(int bug);

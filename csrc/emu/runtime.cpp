@@ -497,7 +497,7 @@ void set_driver_version(int version) {
 
 PlantedBug planted_bug() { return static_cast<PlantedBug>(planted.load(std::memory_order_relaxed)); }
 void set_planted_bug(int bug) {
-  TORCH_CHECK(bug >= 0 && bug <= static_cast<int>(PlantedBug::kSwizzleOffByOne), "unknown planted bug ", bug);
+  TORCH_CHECK(bug >= 0 && bug <= static_cast<int>(PlantedBug::kPlainTilesAddNothing), "unknown planted bug ", bug);
   planted.store(bug, std::memory_order_relaxed);
 }
 
