@@ -55,11 +55,16 @@ def _sym_setup_context(ctx, inputs, output):
     # The op's contract (and its fake kernel's): asked with a reduction, the
     # forward returns d loss / d z for grad_loss = 1.
     ctx.grad_in_forward = bool(compute_grad) and reduction != 0
+    # The other outputs (lse, counts, the gradient) take no gradient: no zero
+    # tensors for them in the backward (eight fills per step on the GPU).
+    ctx.set_materialize_grads(False)
 
 
 def _sym_backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():  # backward(create_graph=True): second derivatives
         _no_double_backward(ctx)
+    if grad_loss is None:
+        return (None,) * 10
     z, labels, lse, positive_count, grad, lse_positive = ctx.saved_tensors
     scale, eps, normalize, reduction = ctx.options
     if ctx.grad_in_forward:
@@ -123,11 +128,14 @@ def _asym_setup_context(ctx, inputs, output):
     # The op's contract (and its fake kernel's): with a reduction, the forward
     # returns the gradients grad_mask asks for, for grad_loss = 1.
     ctx.grads_in_forward = tuple(bool(m) and reduction != 0 for m in grad_mask)
+    ctx.set_materialize_grads(False)  # as for the symmetric op
 
 
 def _asym_backward(ctx, grad_loss, *_unused):
     if torch.is_grad_enabled():
         _no_double_backward(ctx)
+    if grad_loss is None:
+        return (None,) * 9
     query, key, positive_key, lse, gq, gk, gp = ctx.saved_tensors
     scale, eps, normalize, reduction = ctx.options
     needs = list(ctx.needs_input_grad[:3])

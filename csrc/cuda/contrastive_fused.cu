@@ -125,9 +125,10 @@ int64_t fused_stats(const ContrastiveSpec<T>& spec, c10::Device device, cudaStre
   return splits;
 }
 
-// Each anchor's gradient statistics, packed for the fused gradient pass
-// (FusedAnchorTerms): lse log2(e), kGScale w, 1 / |P| (-1: the positives' term
-// is exp(s - lse_pos)), lse_pos log2(e).
+// Each anchor's gradient statistics from given ones (the backward op), packed
+// for the fused gradient pass (FusedAnchorTerms): lse log2(e), kGScale w,
+// 1 / |P| (-1: the positives' term is exp(s - lse_pos)), lse_pos log2(e). The
+// forward's merge kernel writes the same records itself.
 inline at::Tensor fused_anchor_terms(const at::Tensor& lse, const at::Tensor& weight, const at::Tensor& inv_count,
                                      const at::Tensor& lse_positive) {
   constexpr double kLog2e = 1.4426950408889634;
@@ -139,12 +140,13 @@ inline at::Tensor fused_anchor_terms(const at::Tensor& lse, const at::Tensor& we
   return at::stack({lse_log2, weight * kGScale, inv, pos}, 1).to(at::kFloat).contiguous();
 }
 
-// One fused gradient pass (contrastive_fused_grad.cuh): sum_c G_rc cols_in_c
-// for each row of rows_in (fp32, rows x d, before the scale max|w| / kGScale),
-// the column splits summed in a fixed order.
+// One fused gradient pass (contrastive_fused_grad.cuh): product_scale times
+// sum_c G_rc cols_in_c for each row of rows_in (fp32, rows x d), the column
+// splits summed in a fixed order.
 template <typename T>
 at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::Tensor& cols_in,
-                      const at::Tensor& terms, const ContrastiveSpec<T>& spec, c10::Device device, cudaStream_t stream) {
+                      const at::Tensor& terms, const at::Tensor& product_scale, const ContrastiveSpec<T>& spec,
+                      c10::Device device, cudaStream_t stream) {
   using Dev = DeviceElement<T>;
   const int64_t rows = rows_in.size(0), cols = cols_in.size(0), d = rows_in.size(1);
   const auto acc_opts = rows_in.options().dtype(at::kFloat);
@@ -182,7 +184,13 @@ at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::T
     if (mode == M::kColumns) run(chunks, std::integral_constant<M, M::kColumns>{});
     if (mode == M::kBoth) run(chunks, std::integral_constant<M, M::kBoth>{});
   });
-  return out.size(0) == 1 ? out[0] : out.sum(0);
+  at::Tensor grad = at::empty({rows, d}, acc_opts);
+  const int64_t n = rows * d;
+  launch_kernel(fused_sum_splits_kernel,
+                checked_grid("fused_sum_splits_kernel (rows x d / 1024)", ceil_div64(n, 4 * kSumSplitsThreads)),
+                dim3(kSumSplitsThreads), 0, stream, out.const_data_ptr<float>(), out.size(0), n,
+                product_scale.const_data_ptr<float>(), grad.data_ptr<float>());
+  return grad;
 }
 
 }  // namespace
@@ -193,11 +201,15 @@ void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, Contrast
   const int64_t na = spec.q_hat.size(0), n = spec.k_hat.size(0);
   const bool stats = !spec.given_lse.defined();
   const bool grad_in_stats = stats && fused_query_grad_in_stats(spec);
-  at::Tensor part_grad;
+  const bool grad_pass = spec.grad_k || (spec.grad_q && !grad_in_stats);
+  at::Tensor part_grad, terms;
   if (stats) {
     at::Tensor parts, part_count;
     const int64_t splits = fused_stats(spec, device, stream, parts, part_count, grad_in_stats ? &part_grad : nullptr);
-    merge_row_stats(spec, out, w, 0, na, parts, part_count, splits, stream);
+    // The merge writes the gradient pass's records of the anchors in the same pass.
+    if (grad_pass) terms = at::empty({na, 4}, spec.q_hat.options().dtype(at::kFloat));
+    merge_row_stats(spec, out, w, 0, na, parts, part_count, splits, stream,
+                    grad_pass ? terms.data_ptr<float>() : nullptr);
   }
   if (!spec.grad_q && !spec.grad_k) return;
   const at::Tensor& lse = stats ? out.lse : spec.given_lse;
@@ -213,23 +225,23 @@ void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, Contrast
     }
     out.grad_q_hat = g * (w.weight * (w.product_scale * kGScale)).unsqueeze(1);
   }
-  const at::Tensor terms =
-      fused_anchor_terms(lse, w.weight, w.inv_count, stats ? out.lse_positive : spec.given_lse_positive);
+  if (!grad_pass) return;
+  if (!stats) terms = fused_anchor_terms(lse, w.weight, w.inv_count, spec.given_lse_positive);
   // Q = K (the symmetric op over all its rows): d z_hat = (G + G^T) z_hat in one pass.
   if (spec.grad_q && spec.grad_k && na == n && spec.first_row == 0 &&
       spec.q_hat.const_data_ptr() == spec.k_hat.const_data_ptr()) {
-    out.grad_k_hat =
-        fused_grad(FusedGradMode::kBoth, spec.q_hat, spec.k_hat, terms, spec, device, stream) * w.product_scale;
+    out.grad_k_hat = fused_grad(FusedGradMode::kBoth, spec.q_hat, spec.k_hat, terms, w.product_scale, spec, device,
+                                stream);
     out.grad_k_includes_q = true;
     return;
   }
   if (spec.grad_q && !grad_in_stats) {
-    out.grad_q_hat =
-        fused_grad(FusedGradMode::kRows, spec.q_hat, spec.k_hat, terms, spec, device, stream) * w.product_scale;
+    out.grad_q_hat = fused_grad(FusedGradMode::kRows, spec.q_hat, spec.k_hat, terms, w.product_scale, spec, device,
+                                stream);
   }
   if (spec.grad_k) {
-    out.grad_k_hat =
-        fused_grad(FusedGradMode::kColumns, spec.k_hat, spec.q_hat, terms, spec, device, stream) * w.product_scale;
+    out.grad_k_hat = fused_grad(FusedGradMode::kColumns, spec.k_hat, spec.q_hat, terms, w.product_scale, spec,
+                                device, stream);
   }
 }
 

@@ -19,25 +19,17 @@
 // - Where it applies: the statistics pass's conditions (choose_contrastive_route in
 //   contrastive_passes.cu), with the statistics computed or given (backward op).
 // - Per anchor the host packs {lse_r log2(e), kGScale w_r, inv_r, lse_pos_r log2(e)}
-//   into 16 bytes (inv_r = -1: the log-sum-exp term); kColumns and kBoth stage
-//   the column anchors' records by cp.async next to their tile (1 KB per tile).
-// - Shared memory: the rows tile, two column tiles and two record tiles:
-//   3 x 16 KB + 2 KB = 50 KB at D <= 128 (over the 48 KB default: the launch
-//   opts in, launch_kernel), 26 KB at D <= 64.
-// - Per tile and warp: D_pad / 16 x 8 mma for S, 4 x D_pad / 8 mma for G V;
-//   per element one or (kBoth) two exp2 and one FFMA each.
-// - Registers (ptxas, sm_90, nvcc 13.0): 167 at D <= 128 in every mode, 149
-//   at D <= 64 (kBoth), no spills, no stack: 3 CTAs per SM (21.5 K registers
-//   and 50 KB each); the coefficient loop is unrolled so acc stays in registers.
+//   into 16 bytes (inv_r = -1: the log-sum-exp term; lse 0 where w_r = 0, so a
+//   plain tile's w exp2(s - lse) is 0, never 0 x inf); kColumns and kBoth
+//   stage the column anchors' records by cp.async next to their tile (1 KB).
+// - Shared memory: the rows tile, two column tiles, two record tiles and two
+//   label tiles (Note [Fused route counts]).
+// - Per logit: one FFMA and one ex2 per anchor term (kBoth: two), the
+//   coefficient rounded to the input dtype as an A operand; plain tiles (Note
+//   [Fused plain tiles]) skip every index test.
 // - NT-Xent (kBoth) takes two products of the pairs for the whole gradient,
 //   where kRows + kColumns take four and the GEMM route four plus G_c's and
 //   S_c's round trip (16 bytes per pair).
-// - Counts (estimate, not measured; H200, bf16, D = 128): NT-Xent 2N = 8192,
-//   forward + backward = statistics (2 n^2 D = 17.2 GFLOP, 67 M exp2) + kBoth
-//   (34.4 GFLOP, 134 M exp2): 51.5 GFLOP, ~0.16 ms at ~330 TFLOP/s for
-//   mma.sync, the 201 M exp2 (~0.05 ms of MUFU) overlapping; 128 row blocks x
-//   7 splits = 896 CTAs (2.3 waves at 3/SM); 29 MB of fp32 split partials
-//   written and summed (~0.015 ms).
 #include <cstdint>
 
 #include "compat.cuh"
@@ -47,13 +39,16 @@ namespace ssl_ops::cuda {
 
 enum class FusedGradMode { kRows, kColumns, kBoth };
 
-// One anchor's statistics for the gradient (16 bytes: one cp.async).
+// One anchor's statistics for the gradient (16 bytes: one cp.async), as the
+// statistics merge writes them (GemmMergeParams::anchor_terms) or the host
+// packs them from given statistics (the backward op).
 struct alignas(16) FusedAnchorTerms {
-  float lse_log2;      // lse_r log2(e)
+  float lse_log2;      // lse_r log2(e); 0 where gw = 0
   float gw;            // kGScale w_r (|w_r| <= 1, normalised by the host); 0: the row adds nothing
   float inv;           // 1 / |P(r)|; -1: the positives' term is exp(s - lse_pos_r)
   float lse_pos_log2;  // lse_pos_r log2(e) (log-sum-exp form), else 0
 };
+static_assert(sizeof(FusedAnchorTerms) == 4 * sizeof(float), "the merge kernel writes 4 floats a row");
 
 template <typename T>
 struct FusedGradParams {
@@ -239,6 +234,24 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
   }
   ptx::cp_async_wait<0>();  // nothing may be in flight when the block ends
   store_row_block<kFeatureTiles>(p.out + int64_t(blockIdx.y) * p.rows * p.d, grad, row0, p.rows, p.d, warp, lane);
+}
+
+// The gradient passes' split partials merged: out = scale * sum over the
+// splits of parts[split], in split order (no atomics); n a multiple of 4
+// (rows of whole 16-byte chunks), four floats per thread.
+constexpr int kSumSplitsThreads = 256;
+__global__ void __launch_bounds__(kSumSplitsThreads)
+    fused_sum_splits_kernel(const float* parts, int64_t splits, int64_t n, const float* scale, float* out) {
+  const int64_t i = (int64_t(blockIdx.x) * kSumSplitsThreads + threadIdx.x) * 4;
+  if (i >= n) return;
+  Vec<float, 4> total = *reinterpret_cast<const Vec<float, 4>*>(parts + i);
+  for (int64_t s = 1; s < splits; ++s) {
+    const Vec<float, 4> part = *reinterpret_cast<const Vec<float, 4>*>(parts + s * n + i);
+    for (int j = 0; j < 4; ++j) total.val[j] += part.val[j];
+  }
+  const float factor = *scale;
+  for (int j = 0; j < 4; ++j) total.val[j] *= factor;
+  store16(out + i, total);
 }
 
 }  // namespace ssl_ops::cuda

@@ -9,40 +9,30 @@
 // stored. gemm_row_merge_kernel then merges the splits as on the GEMM route.
 //
 // Note [Fused statistics pass]:
-// - bf16/fp16 rows, D a multiple of 8 (16-byte rows for cp.async) and at most
-//   128, the logit bound usable (unit rows), sm_80+; everything else keeps the
-//   GEMM route's statistics (route choice: choose_contrastive_route in contrastive_passes.cu).
+// - bf16/fp16 rows of up to 256 features and fp32 rows (as TF32) of up to 128:
+//   whole 16-byte chunks, at most 512 bytes a row; the logit bound usable
+//   (unit rows), sm_80+; everything else keeps the GEMM route's statistics
+//   (route choice: choose_contrastive_route in contrastive_passes.cu).
 // - CTA: 4 warps, 64 anchor rows (16 per warp, one m16 tile), column tiles of
 //   64 double-buffered by cp.async; Q and K tiles swizzled (tensor_core_ptx.cuh).
-//   Shared memory 3 x 64 rows x D_pad x 2 bytes: 24 KB (D <= 64) or 48 KB
-//   (D <= 128), within the default 48 KB; 4 CTAs/SM at D = 128 (192 KB of 228).
-// - Per column tile and warp: D_pad / 16 k steps x 8 mma (16 x 64 logits);
-//   per logit one FFMA and one exp2 (scale log2(e) folded in), no max: the
-//   fixed shift lets partial sums add. Registers (ptxas, sm_90): 96, no
-//   spills; 32 of them fp32 accumulators. SupCon labels: one load per column
-//   per tile, compared into a 32-bit mask before the products.
+//   Shared memory: 3 tiles of 64 rows (8, 16 or 32 KB each by the row's
+//   chunks) and two 512-byte label tiles.
+// - Per logit one FFMA and one ex2 (scale log2(e) folded in), no max: the
+//   fixed shift lets partial sums add. Plain tiles (Note [Fused plain tiles])
+//   do nothing else; the rest test self, positives and edges per logit.
 // - Each thread keeps the statistics of its two rows (g, g + 8) and reduces
 //   them over its quad once, at the end. No float atomics: deterministic.
-// - Counts (estimate, not measured; H200 bf16 D = 128): NT-Xent 2N = 8192 is
-//   2 (2N)^2 D = 17.2 GFLOP and 67 M exps; 128 row blocks x 4 splits = 512 CTAs
-//   (~1 wave at 4/SM); at ~330 TFLOP/s for mma.sync about 0.05 ms, against
-//   the GEMM route's S_c write and read (8 bytes per pair, 537 MB, ~0.12 ms) on
-//   top of the same GEMM.
+// - Resources and counts per variant: Note [Fused route counts] (contrastive_fused.cu).
 //
 // Note [Fused query gradient]: with kQueryGrad the same pass also forms
 //   grad_r = 2^14 sum_c exp(scale S_rc - shift) k_hat_c
-// (FlashAttention-2's P V with V = K: P from the accumulators as bf16/fp16 A
-// operands, the K tile read again by ldmatrix .trans), per split; the host
-// sums the splits and finishes d q_hat_r = scale w_r (grad_r exp(shift - lse_r)
-// - k_hat_{positive(r)} / |P(r)|). It serves InfoNCE with only the query
-// asking for a gradient (MoCo's detached queue, MoCo v3's detached keys): two
-// products of the pairs in all, where the GEMM route takes two GEMMs plus S_c's
-// and G_c's round trip (16 bytes per pair). Extra per tile and warp: D_pad / 8
-// mma and D_pad / 16 ldmatrix per 16 columns; registers (ptxas, sm_90): 182
-// at D <= 128 (2 CTAs/SM), 144 at D <= 64, no spills. Estimate, not measured:
-// MoCo 256 x 65536, D = 128 is 8.6 GFLOP in 4 row blocks x 264 splits (4 waves
-// at 2 CTAs/SM), ~0.03 ms at 300 TFLOP/s, plus 35 MB of split partials summed
-// on the host side (~0.01 ms).
+// (FlashAttention-2's P V with V = K: P from the accumulators as A operands,
+// the K tile read again, transposed), per split; the host sums the splits and
+// finishes d q_hat_r = scale w_r (grad_r exp(shift - lse_r) - k_hat_{positive(r)}
+// / |P(r)|). It serves InfoNCE with only the query asking for a gradient
+// (MoCo's detached queue, MoCo v3's detached keys): two products of the pairs
+// in all, where the GEMM route takes two GEMMs plus S_c's and G_c's round trip
+// (16 bytes per pair).
 #include <cstdint>
 #include <type_traits>
 

@@ -170,6 +170,10 @@ struct GemmMergeParams {
   A* inv_count;             // 1 / |P(r)| (0 without positives; log-sum-exp form: 1 for one positive, else 0)
   A* lse_positive;          // log-sum-exp form: lse_pos_r (0 without positives)
   A* row_loss;              // symmetric: loss_r (0 without positives), or null
+  // The fused gradient pass's record of each row (FusedAnchorTerms, 4 floats:
+  // lse log2(e) (0 where w = 0), kGScale w, 1 / |P| (-1: exp(s - lse_pos)),
+  // lse_pos log2(e)), written with w; or null.
+  float* anchor_terms;
 };
 
 template <typename A>
@@ -218,8 +222,18 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_merge_kernel(GemmMer
   }
   if (p.weight) {
     const bool counts = !p.rows_need_positives || count > 0;
-    p.weight[row] = counts ? (p.weight_in ? p.weight_in[row] : A(1)) : A(0);
-    p.inv_count[row] = pos_lse ? A(count == 1) : (count > 0 ? A(1) / A(count) : A(0));
+    const A w = counts ? (p.weight_in ? p.weight_in[row] : A(1)) : A(0);
+    const A inv = pos_lse ? A(count == 1) : (count > 0 ? A(1) / A(count) : A(0));
+    p.weight[row] = w;
+    p.inv_count[row] = inv;
+    if (p.anchor_terms) {
+      constexpr A kLog2e = A(1.4426950408889634);
+      float* t = p.anchor_terms + 4 * row;
+      t[0] = w == A(0) ? 0.0f : float(p.lse[row] * kLog2e);
+      t[1] = float(A(kGScale) * w);
+      t[2] = pos_lse && inv == A(0) ? -1.0f : float(inv);
+      t[3] = pos_lse ? float(p.lse_positive[row] * kLog2e) : 0.0f;
+    }
   }
 }
 

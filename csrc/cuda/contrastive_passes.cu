@@ -22,7 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/ones.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -98,12 +98,13 @@ ContrastiveResult<T> contrastive_passes(const ContrastiveSpec<T>& spec, c10::Dev
   PassWeights w;
   if (grad) {
     const at::Tensor& given = stats ? spec.weight : spec.given_weight;
-    at::Tensor max_weight = at::ones({}, acc_opts);
     if (given.defined()) {
-      max_weight = at::clamp_min(given.abs().max(), std::numeric_limits<A>::min());
+      const at::Tensor max_weight = at::clamp_min(given.abs().max(), std::numeric_limits<A>::min());
       w.weight_in = (given / max_weight).contiguous();
+      w.product_scale = max_weight * (spec.scale / kGScale);
+    } else {
+      w.product_scale = at::full({}, spec.scale / kGScale, acc_opts);
     }
-    w.product_scale = max_weight * (spec.scale / kGScale);
     w.weight = stats ? at::empty({na}, acc_opts) : w.weight_in;
     w.inv_count = stats ? at::empty({na}, acc_opts) : spec.given_inv_count;
   }
@@ -120,7 +121,7 @@ ContrastiveResult<T> contrastive_passes(const ContrastiveSpec<T>& spec, c10::Dev
 template <typename T>
 void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, const PassWeights& w, int64_t r0,
                      int64_t c, const at::Tensor& part_values, const at::Tensor& part_counts, int64_t splits,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, float* anchor_terms) {
   using A = acc_t<T>;
   const bool grad = spec.grad_q || spec.grad_k;
   GemmMergeParams<A> m{};
@@ -146,6 +147,7 @@ void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, 
   // The merge writes the per-row terms of a gradient in the same pass.
   m.weight = grad ? w.weight.template data_ptr<A>() + r0 : nullptr;
   m.inv_count = grad ? w.inv_count.template data_ptr<A>() + r0 : nullptr;
+  m.anchor_terms = grad && anchor_terms ? anchor_terms + 4 * r0 : nullptr;
   launch_kernel(gemm_row_merge_kernel<A>,
                 checked_grid("gemm_row_merge_kernel (chunk rows / 256)", (c + kGemmRowThreads - 1) / kGemmRowThreads),
                 dim3(kGemmRowThreads), 0, stream, m);
@@ -154,7 +156,8 @@ void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, 
 #define SSL_OPS_INSTANTIATE_PASSES(T)                                                                         \
   template ContrastiveResult<T> contrastive_passes<T>(const ContrastiveSpec<T>&, c10::Device, cudaStream_t); \
   template void merge_row_stats<T>(const ContrastiveSpec<T>&, ContrastiveResult<T>&, const PassWeights&,       \
-                                   int64_t, int64_t, const at::Tensor&, const at::Tensor&, int64_t, cudaStream_t);
+                                   int64_t, int64_t, const at::Tensor&, const at::Tensor&, int64_t, cudaStream_t, \
+                                   float*);
 SSL_OPS_INSTANTIATE_PASSES(float)
 SSL_OPS_INSTANTIATE_PASSES(double)
 SSL_OPS_INSTANTIATE_PASSES(c10::Half)

@@ -68,10 +68,12 @@ struct PassWeights {
 
 // Merges the statistics partials ([split][row] of rows r0 .. r0 + c) of either
 // route into `out` (and the weights' per-row terms).
+// anchor_terms: where to write the fused gradient pass's record of each row
+// (FusedAnchorTerms), or null.
 template <typename T>
 void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, const PassWeights& w, int64_t r0,
                      int64_t c, const at::Tensor& part_values, const at::Tensor& part_counts, int64_t splits,
-                     cudaStream_t stream);
+                     cudaStream_t stream, float* anchor_terms = nullptr);
 
 // The routes: `out` arrives with its statistics allocated; each route
 // allocates the gradients it writes. The fused route serves the dtypes of
