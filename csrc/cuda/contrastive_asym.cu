@@ -8,10 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/exp.h>
-#include <ATen/ops/ones.h>
 #include <ATen/ops/ones_like.h>
 #include <torch/library.h>
 
@@ -22,6 +20,7 @@
 #include "compat.cuh"
 #include "contrastive_passes.h"
 #include "contrastive_reduction.h"
+#include "loss_reduction.cuh"
 #include "row_norms.cuh"
 
 #include <array>
@@ -66,38 +65,39 @@ AsymInputs<T> asym_inputs(const at::Tensor& query, const at::Tensor& key, const 
 
 // The asymmetric gradients through the normalisation, from d q_hat and d k_hat
 // (accumulation type; undefined where not asked for) and, with a positive key,
-// its softmax term coef_r = scale * w_r (softmax of the positive key - 1).
+// its softmax term coef_r = scale * w_r (softmax of the positive key - 1); all
+// of it times `scale` (a 0-dim tensor: the mean's 1 / rows), where given.
 template <typename T>
 std::array<at::Tensor, 3> finish_asym(const AsymInputs<T>& in, const at::Tensor& grad_q_hat,
-                                      const at::Tensor& grad_k_hat, const at::Tensor& lse, const at::Tensor& weight,
-                                      double scale, double eps, bool normalize, std::array<bool, 3> mask,
-                                      cudaStream_t stream) {
+                                      const at::Tensor& grad_k_hat, const at::Tensor& coef, const at::Tensor* scale,
+                                      double eps, bool normalize, std::array<bool, 3> mask, cudaStream_t stream) {
   const bool with_p = in.p.defined();
-  at::Tensor coef;
-  if (with_p) coef = (weight * (at::exp(in.positive_logit - lse) - 1) * scale).contiguous();
   std::array<at::Tensor, 3> out;
   if (mask[0]) {
     out[0] = with_p ? finish_rows<T>(in.q, in.denom_q, &grad_q_hat, &coef, &in.p, &in.denom_p, eps, normalize,
-                                     stream)
+                                     stream, scale)
                     : finish_rows<T>(in.q, in.denom_q, &grad_q_hat, nullptr, nullptr, nullptr, eps, normalize,
-                                     stream);
+                                     stream, scale);
   }
-  if (mask[1]) out[1] = finish_rows<T>(in.k, in.denom_k, &grad_k_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+  if (mask[1]) {
+    out[1] = finish_rows<T>(in.k, in.denom_k, &grad_k_hat, nullptr, nullptr, nullptr, eps, normalize, stream, scale);
+  }
   if (mask[2] && with_p) {
-    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream);
+    out[2] = finish_rows<T>(in.p, in.denom_p, nullptr, &coef, &in.q, &in.denom_q, eps, normalize, stream, scale);
   }
   return out;
 }
 
 // The passes of both asymmetric ops: queries against keys (or the queue),
 // the positive a separate key (MoCo; its logit starts each row) or key
-// r + offset. `lse` given (the backward op): only the gradient is formed.
-// Returns the log-sum-exps (forward) and the gradients `mask` asks for.
+// r + offset. The forward (no given_lse) forms the statistics and, with
+// `grad`, the gradients for weight 1 per row; the backward op forms the
+// gradients for given_weight from given_lse. Positive logits land in
+// in.positive_logit.
 template <typename T>
-std::pair<at::Tensor, std::array<at::Tensor, 3>> asym_passes(AsymInputs<T>& in, const at::Tensor& given_lse,
-                                                          const at::Tensor& weight, double scale, double eps,
-                                                          bool normalize, std::array<bool, 3> mask,
-                                                          cudaStream_t stream) {
+ContrastiveResult<T> asym_passes(AsymInputs<T>& in, const at::Tensor& given_lse, const at::Tensor& given_weight,
+                                 bool grad, double scale, bool normalize, std::array<bool, 3> mask,
+                                 cudaStream_t stream) {
   const bool with_p = in.p.defined();
   ContrastiveSpec<T> spec;
   spec.q_hat = in.q_hat;
@@ -107,20 +107,16 @@ std::pair<at::Tensor, std::array<at::Tensor, 3>> asym_passes(AsymInputs<T>& in, 
   if (with_p) spec.initial_logit = in.positive_logit;
   spec.scale = scale;
   spec.bounded = logit_bound_usable<acc_t<T>>(scale, normalize);
-  spec.grad_q = weight.defined() && mask[0];
-  spec.grad_k = weight.defined() && mask[1];
+  spec.grad_q = grad && mask[0];
+  spec.grad_k = grad && mask[1];
   if (given_lse.defined()) {
     spec.given_lse = given_lse;
-    spec.given_weight = weight;
+    spec.given_weight = given_weight;
     spec.given_inv_count = at::ones_like(given_lse);  // one positive per row (unused with a positive key)
-  } else {
-    spec.weight = weight;
   }
   ContrastiveResult<T> r = contrastive_passes(spec, in.q.device(), stream);
-  const at::Tensor lse = given_lse.defined() ? given_lse : r.lse;
   if (!with_p && r.positive_sum.defined()) in.positive_logit = r.positive_sum;  // S_r,r+offset
-  if (!weight.defined()) return {lse, {}};
-  return {lse, finish_asym<T>(in, r.grad_q_hat, r.grad_k_hat, lse, weight, scale, eps, normalize, mask, stream)};
+  return r;
 }
 
 at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
@@ -139,14 +135,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "contrastive_asym_loss", [&] {
     AsymInputs<scalar_t> in =
         asym_inputs<scalar_t>(query, key, positive_key, positive_offset, scale, eps, normalize, stream);
-    const at::Tensor all_rows = at::ones({in.q.size(0)}, in.denom_q.options().dtype(at::kBool));
-    at::Tensor weight;  // undefined: no gradient
-    if (reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2])) {
-      weight = row_weights(at::ones({}, in.denom_q.options()), reduction, all_rows, in.denom_q.scalar_type());
+    const bool grad = reduction != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+    ContrastiveResult<scalar_t> r =
+        asym_passes<scalar_t>(in, at::Tensor(), at::Tensor(), grad, scale, normalize, grad_mask, stream);
+    at::Tensor loss;
+    std::array<at::Tensor, 3> grads;
+    if (reduction == Reduction::None) {
+      loss = r.lse - in.positive_logit;
+    } else {
+      // Every row counts: the mean's 1 / rows weighs each row's gradient.
+      const ReducedLoss reduced = reduced_loss<acc_t<scalar_t>>(r.lse, &in.positive_logit, nullptr,
+                                                                reduction == Reduction::Mean, stream);
+      loss = reduced.loss;
+      if (grad) {
+        grads = finish_asym<scalar_t>(in, r.grad_q_hat, r.grad_k_hat, r.positive_coef, &reduced.row_factor, eps,
+                                      normalize, grad_mask, stream);
+      }
     }
-    auto [lse, grads] = asym_passes<scalar_t>(in, at::Tensor(), weight, scale, eps, normalize, grad_mask, stream);
-    result = {reduce(lse - in.positive_logit, reduction, all_rows), lse, or_empty(grads[0], query),
-              or_empty(grads[1], key), or_empty(grads[2], query)};
+    result = {loss, r.lse, or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
   });
   return result;
 }
@@ -166,7 +172,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_asym_backward(
     const at::Tensor all_rows = at::ones_like(lse_acc, lse_acc.options().dtype(at::kBool));
     const at::Tensor weight =
         row_weights(grad_loss, static_cast<Reduction>(reduction), all_rows, lse_acc.scalar_type()).contiguous();
-    const auto grads = asym_passes<scalar_t>(in, lse_acc, weight, scale, eps, normalize, grad_mask, stream).second;
+    const ContrastiveResult<scalar_t> r =
+        asym_passes<scalar_t>(in, lse_acc, weight, true, scale, normalize, grad_mask, stream);
+    at::Tensor coef;
+    if (in.p.defined()) coef = (weight * (at::exp(in.positive_logit - lse_acc) - 1) * scale).contiguous();
+    const auto grads = finish_asym<scalar_t>(in, r.grad_q_hat, r.grad_k_hat, coef, nullptr, eps, normalize,
+                                             grad_mask, stream);
     result = {or_empty(grads[0], query), or_empty(grads[1], key), or_empty(grads[2], query)};
   });
   return result;

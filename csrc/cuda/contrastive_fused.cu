@@ -5,12 +5,8 @@
 // statistics partials merge as on the GEMM route (merge_row_stats).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/exp.h>
-#include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -213,17 +209,28 @@ void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, Contrast
   }
   if (!spec.grad_q && !spec.grad_k) return;
   const at::Tensor& lse = stats ? out.lse : spec.given_lse;
-  if (grad_in_stats) {
-    // d q_hat = scale w (sum_c exp(s - shift) k_hat_c exp(shift - lse) - k_hat_positive / |P|),
-    // the splits summed in a fixed order (no atomics).
-    const double bound = std::abs(spec.scale);
-    at::Tensor g = part_grad.sum(0) * (at::exp(bound - lse) / kFusedPScale).unsqueeze(1);
-    if (spec.offset_positive) {
-      const at::Tensor index = (at::arange(na, lse.options().dtype(at::kLong)) + (spec.first_row + spec.positive_offset))
-                                   .clamp(0, std::max<int64_t>(n - 1, 0));
-      g -= spec.k_hat.index_select(0, index).to(lse.scalar_type()) * w.inv_count.unsqueeze(1);
-    }
-    out.grad_q_hat = g * (w.weight * (w.product_scale * kGScale)).unsqueeze(1);
+  if (grad_in_stats) {  // Note [Fused query gradient]: the splits summed and finished in one launch
+    using Dev = DeviceElement<T>;
+    const int64_t d = spec.q_hat.size(1);
+    out.grad_q_hat = at::empty({na, d}, lse.options());
+    FusedQueryGradParams<Dev> q{};
+    q.part_grad = part_grad.const_data_ptr<float>();
+    q.splits = part_grad.size(0);
+    q.rows = na;
+    q.d = d;
+    q.lse = lse.const_data_ptr<float>();
+    q.weight = w.weight.const_data_ptr<float>();
+    q.inv_count = w.inv_count.const_data_ptr<float>();
+    q.product_scale = w.product_scale.const_data_ptr<float>();
+    q.g_scale = static_cast<float>(kGScale);
+    q.shift = static_cast<float>(std::abs(spec.scale));
+    q.keys = spec.offset_positive ? reinterpret_cast<const Dev*>(spec.k_hat.const_data_ptr()) : nullptr;
+    q.positive0 = spec.first_row + spec.positive_offset;
+    q.cols = n;
+    q.out = out.grad_q_hat.template data_ptr<float>();
+    launch_kernel(fused_query_grad_kernel<Dev>,
+                  checked_grid("fused_query_grad_kernel (rows x d / 1024)", ceil_div64(na * d, 4 * kQueryGradThreads)),
+                  dim3(kQueryGradThreads), 0, stream, q);
   }
   if (!grad_pass) return;
   if (!stats) terms = fused_anchor_terms(lse, w.weight, w.inv_count, spec.given_lse_positive);

@@ -223,4 +223,49 @@ __global__ void __launch_bounds__(kFusedThreads, (fused_stats_min_ctas<T, kChunk
   }
 }
 
+// Note [Fused query gradient]'s finish, one launch: for each anchor r and
+// feature f (four per thread; d a multiple of 4),
+//   d q_hat_rf = w_r scale' (exp(shift - lse_r) / 2^14 sum_splits grad_rf
+//                 - k_hat_{r + offset, f} / |P(r)|   (offset positive only))
+// with scale' = product_scale kGScale (= scale max|w|), the splits summed in
+// order (no atomics).
+template <typename T>
+struct FusedQueryGradParams {
+  const float* part_grad;     // [splits][rows][d]
+  int64_t splits, rows, d;
+  const float* lse;           // rows
+  const float* weight;        // w_r / max|w| (0 where the row adds nothing)
+  const float* inv_count;     // 1 / |P(r)|
+  const float* product_scale; // 0-dim: scale max|w| / kGScale
+  float g_scale;              // kGScale
+  float shift;                // |scale|
+  const T* keys;              // offset positive: key rows (cols x d), else null
+  int64_t positive0, cols;    // the positive of anchor r: key positive0 + r (clamped to the keys)
+  float* out;                 // rows x d
+};
+
+constexpr int kQueryGradThreads = 256;
+template <typename T>
+__global__ void __launch_bounds__(kQueryGradThreads) fused_query_grad_kernel(FusedQueryGradParams<T> p) {
+  const int64_t i = (int64_t(blockIdx.x) * kQueryGradThreads + threadIdx.x) * 4;
+  if (i >= p.rows * p.d) return;
+  const int64_t r = i / p.d, f = i % p.d;
+  const int64_t n = p.rows * p.d;
+  Vec<float, 4> g = *reinterpret_cast<const Vec<float, 4>*>(p.part_grad + i);
+  for (int64_t s = 1; s < p.splits; ++s) {
+    const Vec<float, 4> part = *reinterpret_cast<const Vec<float, 4>*>(p.part_grad + s * n + i);
+    for (int j = 0; j < 4; ++j) g.val[j] += part.val[j];
+  }
+  const float softmax = expf(p.shift - p.lse[r]) / kFusedPScale;
+  const float factor = p.weight[r] * (*p.product_scale * p.g_scale);
+  int64_t positive = p.positive0 + r;
+  positive = positive < 0 ? 0 : positive >= p.cols ? p.cols - 1 : positive;
+  for (int j = 0; j < 4; ++j) {
+    float v = g.val[j] * softmax;
+    if (p.keys) v -= element_to_float(p.keys[positive * p.d + f + j]) * p.inv_count[r];
+    g.val[j] = v * factor;
+  }
+  store16(p.out + i, g);
+}
+
 }  // namespace ssl_ops::cuda

@@ -159,6 +159,11 @@ __device__ __forceinline__ bool ranges_meet(int64_t a, int64_t a_len, int64_t b,
   return a < b + b_len && b < a + a_len;
 }
 
+// An element of the rows as fp32.
+__device__ __forceinline__ float element_to_float(float v) { return v; }
+__device__ __forceinline__ float element_to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float element_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 // fp32 bits as TF32, rounded (Note [Fused TF32]).
 template <int N>
 __device__ __forceinline__ void round_to_tf32(uint32_t (&r)[N]) {

@@ -174,6 +174,10 @@ struct GemmMergeParams {
   // lse log2(e) (0 where w = 0), kGScale w, 1 / |P| (-1: exp(s - lse_pos)),
   // lse_pos log2(e)), written with w; or null.
   float* anchor_terms;
+  // MoCo with a gradient: each row's positive-key coefficient
+  // scale w_r (exp(initial_logit_r - lse_r) - 1), written with w; or null.
+  A* positive_coef;
+  A positive_coef_scale;
 };
 
 template <typename A>
@@ -234,6 +238,7 @@ __global__ void __launch_bounds__(kGemmRowThreads) gemm_row_merge_kernel(GemmMer
       t[2] = pos_lse && inv == A(0) ? -1.0f : float(inv);
       t[3] = pos_lse ? float(p.lse_positive[row] * kLog2e) : 0.0f;
     }
+    if (p.positive_coef) p.positive_coef[row] = p.positive_coef_scale * w * (device_exp(p.initial_logit[row] - p.lse[row]) - A(1));
   }
 }
 

@@ -88,6 +88,7 @@ ContrastiveResult<T> contrastive_passes(const ContrastiveSpec<T>& spec, c10::Dev
     out.positive_count = at::empty({na}, acc_opts.dtype(at::kLong));
     if (spec.positives_lse) out.lse_positive = at::empty({na}, acc_opts);
     if (spec.rows_need_positives) out.row_loss = at::empty({na}, acc_opts);
+    if (spec.initial_logit.defined() && grad) out.positive_coef = at::empty({na}, acc_opts);
   }
   if (na == 0 || (!grad && !stats)) {
     if (spec.grad_q) out.grad_q_hat = at::empty({na, d}, acc_opts);
@@ -148,6 +149,8 @@ void merge_row_stats(const ContrastiveSpec<T>& spec, ContrastiveResult<T>& out, 
   m.weight = grad ? w.weight.template data_ptr<A>() + r0 : nullptr;
   m.inv_count = grad ? w.inv_count.template data_ptr<A>() + r0 : nullptr;
   m.anchor_terms = grad && anchor_terms ? anchor_terms + 4 * r0 : nullptr;
+  m.positive_coef = grad && out.positive_coef.defined() ? out.positive_coef.template data_ptr<A>() + r0 : nullptr;
+  m.positive_coef_scale = static_cast<A>(spec.scale);
   launch_kernel(gemm_row_merge_kernel<A>,
                 checked_grid("gemm_row_merge_kernel (chunk rows / 256)", (c + kGemmRowThreads - 1) / kGemmRowThreads),
                 dim3(kGemmRowThreads), 0, stream, m);

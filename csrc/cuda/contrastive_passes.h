@@ -47,6 +47,9 @@ struct ContrastiveResult {
   at::Tensor row_loss;                            // rows_need_positives (symmetric)
   at::Tensor grad_q_hat, grad_k_hat;              // accumulation type, G including scale and w
   bool grad_k_includes_q = false;                 // Q = K: grad_k_hat is d z_hat, grad_q_hat unused
+  // MoCo (initial_logit) with a gradient, statistics computed: each row's
+  // positive-key coefficient scale w_r (softmax of the positive key - 1).
+  at::Tensor positive_coef;
 };
 
 // The statistics and the gradients `spec` asks for, on the route

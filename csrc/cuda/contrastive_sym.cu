@@ -21,6 +21,7 @@
 #include "compat.cuh"
 #include "contrastive_passes.h"
 #include "contrastive_reduction.h"
+#include "loss_reduction.cuh"
 #include "row_norms.cuh"
 
 namespace ssl_ops::cuda {
@@ -111,15 +112,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrasti
     spec.grad_q = spec.grad_k = with_grad;  // weights: 1 where the row has positives
     ContrastiveResult<scalar_t> r = contrastive_passes(spec, z.device(), stream);
     const SymSaved s = sym_saved_from(r, z.size(0), anchors);
-    const at::Tensor valid = s.positive_count > 0;
-    at::Tensor grad = at::empty({0}, z.options());
-    if (with_grad) {
-      at::Tensor grad_hat = sym_grad_hat(r, anchors);
-      if (reduction == Reduction::Mean) grad_hat.div_(at::clamp_min(valid.sum(), 1));
-      grad = finish_rows<scalar_t>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream);
+    at::Tensor loss = s.row_loss, grad = at::empty({0}, z.options());
+    if (reduction != Reduction::None) {
+      // The mean over the rows with positives, or the sum; each such row's
+      // gradient weighs 1 / count or 1.
+      const ReducedLoss reduced = reduced_loss<acc_t<scalar_t>>(s.row_loss, nullptr, &s.positive_count,
+                                                                reduction == Reduction::Mean, stream);
+      loss = reduced.loss;
+      if (with_grad) {
+        const at::Tensor grad_hat = sym_grad_hat(r, anchors);
+        grad = finish_rows<scalar_t>(z, denom, &grad_hat, nullptr, nullptr, nullptr, eps, normalize, stream,
+                                     &reduced.row_factor);
+      }
     }
     const at::Tensor lse_positive = positives_lse ? s.lse_positive : at::empty({0}, s.lse.options());
-    result = {reduce(s.row_loss, reduction, valid), s.lse, s.positive_count, grad, lse_positive};
+    result = {loss, s.lse, s.positive_count, grad, lse_positive};
   });
   return result;
 }

@@ -5,7 +5,7 @@
 //                      optionally x_hat_r = x_r / denom_r in x's dtype
 //   row_dot_kernel:    out_r = scale * (a_r . b_r) / (denom_a_r * denom_b_r)
 //   finish_rows_kernel: the gradient through the normalisation,
-//     g = grad_hat_r + coef_r * other_r / other_denom_r   (either part optional)
+//     g = s (grad_hat_r + coef_r * other_r / other_denom_r)   (each part optional)
 //     dx = (g - xh (xh . g)) / ||x||   where ||x|| >= eps,   g / eps below
 //   written in x's dtype (float16 saturated at its largest finite value).
 // Resources (ptxas -v, sm_90, nvcc 13.0; 256 threads): 29-31 registers
@@ -102,6 +102,7 @@ struct FinishParams {
   acc_t<T> eps;
   bool normalize;
   T* out;
+  const acc_t<T>* scale;        // a 0-dim factor of the whole d(normalised rows), or null (1)
 };
 
 template <typename T>
@@ -109,7 +110,7 @@ __device__ __forceinline__ acc_t<T> finish_input(const FinishParams<T>& p, int64
   using A = acc_t<T>;
   A g = p.grad_hat ? p.grad_hat[r * p.features + k] : A(0);
   if (p.coef) g += p.coef[r] * static_cast<A>(p.other[r * p.features + k]) / p.other_denom[r];
-  return g;
+  return p.scale ? g * *p.scale : g;
 }
 
 template <typename T>
@@ -186,11 +187,12 @@ NormalizedRows normalized_rows(const at::Tensor& x, double eps, bool normalize, 
 }
 
 // The gradient through the normalisation of x for d(normalised rows) =
-// grad_hat + coef_r * other_r / other_denom_r (null pointers: absent parts).
+// scale (grad_hat + coef_r * other_r / other_denom_r) (null pointers: absent
+// parts; scale a 0-dim tensor, 1 when absent).
 template <typename T>
 at::Tensor finish_rows(const at::Tensor& x, const at::Tensor& denom, const at::Tensor* grad_hat,
                        const at::Tensor* coef, const at::Tensor* other, const at::Tensor* other_denom,
-                       double eps, bool normalize, cudaStream_t stream) {
+                       double eps, bool normalize, cudaStream_t stream, const at::Tensor* scale = nullptr) {
   using A = acc_t<T>;
   at::Tensor out = at::empty(x.sizes(), x.options());  // row-major, whatever x's layout
   if (x.size(0) == 0) return out;
@@ -198,7 +200,7 @@ at::Tensor finish_rows(const at::Tensor& x, const at::Tensor& denom, const at::T
                     grad_hat ? grad_hat->const_data_ptr<A>() : nullptr, coef ? coef->const_data_ptr<A>() : nullptr,
                     other ? other->const_data_ptr<T>() : nullptr,
                     other_denom ? other_denom->const_data_ptr<A>() : nullptr, x.size(0), x.size(1),
-                    static_cast<A>(eps), normalize, out.data_ptr<T>()};
+                    static_cast<A>(eps), normalize, out.data_ptr<T>(), scale ? scale->const_data_ptr<A>() : nullptr};
   launch_kernel(finish_rows_kernel<T>, row_grid(x.size(0)), dim3(kRowThreads), 0, stream, p);
   return out;
 }
