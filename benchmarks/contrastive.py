@@ -25,19 +25,27 @@ space is capped, so an implementation that would not fit reports OOM).
 
     python -m benchmarks.contrastive           # quick: 2N up to 8192, about a minute
     python -m benchmarks.contrastive --full    # 2N from 512 to 65536, D 128 and 256
-    python -m benchmarks.contrastive --device cuda   # 2N 2048 to 65536, fp32 and bf16, on the GPU
+    python -m benchmarks.contrastive --device cuda   # issue 22's GPU shapes, bf16 and TF32
+    python -m benchmarks.contrastive --device cuda --time-budget 150   # as many as fit, first first
 
 On CUDA, memory is torch.cuda.max_memory_allocated over the inputs, measured
 in this process, and both routes of the fused losses are timed (the default,
-fused where it applies, and the GEMM route forced, also at a second chunk
-budget), with the fastest one named per shape (Note [Contrastive routes] in
-csrc/cuda/contrastive_passes.cu).
+fused where it applies, and the GEMM route forced), with the fastest one
+named per shape (Note [Contrastive routes] in csrc/cuda/contrastive_passes.cu),
+next to Inf-CL's cal_inf_loss where it applies (in-batch InfoNCE, MoCo v3) and
+is installed. The GPU cases come most important first: NT-Xent and MoCo in
+bf16 at D = 128, MoCo v3 at D = 256, NT-Xent at D = 256, then TF32 (dtype
+"tf32": fp32 inputs with torch's TF32 allowed for every implementation, as a
+training script sets it). --time-budget stops starting new cases after that
+many seconds (the JSON keeps what was measured).
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import time
 
 import torch
 
@@ -55,9 +63,26 @@ MOCOV3_TEMPERATURE = 0.2  # MoCo v3's ViT setting
 IN_BATCH_LOSSES = TWO_VIEW_LOSSES + ("siglip", "mocov3")  # S is (rows x rows)
 
 
+def torch_dtype(case):
+    """The inputs' dtype ("tf32": fp32 with TF32 allowed, tf32_setting)."""
+    name = case.get("dtype", "float32")
+    return torch.float32 if name == "tf32" else getattr(torch, name)
+
+
+@contextlib.contextmanager
+def tf32_setting(case):
+    """TF32 for fp32 matmuls while a "tf32" case runs (every implementation)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = case.get("dtype") == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def make_inputs(case, requires_grad):
     g = torch.Generator().manual_seed(0)
-    device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
+    device, dtype = case.get("device", "cpu"), torch_dtype(case)
 
     def rand(rows, grad):
         t = torch.randn(rows, case["d"], generator=g).to(device=device, dtype=dtype)
@@ -81,10 +106,11 @@ _COMPILED = {}
 
 
 def loss_fn(case, impl):
-    if impl == "compiled":
-        if case["loss"] not in _COMPILED:
-            _COMPILED[case["loss"]] = torch.compile(loss_fn(case, "eager"), dynamic=True)
-        return _COMPILED[case["loss"]]
+    if impl == "compiled":  # one compilation per loss and dtype (a new dtype would recompile anyway)
+        key = (case["loss"], case.get("dtype", "float32"))
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(loss_fn(case, "eager"), dynamic=True)
+        return _COMPILED[key]
     if impl == "inf_cl":  # Inf-CL (pip inf-cl): one-directional InfoNCE, Triton, inputs cast to fp32
         from inf_cl import cal_inf_loss
 
@@ -167,7 +193,7 @@ def matmul_tflops(case, min_run_time):
     """The rate of one plain matmul of the loss's shape, in the same run: what
     the hardware gives at that size."""
     g = torch.Generator().manual_seed(1)
-    device, dtype = case.get("device", "cpu"), getattr(torch, case.get("dtype", "float32"))
+    device, dtype = case.get("device", "cpu"), torch_dtype(case)
     cols = case["rows"] if case["loss"] in IN_BATCH_LOSSES else case["queue"]
     a = torch.randn(case["rows"], case["d"], generator=g).to(device, dtype)
     b = torch.randn(cols, case["d"], generator=g).to(device, dtype)
@@ -178,6 +204,11 @@ def matmul_tflops(case, min_run_time):
 def measure(case, min_run_time, impls, compiled_memory=True):
     """compiled_memory=False: the compiled baseline is timed only (its memory
     process would compile it again for every case; the quick run skips that)."""
+    with tf32_setting(case):
+        return measure_case(case, min_run_time, impls, compiled_memory)
+
+
+def measure_case(case, min_run_time, impls, compiled_memory):
     row = dict(case)
     row["model_flops"] = model_flops(case)
     row["matmul_tflops"] = matmul_tflops(case, min_run_time)
@@ -216,13 +247,12 @@ def measure(case, min_run_time, impls, compiled_memory=True):
 
 
 def cases(full, device):
+    if device == "cuda" and not full:
+        return gpu_cases()
     on_gpu = device == "cuda"
-    if full:
-        rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
-    else:  # the GPU default reaches the sizes where eager runs out of memory
-        rows = [2048, 8192, 16384, 65536] if on_gpu else [512, 2048, 8192]
+    rows = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536] if full else [512, 2048, 8192]
     dims = [128, 256] if full else [128]
-    dtypes = ["float32", "bfloat16"] if on_gpu else ["float32"]
+    dtypes = ["float32", "bfloat16", "tf32"] if on_gpu else ["float32"]
     out = []
     for dtype in dtypes:
         for d in dims:
@@ -243,6 +273,25 @@ def cases(full, device):
             queue = 65536 if full or on_gpu else 16384
             out.append({"loss": "moco", "rows": 256, "queue": queue, "d": 128, "mode": mode, "device": device,
                         "dtype": dtype})
+    return out
+
+
+def gpu_cases():
+    """Issue 22's GPU shapes, forward+backward, most important first (a time
+    budget keeps the head of the list): NT-Xent 2N in {2048, 8192, 16384,
+    65536} and MoCo 256 x 65536 at D = 128 in bf16; MoCo v3 at D = 256 (Inf-CL
+    beside it); NT-Xent at D = 256; then TF32."""
+    def case(loss, rows, d, dtype, **extra):
+        return {"loss": loss, "rows": rows, "d": d, "mode": "forward+backward", "device": "cuda", "dtype": dtype,
+                **extra}
+
+    out = [case("nt_xent", n, 128, "bfloat16") for n in (8192, 2048, 16384, 65536)]
+    out.append(case("moco", 256, 128, "bfloat16", queue=65536))
+    out += [case("mocov3", n, 256, "bfloat16", keys="detached") for n in (4096, 16384)]
+    out += [case("nt_xent", n, 256, "bfloat16") for n in (8192, 65536, 2048, 16384)]
+    out += [case("nt_xent", n, 128, "tf32") for n in (8192, 65536, 2048, 16384)]
+    out.append(case("moco", 256, 128, "tf32", queue=65536))
+    out += [case("nt_xent", n, 256, "tf32") for n in (8192, 65536)]
     return out
 
 
@@ -287,6 +336,8 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="results", help="folder for contrastive_<device>.json")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="start no new case after this many seconds (CUDA: the GPU check's limit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -300,11 +351,15 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"contrastive_{args.device}.json")
     rows = []
+    start = time.perf_counter()
     for case in tqdm(todo, desc="contrastive benchmark", unit="case") if tqdm else todo:
+        if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s spent: {len(todo) - len(rows)} cases left out")
+            break
         impls = ("fused", "eager") if args.no_compile else ("fused", "eager", "compiled")
         if case["device"] == "cuda":
             if case["loss"] != "siglip":  # SigLIP has one CUDA route
-                impls += ("gemm", "gemm_big_chunks")
+                impls += ("gemm",) + (("gemm_big_chunks",) if args.full else ())
             # Inf-CL where it applies: in-batch InfoNCE, positives on the diagonal (MoCo v3, CLIP's one direction).
             if case["loss"] == "mocov3" and importlib.util.find_spec("inf_cl") is not None:
                 impls += ("inf_cl",)
@@ -316,8 +371,10 @@ def main():
     print(f"\nvs eager / vs compiled = that implementation's time / fused time; memory = peak extra resident "
           f"memory of a fresh process (CUDA: max_memory_allocated); TFLOP/s = the eager computation's "
           f"matrix-multiply FLOPs / time, next to one plain matmul of the same shape; CUDA routes: fused = "
-          f"the default (the fused kernels for bf16/fp16 rows of D 8-128, else the GEMM route), gemm = the "
-          f"GEMM route everywhere, big chunks = the GEMM route with 2^27-element chunks (default 2^25); "
+          f"the default (the fused kernels for bf16/fp16 rows of D <= 256 and TF32 rows of D <= 128, else "
+          f"the GEMM route), gemm = the GEMM route everywhere, big chunks (--full) = the GEMM route with "
+          f"2^27-element chunks (default 2^25); dtype tf32 = fp32 inputs with TF32 allowed for every "
+          f"implementation; "
           f"fastest route = the quickest of those; Inf-CL = "
           f"inf_cl.cal_inf_loss on normalised rows (MoCo v3 rows only; where the package is installed); "
           f"JSON: {path}")

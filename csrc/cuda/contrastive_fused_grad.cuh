@@ -239,17 +239,19 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
 // The gradient passes' split partials merged: out = scale * sum over the
 // splits of parts[split], in split order (no atomics); n a multiple of 4
 // (rows of whole 16-byte chunks), four floats per thread.
+// (A template, float only, so that each translation unit including this header may hold it.)
 constexpr int kSumSplitsThreads = 256;
+template <typename A>
 __global__ void __launch_bounds__(kSumSplitsThreads)
-    fused_sum_splits_kernel(const float* parts, int64_t splits, int64_t n, const float* scale, float* out) {
+    fused_sum_splits_kernel(const A* parts, int64_t splits, int64_t n, const A* scale, A* out) {
   const int64_t i = (int64_t(blockIdx.x) * kSumSplitsThreads + threadIdx.x) * 4;
   if (i >= n) return;
-  Vec<float, 4> total = *reinterpret_cast<const Vec<float, 4>*>(parts + i);
+  Vec<A, 4> total = *reinterpret_cast<const Vec<A, 4>*>(parts + i);
   for (int64_t s = 1; s < splits; ++s) {
-    const Vec<float, 4> part = *reinterpret_cast<const Vec<float, 4>*>(parts + s * n + i);
+    const Vec<A, 4> part = *reinterpret_cast<const Vec<A, 4>*>(parts + s * n + i);
     for (int j = 0; j < 4; ++j) total.val[j] += part.val[j];
   }
-  const float factor = *scale;
+  const A factor = *scale;
   for (int j = 0; j < 4; ++j) total.val[j] *= factor;
   store16(out + i, total);
 }

@@ -22,7 +22,7 @@
 //   do nothing else; the rest test self, positives and edges per logit.
 // - Each thread keeps the statistics of its two rows (g, g + 8) and reduces
 //   them over its quad once, at the end. No float atomics: deterministic.
-// - Resources and counts per variant: Note [Fused route counts] (contrastive_fused.cu).
+// - Resources and counts per variant: Note [Fused route counts] (contrastive_fused.cuh).
 //
 // Note [Fused query gradient]: with kQueryGrad the same pass also forms
 //   grad_r = 2^14 sum_c exp(scale S_rc - shift) k_hat_c

@@ -5,7 +5,7 @@
 // Note [Contrastive routes]:
 // - Fused (default, where choose_contrastive_route allows: bf16/fp16, and fp32
 //   as TF32 where torch allows it, D <= 256 in 16-byte rows, bounded logits,
-//   sm_80+): tensor-core tiles that never store S (contrastive_fused.cu); no
+//   sm_80+): tensor-core tiles that never store S (contrastive_fused.cuh); no
 //   vendor GEMM.
 // - GEMM (everything else; SSL_OPS_CUDA_CONTRASTIVE_ROUTE=gemm forces it): each
 //   chunk's S_c by the vendor GEMM in fp32, row kernels for the statistics and

@@ -2,9 +2,10 @@
 // The passes over S behind both contrastive ops on CUDA (Note [Contrastive
 // routes] in contrastive_passes.cu): what an op asks for (ContrastiveSpec),
 // what it gets back (ContrastiveResult), and the two routes that compute it,
-// contrastive_fused.cu and contrastive_gemm.cu. The ops (contrastive_sym.cu,
-// contrastive_asym.cu) normalise the rows, fill a spec, call
-// contrastive_passes and take the gradient back through the normalisation.
+// contrastive_fused.cuh (instantiated by contrastive_fused_{bf16,fp16,tf32}.cu)
+// and contrastive_gemm.cu. The ops (contrastive_sym.cu, contrastive_asym.cu)
+// normalise the rows, fill a spec, call contrastive_passes and take the
+// gradient back through the normalisation.
 //
 // The algorithm and how the CPU kernels differ: Note [Contrastive algorithm]
 // in csrc/contrastive_check.h.

@@ -12,7 +12,8 @@
 //  row_denom, finish_rows, row_dot,      x = ceil(rows / 8)          rows <= 8 (2^31 - 1) = 1.7e10: row_grid
 //    cosine_rows(_backward)
 //  fused_row_stats, fused_grad          x = ceil(rows / 64);        rows <= 64 (2^31 - 1); splits <= 2 waves
-//    (contrastive_fused.cu)               y = column splits           of CTAs (~1056 on 132 SMs) < 65535
+//    (contrastive_fused.cuh)              y = column splits           of CTAs (~1056 on 132 SMs) < 65535
+//  fused_sum_splits, fused_query_grad   x = ceil(rows d / 1024)     rows d <= 1024 (2^31 - 1)
 //  gemm_row_stats / merge / coef         (chunk rows, splits)        chunk rows <= 2^31 - 1, splits <= 65535:
 //    (contrastive_gemm.cu)                                              before the chunk buffer is allocated
 //  siglip_rows (siglip.cu)               (chunk rows, splits)        as the GEMM route (siglip_chunks.h)

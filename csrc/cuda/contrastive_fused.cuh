@@ -1,8 +1,12 @@
+#pragma once
 // The fused route of the contrastive losses (Note [Contrastive routes],
 // contrastive_passes.cu), host code: the statistics pass
 // (contrastive_fused_stats.cuh) and the gradient passes
 // (contrastive_fused_grad.cuh) over tensor-core tiles that never store S; the
 // statistics partials merge as on the GEMM route (merge_row_stats).
+// contrastive_fused_{bf16,fp16,tf32}.cu instantiate fused_passes, one element
+// type each: three translation units of 14-18 kernels that compile side by
+// side (one held all 42: 90-120 s of nvcc on one core).
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -182,7 +186,7 @@ at::Tensor fused_grad(FusedGradMode mode, const at::Tensor& rows_in, const at::T
   });
   at::Tensor grad = at::empty({rows, d}, acc_opts);
   const int64_t n = rows * d;
-  launch_kernel(fused_sum_splits_kernel,
+  launch_kernel(fused_sum_splits_kernel<float>,
                 checked_grid("fused_sum_splits_kernel (rows x d / 1024)", ceil_div64(n, 4 * kSumSplitsThreads)),
                 dim3(kSumSplitsThreads), 0, stream, out.const_data_ptr<float>(), out.size(0), n,
                 product_scale.const_data_ptr<float>(), grad.data_ptr<float>());
@@ -251,12 +255,5 @@ void fused_passes(const ContrastiveSpec<T>& spec, const PassWeights& w, Contrast
                                 device, stream);
   }
 }
-
-template void fused_passes<float>(const ContrastiveSpec<float>&, const PassWeights&, ContrastiveResult<float>&,
-                                  c10::Device, cudaStream_t);
-template void fused_passes<c10::Half>(const ContrastiveSpec<c10::Half>&, const PassWeights&,
-                                      ContrastiveResult<c10::Half>&, c10::Device, cudaStream_t);
-template void fused_passes<c10::BFloat16>(const ContrastiveSpec<c10::BFloat16>&, const PassWeights&,
-                                          ContrastiveResult<c10::BFloat16>&, c10::Device, cudaStream_t);
 
 }  // namespace ssl_ops::cuda

@@ -1,3 +1,0 @@
-// The CUDA source csrc/cuda/contrastive_fused.cu compiled as host C++ against the emulator
-// (SSL_OPS_CUDA_EMU is set by setup.py); one wrapper per .cu file.
-#include "../cuda/contrastive_fused.cu"
