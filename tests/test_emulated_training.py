@@ -142,3 +142,47 @@ def test_fused_route_trains_without_vendor_gemms(dtype, d):
             assert_close(loss, expected, tol, f"{ours.__name__} loss")
             for got, want in zip(grads, ref_grads):
                 assert_close(got, want, tol, f"{ours.__name__} gradient")
+
+
+# ATen ops that launch no kernel on a GPU (views, metadata, allocation).
+NO_LAUNCH = {"aten::empty", "aten::empty_strided", "aten::narrow", "aten::select", "aten::slice", "aten::detach",
+             "aten::view", "aten::t", "aten::transpose", "aten::as_strided", "aten::unsqueeze", "aten::squeeze",
+             "aten::alias", "aten::expand", "aten::reshape", "aten::_reshape_alias", "aten::lift_fresh",
+             "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous"}
+
+
+def launches_in_a_step(fn, inputs):
+    """Our kernels plus the ATen ops that would launch one, in a forward and
+    backward of fn (after a warm-up step)."""
+    module = emulation.load()
+    with emulation.use_emulated_kernels():
+        fn(*inputs).backward()
+        for t in inputs:
+            t.grad = None  # as after optimizer.zero_grad(): no accumulation into .grad
+        before = module.launch_count()
+        with torch.profiler.profile() as prof:
+            fn(*inputs).backward()
+        ours = module.launch_count() - before
+    aten = []
+    for event in prof.events():
+        if not event.name.startswith("aten::") or event.name in NO_LAUNCH:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:  # top-level ATen ops only: their children run inside them
+            aten.append(event.name)
+    return ours, aten
+
+
+def test_a_training_step_is_about_a_dozen_launches():
+    """Launch count is what small GPU shapes pay for (the GEMM route's NT-Xent
+    step was 34, MoCo's 55): an NT-Xent and a MoCo step on the fused route
+    (bf16) stay at about a dozen, our kernels and ATen's together."""
+    z0, z1 = (rand(256, 128, seed=s).bfloat16().detach().requires_grad_() for s in (21, 22))
+    ours, aten = launches_in_a_step(lambda a, b: ssl_ops.nt_xent_loss(a, b, 0.5), (z0, z1))
+    assert ours + len(aten) <= 14, (ours, aten)
+    q = rand(64, 128, seed=23).bfloat16().detach().requires_grad_()
+    k, queue = rand(64, 128, grad=False, seed=24).bfloat16(), rand(512, 128, grad=False, seed=25).bfloat16()
+    ours, aten = launches_in_a_step(lambda a: ssl_ops.info_nce_loss(a, k, queue, 0.2), (q,))
+    assert ours + len(aten) <= 13, (ours, aten)

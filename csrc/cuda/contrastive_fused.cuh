@@ -7,6 +7,42 @@
 // contrastive_fused_{bf16,fp16,tf32}.cu instantiate fused_passes, one element
 // type each: three translation units of 14-18 kernels that compile side by
 // side (one held all 42: 90-120 s of nvcc on one core).
+//
+// Note [Fused route counts] (ptxas and SASS of nvcc 13.0 for sm_90; estimates
+// below are estimates, not measurements: no GPU has run these kernels yet).
+// - Per CTA: 4 warps, 64 rows; each warp owns 16 rows and, per 64-column tile,
+//   16 x 64 logits: 2 x 16 x 64 x D FLOPs of S (HMMA m16n8k16: D / 2 of them)
+//   and, in the gradient passes, as many again for G V; 1024 ex2 per anchor
+//   term; the tile's bytes, 64 D x 2 (bf16), come from L2 once per CTA.
+// - Shared memory: 3 tiles of 64 x D_pad x 2 bytes (8, 16, 32 KB at D <= 64,
+//   128, 256; TF32 16, 32 KB at D <= 64, 128) + 1 KB of labels (+ 2 KB of
+//   anchor records in kColumns and kBoth).
+// - Registers (no spills, no stack anywhere) and CTAs per SM, the smaller of
+//   the register and shared-memory limits:
+//     statistics        bf16/fp16 124 / 126 / 134 (D <= 64 / 128 / 256): 4, 4, 2
+//                       TF32 168 / 254 (D <= 64 / 128): 3, 2
+//     + query gradient  bf16/fp16 167 / 204 / 255: 3, 2, 2
+//     gradient kBoth    bf16/fp16 140 / 185 / 255: 3, 2, 2; kRows 154 / 170 / 251;
+//                       kColumns 134 / 174 / 246; TF32 kBoth 199 / 195
+// - SASS per warp and plain tile (Note [Fused plain tiles]), bf16, D = 128:
+//   statistics 448 instructions (64 HMMA, 40 LDSM, 32 MUFU); + query gradient
+//   604 (128 HMMA); kBoth 725 (128 HMMA, 64 MUFU); D = 256: statistics 604,
+//   kBoth 978 (256 HMMA). TF32, D = 128: statistics 1247, kBoth 2417 (its
+//   operand conversions and P V's 32-bit loads: issue-bound).
+// - Model (estimate): a scheduler issues one instruction a cycle and, for
+//   mma.sync at about 2/3 of the tensor cores' dense rate (2730 FLOP per cycle
+//   and SM, shared/fused-kernel-facts.md section 6), one HMMA.16816 in 6
+//   cycles; a plain warp-tile costs max(instructions, 6 HMMA): statistics
+//   448, kBoth 768 cycles at D = 128. Over 132 SMs x 4 schedulers at 1.83 GHz,
+//   bf16, D = 128, forward + backward, kernels only:
+//     NT-Xent 2N = 8192    0.030 + 0.052 = 0.08 ms  (target 0.2)
+//     NT-Xent 2N = 16384   0.12 + 0.21 = 0.33 ms    (target 0.6)
+//     NT-Xent 2N = 65536   1.9 + 3.3 = 5.3 ms       (target 8)
+//     MoCo 256 x 65536     0.013 ms + 17 MB of split partials (target 0.1)
+//   at the model's 625 TFLOP/s; FlashAttention-2 reaches 335-370 on an H100
+//   with mma.sync, so expect up to 1.9x these, and about a dozen launches
+//   (NT-Xent: 13, MoCo: 12 in a training step) on top. If 2N = 65536 misses 8
+//   ms, computing one triangle of S (4 n^2 D FLOPs instead of 6) is next.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -111,12 +111,17 @@ struct FusedLaneRows {
         bt(ptx::lane_bt_row(lane), ptx::lane_bt_chunk(lane)) {}
 };
 
-// ---- Plain tiles (Note [Fused plain tiles]) ---------------------------------------------
-// Most column tiles hold no column a warp's rows must treat apart: no self, no
-// positive, no column past the end. There the epilogue is one FFMA and one
-// exp2 (and the gradient's products) per logit, with no index arithmetic; the
-// rest take the general path. The warp decides together (one vote), so the
-// choice costs no divergence.
+// ---- Plain tiles ------------------------------------------------------------------------
+// Note [Fused plain tiles]: most column tiles hold no column a warp's rows
+// must treat apart: no self, no positive, no column past the end. There the
+// epilogue is one FFMA and one ex2 per logit and anchor term, with no index
+// arithmetic; the rest take the general path. The warp decides together (one
+// vote: row and column ranges, and the labels' low words compared, a superset
+// of the matches), so the choice costs no divergence. Invariant: a plain tile
+// gives the general path's result (a planted bug, kPlainTilesAddNothing, must
+// fail tests/test_fused_grad.py). Measured (SASS, sm_90, bf16, D = 128): the
+// statistics pass went from 1705 instructions per warp and tile to 448 for
+// its 64 HMMA.
 
 // A tile's 64 column labels live in a 512-byte shared buffer. Threads 0-63 each
 // fetch one (0 past `total`) from global memory a tile ahead, into a register,

@@ -86,8 +86,10 @@ __device__ __forceinline__ RowColumn<A> classify(const GemmRowParams<A>& p, int6
   return {!self, positive};
 }
 
+// 4 blocks of 256 threads per multiprocessor: left to itself, ptxas held the
+// fp32 kernel to 32 registers (8 blocks) and spilled 16 bytes.
 template <typename A>
-__global__ void __launch_bounds__(kGemmRowThreads) gemm_row_stats_kernel(GemmRowParams<A> p) {
+__global__ void __launch_bounds__(kGemmRowThreads, 4) gemm_row_stats_kernel(GemmRowParams<A> p) {
   __shared__ A smem[kGemmRowThreads / 32];
   __shared__ int64_t smem_count[kGemmRowThreads / 32];
   const int64_t row = blockIdx.x, split = blockIdx.y;
