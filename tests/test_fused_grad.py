@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from ssl_ops import emulation, reference
 from test_contrastive_kernels import (EPS, EXCLUDED, LOGSUMEXP, checker, rand, sym_excluded_reference,
                                       sym_lse_reference, sym_reference)
-from test_fused_route import (MEAN, MISSING_WAIT_GROUP, PLAIN_TILES_ADD_NOTHING, PLANTED_BUGS, PLANTED_CASES, TF32, as_dtype, emu,  # noqa: F401
-                              fused_checker, fused_dtype, fused_kernel_runs, skip_past_the_fused_width, tf32_allowed)
+from test_fused_route import (MEAN, PLAIN_TILES_ADD_NOTHING, PLANTED_BUGS, PLANTED_CASES, TF32,  # noqa: F401
+                              as_dtype, assert_planted_bug_fails, emu, fused_checker, fused_dtype,
+                              fused_kernel_runs, skip_past_the_fused_width, tf32_allowed)
 
 pytestmark = pytest.mark.emu
 
@@ -140,17 +141,7 @@ def test_planted_primitive_bugs_fail_the_gradient_tests(emu, bug, dtype, d):
     z = rand((130, d), as_dtype(dtype), "cpu", 72)
     labels = torch.arange(130).remainder(65)
     with tf32_allowed(dtype == TF32):
-        sym_case(emu, z, labels, 0, 130, 1 / 0.1, MEAN)
-        module = emulation.load()
-        module.set_planted_bug(bug)
-        if bug == MISSING_WAIT_GROUP:  # copies land only when waited for (seed 0's rule): no lucky landing
-            module.set_schedule_seed(0)
-        try:
-            with pytest.raises((AssertionError, RuntimeError)):
-                sym_case(emu, z, labels, 0, 130, 1 / 0.1, MEAN)
-        finally:
-            module.set_planted_bug(0)
-            module.set_schedule_seed(emu.seed)
+        assert_planted_bug_fails(emu, bug, lambda: sym_case(emu, z, labels, 0, 130, 1 / 0.1, MEAN))
 
 
 def clustered(rows, d, dtype, seed):

@@ -294,6 +294,19 @@ def test_gemm_override_keeps_the_gemm_route(emu, monkeypatch):
             emu.ops.contrastive_sym_loss(z, labels, 0, 70, 5.0, EPS, True, 1, with_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, TF32], ids=str)
+def test_sm80_takes_the_fused_route(emu, dtype, monkeypatch):
+    """An A100 (sm_80) runs the same fused kernels as an H100 (sm_90): mma.sync,
+    ldmatrix and cp.async are sm_80 instructions."""
+    module = emulation.load()
+    module.set_compute_capability(80)
+    try:
+        with tf32_allowed(dtype == TF32):
+            sym_forms_case(emu, dtype, 130, 64, MEAN, monkeypatch)
+    finally:
+        module.set_compute_capability(90)
+
+
 def test_arch_below_sm80_keeps_the_gemm_route(emu):
     module = emulation.load()
     z = rand((70, 64), torch.bfloat16, "cpu", 42)
@@ -314,18 +327,25 @@ PLANTED_CASES = pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 64), (torch
                                         ids=["bf16-64", "bf16-256", "tf32-64"])
 
 
+def assert_planted_bug_fails(emu, bug, check):
+    """check() passes, and fails (a wrong answer or a fault) with `bug` planted.
+    A missing wait_group runs under schedule seed 0, where copies land only
+    when waited for: no lucky landing."""
+    check()
+    module = emulation.load()
+    module.set_planted_bug(bug)
+    if bug == MISSING_WAIT_GROUP:
+        module.set_schedule_seed(0)
+    try:
+        with pytest.raises((AssertionError, RuntimeError)):
+            check()
+    finally:
+        module.set_planted_bug(0)
+        module.set_schedule_seed(emu.seed)
+
+
 @PLANTED_BUGS
 @PLANTED_CASES
 def test_planted_primitive_bugs_fail_the_fused_tests(emu, bug, dtype, d, monkeypatch):
     with tf32_allowed(dtype == TF32):
-        sym_forms_case(emu, dtype, 130, d, MEAN, monkeypatch)
-        module = emulation.load()
-        module.set_planted_bug(bug)
-        if bug == MISSING_WAIT_GROUP:  # copies land only when waited for (seed 0's rule): no lucky landing
-            module.set_schedule_seed(0)
-        try:
-            with pytest.raises((AssertionError, RuntimeError)):
-                sym_forms_case(emu, dtype, 130, d, MEAN, monkeypatch)
-        finally:
-            module.set_planted_bug(0)
-            module.set_schedule_seed(emu.seed)
+        assert_planted_bug_fails(emu, bug, lambda: sym_forms_case(emu, dtype, 130, d, MEAN, monkeypatch))

@@ -19,7 +19,6 @@
 #include "../contrastive_check.h"
 #include "compat.cuh"
 #include "contrastive_passes.h"
-#include "contrastive_reduction.h"
 #include "loss_reduction.cuh"
 #include "row_norms.cuh"
 

@@ -19,15 +19,15 @@
 //   anchor records in kColumns and kBoth).
 // - Registers (no spills, no stack anywhere) and CTAs per SM, the smaller of
 //   the register and shared-memory limits:
-//     statistics        bf16/fp16 124 / 126 / 134 (D <= 64 / 128 / 256): 4, 4, 2
-//                       TF32 168 / 254 (D <= 64 / 128): 3, 2
-//     + query gradient  bf16/fp16 167 / 204 / 255: 3, 2, 2
+//     statistics        bf16/fp16 124 / 128 / 130 (D <= 64 / 128 / 256): 4, 4, 2
+//                       TF32 218 / 255 (D <= 64 / 128): 2, 2
+//     + query gradient  bf16/fp16 165 / 200 / 255: 3, 2, 2; TF32 252 / 255: 2, 1
 //     gradient kBoth    bf16/fp16 140 / 185 / 255: 3, 2, 2; kRows 154 / 170 / 251;
-//                       kColumns 134 / 174 / 246; TF32 kBoth 199 / 195
+//                       kColumns 134 / 174 / 246; TF32 kBoth 199 / 195: 2, 2
 // - SASS per warp and plain tile (Note [Fused plain tiles]), bf16, D = 128:
 //   statistics 448 instructions (64 HMMA, 40 LDSM, 32 MUFU); + query gradient
-//   604 (128 HMMA); kBoth 725 (128 HMMA, 64 MUFU); D = 256: statistics 604,
-//   kBoth 978 (256 HMMA). TF32, D = 128: statistics 1247, kBoth 2417 (its
+//   604 (128 HMMA); kBoth 727 (128 HMMA, 64 MUFU); D = 256: statistics 603,
+//   kBoth 980 (256 HMMA). TF32, D = 128: statistics 1247, kBoth 2419 (its
 //   operand conversions and P V's 32-bit loads: issue-bound).
 // - Model (estimate): a scheduler issues one instruction a cycle and, for
 //   mma.sync at about 2/3 of the tensor cores' dense rate (2730 FLOP per cycle

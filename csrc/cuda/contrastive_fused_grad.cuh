@@ -149,19 +149,12 @@ __global__ void __launch_bounds__(kFusedThreads) fused_grad_kernel(FusedGradPara
 
     // A plain tile (Note [Fused plain tiles]): every column a candidate of
     // every row of the warp and the other way round, and no positive among them.
-    const int64_t col_first = col_global0 + t0;
-    bool special = !warp_rows_full || t0 + kFusedCols > c1 ||
-        (p.exclude_self && ranges_meet(col_first, kFusedCols, warp_row0, 16));
-    if (p.offset_positive) {
-      if (kRowAnchors) special |= ranges_meet(col_first, kFusedCols, warp_row0 + p.positive_offset, 16);
-      if (kColumnAnchors) special |= ranges_meet(warp_row0, 16, col_first + p.positive_offset, kFusedCols);
-    }
-    if (p.labels && !special) special = labels_may_match(tile_labels, label_low, lane);
-    special = __any_sync(0xffffffffu, special);
-
+    const bool plain = tile_is_plain<kRowAnchors, kColumnAnchors>(
+        !warp_rows_full || t0 + kFusedCols > c1, col_global0 + t0, warp_row0, p.exclude_self, p.offset_positive,
+        p.positive_offset, p.labels != nullptr, tile_labels, label_low, lane);
     float acc[8][4] = {};
     tile_logits<T, kChunks>(acc, tile_q, tile_k, lane_rows);
-    if (!special) {
+    if (plain) {
       // G = w_r exp(s - lse_r) (+ w_c exp(s - lse_c)): a row without weight has
       // gw = 0 and a finite lse_log2 (fused_anchor_terms), so its term is 0.
 #pragma unroll

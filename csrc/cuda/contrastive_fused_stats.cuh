@@ -68,14 +68,14 @@ constexpr size_t fused_stats_smem_bytes() {
 }
 
 // The CTAs per multiprocessor the launch bounds ask ptxas to fit: as many as
-// shared memory holds, at most 4 (bf16/fp16) or 3 (TF32, whose operands take a
+// shared memory holds, at most 4 (bf16/fp16) or 2 (TF32, whose operands take a
 // conversion each), and with the query gradient's D / 2 accumulators per
 // thread 2 (D <= 128) or 1. Without a bound ptxas chose 128 registers for a
-// TF32 variant and spilled.
+// TF32 variant and spilled; at 3 (170 registers) it spilled 32 bytes.
 template <typename T, int kChunks, bool kQueryGrad>
 constexpr int fused_stats_min_ctas() {
   constexpr int kBySmem = int((228 * 1024) / (fused_stats_smem_bytes<kChunks>() + 1024));
-  constexpr int kMost = std::is_same_v<T, float> ? 3 : 4;
+  constexpr int kMost = std::is_same_v<T, float> ? 2 : 4;
   constexpr int kByShared = kBySmem < kMost ? kBySmem : kMost;
   return kQueryGrad ? (kChunks <= 16 && kByShared >= 2 ? 2 : 1) : kByShared;
 }
@@ -128,15 +128,12 @@ __global__ void __launch_bounds__(kFusedThreads, (fused_stats_min_ctas<T, kChunk
 
     // A plain tile (Note [Fused plain tiles]): every column a candidate of
     // every row of the warp and no positive among them.
-    bool special = !warp_rows_full || t0 + kFusedCols > c1 ||
-        (p.exclude_self && ranges_meet(t0, kFusedCols, warp_row0, 16)) ||
-        (p.offset_positive && ranges_meet(t0, kFusedCols, warp_row0 + p.positive_offset, 16));
-    if (p.labels && !special) special = labels_may_match(tile_labels, label_low, lane);
-    special = __any_sync(0xffffffffu, special);
-
+    const bool plain = tile_is_plain<true, false>(!warp_rows_full || t0 + kFusedCols > c1, t0, warp_row0,
+                                                  p.exclude_self, p.offset_positive, p.positive_offset,
+                                                  p.labels != nullptr, tile_labels, label_low, lane);
     float acc[8][4] = {};
     tile_logits<T, kChunks>(acc, tile_q, tile_k, lane_rows);
-    if (!special) {
+    if (plain) {
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
 #pragma unroll

@@ -169,6 +169,25 @@ __device__ __forceinline__ float element_to_float(float v) { return v; }
 __device__ __forceinline__ float element_to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float element_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Whether a warp's column tile is plain, voted by the whole warp: no edge
+// (edge: the tile or the warp's 16 rows run past the end), no self where it is
+// excluded, no offset positive of a row anchor (kRowAnchors: column = row +
+// offset) or of a column anchor (kColumnAnchors: row = column + offset), and
+// no shared label. col_first and warp_row0 are global indices.
+template <bool kRowAnchors, bool kColumnAnchors>
+__device__ __forceinline__ bool tile_is_plain(bool edge, int64_t col_first, int64_t warp_row0, bool exclude_self,
+                                              bool offset_positive, int64_t offset, bool labels,
+                                              const unsigned char* tile_labels, const uint32_t (&label_low)[2],
+                                              int lane) {
+  bool special = edge || (exclude_self && ranges_meet(col_first, kFusedCols, warp_row0, 16));
+  if (offset_positive) {
+    if (kRowAnchors) special |= ranges_meet(col_first, kFusedCols, warp_row0 + offset, 16);
+    if (kColumnAnchors) special |= ranges_meet(warp_row0, 16, col_first + offset, kFusedCols);
+  }
+  if (labels && !special) special = labels_may_match(tile_labels, label_low, lane);
+  return !__any_sync(0xffffffffu, special);
+}
+
 // fp32 bits as TF32, rounded (Note [Fused TF32]).
 template <int N>
 __device__ __forceinline__ void round_to_tf32(uint32_t (&r)[N]) {

@@ -1,6 +1,8 @@
 #pragma once
-// The reduced loss of the contrastive ops in one launch (instead of about ten
-// small ATen ops): one block sums the rows' losses in double, as on the CPU
+// The reduction argument of the contrastive ops on CUDA.
+//
+// The forward's reduced loss in one launch (instead of about ten small ATen
+// ops): one block sums the rows' losses in double, as on the CPU
 // (Note [Loss rounding], csrc/cpu/contrastive_sym.cpp), and counts the rows
 // that count (the symmetric op: rows with positives; InfoNCE: every row), then
 // writes
@@ -8,11 +10,14 @@
 //   row_factor  = 1 / max(count, 1) (mean) or 1 (sum): what each counted
 //                 row's gradient is multiplied by (finish_rows' scale).
 // Deterministic: a fixed order of sums, no atomics.
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
 
+#include "../contrastive_check.h"
 #include "acc_type.cuh"
 #include "block_reduce.cuh"
 #include "compat.cuh"
@@ -61,6 +66,17 @@ ReducedLoss reduced_loss(const at::Tensor& row_loss, const at::Tensor* subtract,
                                  out.loss.data_ptr<A>(), out.row_factor.data_ptr<A>()};
   launch_kernel(loss_reduction_kernel<A>, dim3(1), dim3(kBlockReduceThreads), 0, stream, p);
   return out;
+}
+
+// The backward ops' row weights w_r of the reduced loss for grad_loss g, as
+// small ATen ops on the device (nothing waits for the GPU): none g_r, mean
+// g / n, sum g; `valid` masks rows that count.
+inline at::Tensor row_weights(const at::Tensor& grad_loss, Reduction reduction, const at::Tensor& valid,
+                              at::ScalarType acc) {
+  const at::Tensor g = grad_loss.to(acc);
+  const at::Tensor mask = valid.to(acc);
+  if (reduction == Reduction::Mean) return g / at::clamp_min(mask.sum(), 1) * mask;
+  return g * mask;
 }
 
 }  // namespace ssl_ops::cuda
