@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import ssl_ops
-from ssl_ops import reference
+from ssl_ops import emulation, reference
 from routes import route as on_route
 from tolerances import assert_close, rtol
 
@@ -207,3 +207,37 @@ def test_gathered_texts_positive_offset(route, n, m, offset, monkeypatch):
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-10, atol=1e-12)
     for got, w in zip((gx, gy, gs, gb), want):
         torch.testing.assert_close(got.reshape(w.shape), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_features_go_to_the_tensor_cores_as_they_are(dtype, monkeypatch):
+    """Issue 23: on CUDA, fp16/bf16 features enter the three GEMMs of each
+    chunk in their own dtype (the tensor cores, fp32 accumulation: the
+    emulator counts the half-operand GEMMs), G in the features' dtype; the
+    result is open_clip's SigLipLoss within the dtype's tolerance. fp32
+    features keep fp32 GEMMs."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    if not emulation.available():
+        pytest.skip("the emulation module is not built")
+    monkeypatch.setenv("SSL_OPS_SIGLIP_CHUNK_ELEMENTS", str(40 * 90))  # chunks of 40 rows: 3, the last partial
+    x, y = features(90, 90, 24, dtype, seed=7)
+    scale, bias = scalar(10.0), scalar(-10.0)
+    module = emulation.load()
+    before = module.half_gemm_count()
+    with emulation.use_emulated_kernels():
+        loss = ssl_ops.siglip_loss(x, y, scale, bias)
+        grads = torch.autograd.grad(loss, [x, y, scale, bias])
+    assert module.half_gemm_count() - before == 3 * 3  # S, d image, d text per chunk
+    wide = [t.detach().double().requires_grad_() for t in (x, y, scale, bias)]
+    theirs = open_clip_loss.SigLipLoss()(*wide)
+    theirs_grads = torch.autograd.grad(theirs, wide)
+    tol = rtol(dtype, length=90 + 24, logit_scale=10.0)
+    assert_close(loss, theirs, tol, "loss")
+    for name, a, b in zip(("image", "text", "scale", "bias"), grads, theirs_grads):
+        assert a.dtype == (dtype if name in ("image", "text") else torch.float32)
+        assert_close(a, b, tol, f"grad {name}")
+    x32, y32 = (t.detach().float().requires_grad_() for t in (x, y))
+    before = module.half_gemm_count()
+    with emulation.use_emulated_kernels():
+        ssl_ops.siglip_loss(x32, y32, scale, bias).backward()
+    assert module.half_gemm_count() == before

@@ -106,8 +106,9 @@ void run_fused_rows(C* s, int64_t rows, int64_t cols, int64_t positive_diagonal,
   });
 }
 
+// g_half is never asked for: the CPU's GEMMs take widened features (cpu_gemms).
 SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal, const at::Tensor& scale,
-                            const at::Tensor& bias, bool compute_grad) {
+                            const at::Tensor& bias, bool compute_grad, const at::Tensor& /*g_half*/) {
   at::Tensor s = s_const;  // the chunk's own buffer: G is written over it
   const int64_t rows = s.size(0), cols = s.size(1);
   std::vector<double> sums(3 * rows);
@@ -139,11 +140,16 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
   return out;
 }
 
+// The CPU's GEMMs on features widened to the accumulation type.
+void cpu_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+void cpu_addmm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { acc.addmm_(a, b); }
+constexpr SiglipGemms cpu_gemms{cpu_mm, cpu_addmm, /*half_operands=*/false};
+
 SiglipOutputs siglip_loss(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                           const std::optional<at::Tensor>& bias, int64_t positive_offset, bool compute_grad) {
   check_siglip_args(x, y, scale, bias, positive_offset);
   const int64_t chunk = siglip_chunk_elements(kSiglipChunkElements);
-  return siglip_loss_chunked(x, y, scale, bias, positive_offset, compute_grad, chunk, fused_chunk);
+  return siglip_loss_chunked(x, y, scale, bias, positive_offset, compute_grad, chunk, fused_chunk, cpu_gemms);
 }
 
 }  // namespace

@@ -12,10 +12,14 @@
 
 #include <cstdint>
 
+#include "compat.cuh"
+
 namespace ssl_ops::cuda {
 
 #if defined(SSL_OPS_CUDA_EMU)
-// What the tensor cores read: half operands exactly, fp32 truncated to TF32 when allowed.
+// What the tensor cores read: half operands exactly, fp32 truncated to TF32
+// when allowed. ssl_emu::half_gemm_count counts the GEMMs whose first operand
+// is fp16/bf16 (tests: which operands a route hands the vendor GEMM).
 inline at::Tensor gemm_operand(const at::Tensor& x, at::ScalarType acc) {
   at::Tensor wide = x.to(acc);
   if (x.scalar_type() == at::kFloat && at::globalContext().allowTF32CuBLAS()) {
@@ -23,14 +27,20 @@ inline at::Tensor gemm_operand(const at::Tensor& x, at::ScalarType acc) {
   }
   return wide;
 }
+inline void count_gemm(const at::Tensor& a) {
+  if (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16) ::ssl_emu::count_half_gemm();
+}
 inline void mm_acc_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  count_gemm(a);
   at::mm_out(out, gemm_operand(a, out.scalar_type()), gemm_operand(b, out.scalar_type()));
 }
 inline void addmm_acc_(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  count_gemm(a);
   at::addmm_out(acc, acc, gemm_operand(a, acc.scalar_type()), gemm_operand(b, acc.scalar_type()));
 }
 // out = a @ b in a's dtype: products accumulated as the tensor cores do, rounded once.
 inline void mm_round_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  count_gemm(a);
   const at::ScalarType acc = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   out.copy_(at::mm(gemm_operand(a, acc), gemm_operand(b, acc)));
 }

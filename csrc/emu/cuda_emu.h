@@ -119,6 +119,10 @@ void set_driver_version(int version);
 // Tensor-core products: wmma::mma_sync calls so far (which path a kernel took),
 // and the schedule seed, which also varies their summation order.
 uint64_t mma_count();
+// Vendor GEMMs (csrc/cuda/gemm_acc.h) called with fp16/bf16 operands so far:
+// on a GPU those run on the tensor cores at the half rate.
+uint64_t half_gemm_count();
+void count_half_gemm();
 // Runs only the last `count` blocks (by linear index) of each launch that
 // follows (0: all): a test can reach the end of a grid too large to emulate
 // whole, e.g. indexing past 65535 tiles.

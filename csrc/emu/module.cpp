@@ -39,6 +39,8 @@ PYBIND11_MODULE(SSL_EMU_MODULE_NAME, m) {
         "default 12000): from 12010 launches take 32764 bytes of parameters, not 4096.");
   m.def("driver_version", &ssl_emu::driver_version);
   m.def("mma_count", &ssl_emu::mma_count, "wmma::mma_sync calls made so far in this process.");
+  m.def("half_gemm_count", &ssl_emu::half_gemm_count,
+        "Vendor GEMMs (csrc/cuda/gemm_acc.h) called with fp16/bf16 operands so far in this process.");
   m.def("set_block_tail", &ssl_emu::set_block_tail, pybind11::arg("count"),
         "Run only the last `count` blocks of each launch from now on (0: all).");
   m.def("set_planted_bug", &ssl_emu::set_planted_bug, pybind11::arg("bug"),

@@ -473,6 +473,12 @@ uint64_t mma_count() { return mma_calls.load(std::memory_order_relaxed); }
 void count_mma() { mma_calls.fetch_add(1, std::memory_order_relaxed); }
 
 namespace {
+std::atomic<uint64_t> half_gemm_calls{0};
+}  // namespace
+uint64_t half_gemm_count() { return half_gemm_calls.load(std::memory_order_relaxed); }
+void count_half_gemm() { half_gemm_calls.fetch_add(1, std::memory_order_relaxed); }
+
+namespace {
 std::atomic<int> planted{0};
 }
 namespace {
