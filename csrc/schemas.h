@@ -29,6 +29,12 @@
 // queries among gathered keys); csrc/cpu/contrastive_asym.cpp has the math.
 // grad_mask: which of (query, key, positive_key) get gradients.
 //
+// contrastive_clip_loss: the symmetric in-batch InfoNCE of query rows against
+// key rows (CLIP's ClipLoss, MoCo v3 symmetric; Note [Symmetric InfoNCE],
+// csrc/clip_check.h), both directions from one S; scale a one-element tensor
+// (the logit multiplier), reduction 1 mean or 2 sum; with compute_grad the
+// gradients of query, key and scale in the same call (else empty tensors).
+//
 // siglip_loss: SigLIP's pairwise sigmoid loss of image rows against text rows
 // (Note [SigLIP loss], csrc/siglip_check.h), the positive of image i being
 // text i + positive_offset; with compute_grad, the gradients of the features,
@@ -62,6 +68,10 @@
       "contrastive_asym_backward(Tensor grad_loss, Tensor query, Tensor key, "        \
       "Tensor? positive_key, int positive_offset, Tensor lse, float scale, float eps, " \
       "bool normalize, int reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)"); \
+  m.def(                                                                               \
+      "contrastive_clip_loss(Tensor query, Tensor key, Tensor scale, int reduction, "  \
+      "bool compute_grad) -> (Tensor loss, Tensor grad_query, Tensor grad_key, "       \
+      "Tensor grad_scale)");                                                           \
   m.def(                                                                               \
       "siglip_loss(Tensor image_features, Tensor text_features, Tensor logit_scale, "  \
       "Tensor? logit_bias, int positive_offset, bool compute_grad) -> (Tensor loss, "  \

@@ -10,12 +10,11 @@
 // float64); the passes form softplus and sigmoid from e = exp(-|t|), stable
 // for any |logit| (SigLIP's ~100 included); the loss, d scale and d bias are
 // summed in double. The elementwise pass and the GEMMs are the backend's
-// (SiglipGemms): on the CPU one fused loop per row (csrc/cpu/siglip.cpp) and
-// features widened to the accumulation type; on CUDA one fused row kernel
+// (chunk_gemms.h): on the CPU one fused loop per row (csrc/cpu/siglip.cpp)
+// and features widened to the accumulation type; on CUDA one fused row kernel
 // (csrc/cuda/siglip.cu) and fp16/bf16 features kept as they are, so the GEMMs
 // run on the tensor cores with fp32 accumulation: S in fp32, and G written by
-// the row kernel in the features' dtype times kSiglipGScale (2^14: fp16
-// keeps g down to 2^-38 normal; exact, divided out at the end).
+// the row kernel in the features' dtype times kHalfGScale.
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -32,6 +31,7 @@
 #include <optional>
 #include <tuple>
 
+#include "chunk_gemms.h"
 #include "message.h"
 
 namespace ssl_ops {
@@ -55,19 +55,9 @@ using SiglipOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 // pairs' losses, of g * s and of g (0-dim double tensors), and with
 // compute_grad G itself, g = d loss / d logit without the 1 / N: written over
 // s, or (half features on a backend whose GEMMs take them) into g_half,
-// rounded to the features' dtype, times kSiglipGScale.
+// rounded to the features' dtype, times kHalfGScale.
 struct SiglipChunkSums {
   at::Tensor loss, grad_scale, grad_bias, g;
-};
-constexpr double kSiglipGScale = 16384.0;
-
-// A backend's GEMMs: out = a @ b and acc += a @ b with the result in the
-// accumulation type, on operands of the features' dtype when half_operands
-// (and the features are fp16/bf16), else widened first.
-struct SiglipGemms {
-  void (*mm)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
-  void (*addmm)(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b);
-  bool half_operands;
 };
 
 // loss (float32; float64 for float64 features), then with compute_grad the
@@ -80,9 +70,9 @@ template <typename ChunkPass>
 SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
                                   const std::optional<at::Tensor>& bias_in, int64_t positive_offset,
                                   bool compute_grad, int64_t chunk_elements, ChunkPass chunk_pass,
-                                  const SiglipGemms& gemms) {
+                                  const ChunkGemms& gemms) {
   const at::ScalarType acc = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const bool half = gemms.half_operands && (x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16);
+  const bool half = gemms_take_half(gemms, x_in);
   const at::Tensor x = (half ? x_in : x_in.to(acc)).contiguous(), y = (half ? y_in : y_in.to(acc)).contiguous();
   const auto acc_opts = x.options().dtype(acc);
   const int64_t n = x.size(0), m = y.size(0);
@@ -124,9 +114,9 @@ SiglipOutputs siglip_loss_chunked(const at::Tensor& x_in, const at::Tensor& y_in
     const auto opts = x_in.options();
     return {loss_out, at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
   }
-  // The feature gradients carry scale / N (and G's 1 / kSiglipGScale in half);
+  // The feature gradients carry scale / N (and G's 1 / kHalfGScale in half);
   // d scale and d bias 1 / N.
-  const at::Tensor feature_factor = scale * (half ? inv_n / kSiglipGScale : inv_n);
+  const at::Tensor feature_factor = scale * (half ? inv_n / kHalfGScale : inv_n);
   grad_x.mul_(feature_factor);
   grad_y.mul_(feature_factor);
   at::Tensor out_scale = (grad_scale * inv_n).to(scale_in.scalar_type()).reshape(scale_in.sizes());

@@ -9,6 +9,7 @@ from ._extension import build_info, cuda_kernels_available
 from .contrastive import info_nce_loss, nt_xent_loss
 from .dcl import dcl_loss
 from .siglip import siglip_loss
+from .clip import clip_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import ema_update_
 from . import nn
@@ -16,6 +17,7 @@ from .nn import (
     BYOLLoss,
     BYOLPredictionHead,
     BYOLProjectionHead,
+    ClipLoss,
     DCLLoss,
     DCLWLoss,
     InfoNCELoss,
@@ -35,6 +37,7 @@ __all__ = [
     "BYOLLoss",
     "BYOLPredictionHead",
     "BYOLProjectionHead",
+    "ClipLoss",
     "DCLLoss",
     "DCLWLoss",
     "InfoNCELoss",
@@ -48,6 +51,7 @@ __all__ = [
     "SimCLRProjectionHead",
     "build_info",
     "byol_loss",
+    "clip_loss",
     "cuda_kernels_available",
     "cosine_schedule",
     "cosine_similarity_matrix",

@@ -83,3 +83,12 @@ def siglip_loss(x, y, scale, bias, positive_offset=0):
     from . import reference
 
     return reference.siglip_loss(_accumulation(x), _accumulation(y), scale, bias, positive_offset)
+
+
+def clip_loss(query, key, scale, reduction):
+    """The symmetric in-batch InfoNCE on rows as given: (CE(scale q k^T, i) +
+    CE(scale k q^T, i)) / 2, with the full (B x B) logits."""
+    logits = scale * (_accumulation(query) @ _accumulation(key).t())
+    targets = torch.arange(query.shape[0], device=query.device)
+    return (F.cross_entropy(logits, targets, reduction=reduction)
+            + F.cross_entropy(logits.t(), targets, reduction=reduction)) / 2

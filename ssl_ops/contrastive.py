@@ -5,6 +5,7 @@ InfoNCE (MoCo, MoCo v3, CLIP)."""
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension  # noqa: F401  (registers torch.ops.ssl_ops)
 from . import _fallback, distributed
@@ -326,6 +327,14 @@ def _asym_loss(query, key, positive_key, temperature, reduction, normalize, posi
     return loss
 
 
+def _unit_rows(x):
+    # Normalised in float32 (float64 for float64), as the other ops do inside;
+    # CUDA then takes fp16/bf16 rows back in their dtype for the tensor cores,
+    # while the CPU kernels, which widen anyway, keep the wide rows.
+    unit = F.normalize(x.to(_loss_dtype(x.dtype)), dim=1, eps=_EPS)
+    return unit if x.device.type == "cpu" else unit.to(x.dtype)
+
+
 def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean", symmetric=False, normalize=True,
                   gather_distributed=False):
     """InfoNCE without storing the logits matrix.
@@ -335,7 +344,9 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean",
       positive is the first; the queue is never concatenated into a logits matrix.
     * Without a queue: the in-batch cross-view loss of MoCo v3 and CLIP, logits
       ``q . k^T / temperature`` with the positive of row i in column i;
-      ``symmetric=True`` averages it with the loss of ``key`` against ``query``.
+      ``symmetric=True`` averages it with the loss of ``key`` against ``query``;
+      with "mean" or "sum" both directions come from one pass over S
+      (``ssl_ops.clip_loss``'s op: 4 GEMMs where two calls take 6).
 
     query and key are (B, D). Rows are L2-normalised first unless
     ``normalize=False`` (solo-learn's MoCo functions expect normalised inputs).
@@ -346,7 +357,9 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean",
     one process): this rank's queries are scored against every rank's keys,
     the positive of query i being this rank's key i (solo-learn's MoCo v3
     labels ``arange(B) + B * rank``); keys are gathered with gradient when they
-    require it (CLIP), and ``symmetric`` gathers the queries too. A queue is not
+    require it (CLIP), and ``symmetric`` gathers the queries too: open_clip's
+    ``local_loss`` form, two different matrices, so two calls (``ssl_ops.clip_loss``
+    has the global form, every rank's rows against every rank's). A queue is not
     gathered here: ``MemoryBank(gather_distributed=True)`` gathers it on enqueue.
     """
     _check_temperature(temperature)
@@ -379,6 +392,13 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, *, reduction="mean",
         if symmetric:
             loss = (loss + _asym_loss(key, gathered(query), None, temperature, reduction, normalize, offset)) / 2
         return loss
+    if symmetric and reduction != "none":
+        from .clip import symmetric_info_nce  # (clip imports this module)
+
+        if normalize:
+            query, key = _unit_rows(query), _unit_rows(key)
+        scale = torch.full((), 1.0 / temperature, dtype=_loss_dtype(query.dtype), device=query.device)
+        return symmetric_info_nce(query, key, scale, reduction)
     loss = _asym_loss(query, key, None, temperature, reduction, normalize)
     if symmetric:
         loss = (loss + _asym_loss(key, query, None, temperature, reduction, normalize)) / 2

@@ -122,6 +122,16 @@ def info_nce_loss(query, key, queue=None, temperature=0.07, reduction="mean", sy
     return loss
 
 
+def clip_loss(image_features, text_features, logit_scale):
+    """Eager CLIP loss as open_clip's ClipLoss computes it in one process: the
+    (B x B) logits ``logit_scale * image @ text.T``, cross-entropy both ways."""
+    import torch.nn.functional as F
+
+    logits = logit_scale * image_features @ text_features.t()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
 def byol_loss(p, z, reduction="mean"):
     """BYOL's regression loss, 2 - 2 * cos(p_i, z_i) per row (the caller detaches z)."""
     import torch.nn.functional as F

@@ -246,15 +246,39 @@ def check_memory_bank_lightly(rank):
         assert int(ours.memory_bank.bank_ptr) == int(theirs.memory_bank.bank_ptr)
 
 
+
+
+def check_clip_open_clip(rank):
+    """ssl_ops.ClipLoss against open_clip's ClipLoss on the same shards, in all
+    four modes (global or local_loss, gather with or without grad): loss and
+    the gradients of both features and the scale, on every rank."""
+    from open_clip.loss import ClipLoss
+
+    out0, out1 = whole_batch(seed=9)
+    for local_loss in (False, True):
+        for gather_with_grad in (False, True):
+            kwargs = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=WORLD)
+            results = []
+            for module in (ssl_ops.ClipLoss(**kwargs), ClipLoss(**kwargs)):
+                a, b = shard(out0, rank), shard(out1, rank)
+                scale = torch.tensor(14.0, requires_grad=True)
+                loss = module(F.normalize(a, dim=1), F.normalize(b, dim=1), scale)
+                loss.backward()
+                results.append((loss.detach(), a.grad, b.grad, scale.grad))
+            for ours, theirs in zip(*results):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kwargs}: {m}")
+
+
 SUITES = {
     "one_process": (check_nt_xent, check_multi_positive, check_info_nce, check_bank_order, check_solo_compat,
                     check_siglip),
     "lightly": (check_nt_xent_lightly, check_memory_bank_lightly, check_dcl_lightly),
+    "open_clip": (check_clip_open_clip,),
 }
 
 
 def _worker(rank, store_path, suite):
-    if suite == "lightly":
+    if suite in ("lightly", "open_clip"):  # (open_clip.loss imports torch.distributed.nn too)
         # Before init_process_group: lightly.loss imports torch.distributed.nn
         # (also via torch._dynamo), whose functions take `group=group.WORLD` as
         # default arguments, evaluated at import. Imported after init, they hold
@@ -265,7 +289,7 @@ def _worker(rank, store_path, suite):
         # ~AsyncWork calls std::terminate: "terminate called without an active
         # exception", SIGABRT, in about 1 run in 20. Imported before init, the
         # defaults are None. The weakref check below catches any such holder.
-        import lightly.loss  # noqa: F401
+        __import__(f"{suite}.loss")
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback, whatever the host name resolves to
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
@@ -291,3 +315,9 @@ def test_two_processes_match_one_process(tmp_path):
 def test_two_processes_match_lightly(tmp_path):
     pytest.importorskip("lightly.loss")
     mp.spawn(_worker, args=(str(tmp_path / "store"), "lightly"), nprocs=WORLD, join=True)
+
+
+@needs_dist
+def test_two_processes_match_open_clip(tmp_path):
+    pytest.importorskip("open_clip.loss")
+    mp.spawn(_worker, args=(str(tmp_path / "store"), "open_clip"), nprocs=WORLD, join=True)

@@ -143,7 +143,7 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
 // The CPU's GEMMs on features widened to the accumulation type.
 void cpu_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
 void cpu_addmm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { acc.addmm_(a, b); }
-constexpr SiglipGemms cpu_gemms{cpu_mm, cpu_addmm, /*half_operands=*/false};
+constexpr ChunkGemms cpu_gemms{cpu_mm, cpu_addmm, /*half_operands=*/false};
 
 SiglipOutputs siglip_loss(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                           const std::optional<at::Tensor>& bias, int64_t positive_offset, bool compute_grad) {

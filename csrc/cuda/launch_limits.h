@@ -17,6 +17,9 @@
 //  gemm_row_stats / merge / coef         (chunk rows, splits)        chunk rows <= 2^31 - 1, splits <= 65535:
 //    (contrastive_gemm.cu)                                              before the chunk buffer is allocated
 //  siglip_rows (siglip.cu)               (chunk rows, splits)        as the GEMM route (siglip_chunks.h)
+//  clip_row_stats, clip_coefficients     (chunk rows, splits)        as the GEMM route (clip_chunks.h)
+//  clip_column_stats / _merge            (ceil(B / 256), slices)     B <= 256 (2^31 - 1); slices <= 8 waves
+//    (contrastive_clip.cu)                                              of blocks (~1056 on 132 SMs)
 //  cosine_matrix_kernel                  x = tiles (b = None: the    tiles <= 2^31 - 1, e.g. b = None needs
 //                                          upper triangle)             M <= 4,194,240 (fp64 2,097,120):
 //                                                                      checked before the output is allocated

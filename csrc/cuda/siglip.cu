@@ -7,7 +7,7 @@
 // (128 MB in fp32; Note [Chunk budget]). fp16/bf16 features go into the GEMMs
 // as they are (tensor cores, fp32 accumulation: gemm_acc.h), S comes out in
 // fp32, and the row kernel writes G in the features' dtype times 2^14
-// (kSiglipGScale) for the two feature-gradient GEMMs: no fp32 copy of the
+// (kHalfGScale) for the two feature-gradient GEMMs: no fp32 copy of the
 // features, and each GEMM at the tensor cores' half rate instead of SGEMM's.
 //
 // Counts per pair: 4 bytes read and (with a gradient) 4 written, one exp, one
@@ -44,7 +44,7 @@ struct SiglipRowParams {
   const A* scale;             // device scalars (no host sync)
   const A* bias;              // or null
   bool grad;
-  A g_scale;                  // with g: kSiglipGScale
+  A g_scale;                  // with g: kHalfGScale
   A* parts;                   // [3][split][row]: sums of the loss, g * s and g
 };
 
@@ -112,7 +112,7 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
     using G = std::remove_pointer_t<decltype(g)>;
     SiglipRowParams<A, G> p{data, g, rows, cols, cols_per_split, positive_diagonal, scale_acc.const_data_ptr<A>(),
                             bias_acc.defined() ? bias_acc.const_data_ptr<A>() : nullptr, compute_grad,
-                            A(kSiglipGScale), parts.data_ptr<A>()};
+                            A(kHalfGScale), parts.data_ptr<A>()};
     launch_kernel(siglip_rows_kernel<A, G>, checked_grid("siglip_rows_kernel (chunk rows, splits)", rows, splits),
                   dim3(kBlockReduceThreads), 0, stream, p);
   };
@@ -137,7 +137,7 @@ SiglipChunkSums fused_chunk(const at::Tensor& s_const, int64_t positive_diagonal
 // The GEMMs of gemm_acc.h: fp16/bf16 operands with fp32 results.
 void acc_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { mm_acc_out(out, a, b); }
 void acc_addmm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { addmm_acc_(acc, a, b); }
-constexpr SiglipGemms tensor_core_gemms{acc_mm, acc_addmm, /*half_operands=*/true};
+constexpr ChunkGemms tensor_core_gemms{acc_mm, acc_addmm, /*half_operands=*/true};
 
 SiglipOutputs siglip_loss(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
                           const std::optional<at::Tensor>& bias, int64_t positive_offset, bool compute_grad) {

@@ -1,0 +1,196 @@
+// The symmetric in-batch InfoNCE, CPU: Note [Symmetric InfoNCE]
+// (csrc/clip_check.h) in chunks of query rows (csrc/clip_chunks.h) of 2^20
+// similarities (4 MB in float32: the chunk stays in cache while its passes
+// read it), features widened to the accumulation type.
+// Per similarity: the statistics read it four times (row max, row sum, column
+// max, column sum; two exps), the coefficients once more (two exps, one
+// store). SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS changes the budget (tests force
+// many chunks with it).
+#include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../clip_check.h"
+#include "../clip_chunks.h"
+#include "../contrastive_check.h"
+#include "contrastive_tiles.h"
+
+namespace ssl_ops::cpu {
+namespace {
+
+constexpr int64_t kClipChunkElements = int64_t(1) << 20;
+constexpr int64_t kColumnBlock = 256;  // columns per task of the column pass: c x 1 KB of the chunk
+
+// Row i of the chunk: its log-sum-exp of scale * s and s_ii.
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void row_stats(const C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C* lse,
+                                            C* diag) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const C* __restrict__ row = s + i * cols;
+    C max = -std::numeric_limits<C>::infinity();
+#pragma omp simd reduction(max : max)
+    for (int64_t j = 0; j < cols; ++j) max = std::max(max, scale * row[j]);
+    C sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) sum += tile_exp(std::fma(scale, row[j], -max));
+    lse[i] = max + std::log(sum);
+    diag[i] = row[r0 + i];
+  }
+}
+
+// Columns [j0, j1): the running maximum and sum of exp(scale s - maximum)
+// merged with the chunk's rows.
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void column_stats(const C* s, int64_t rows, int64_t cols, int64_t j0, int64_t j1,
+                                               C scale, bool first, C* col_max, C* col_sum) {
+  C chunk_max[kColumnBlock], sum[kColumnBlock];
+  const int64_t n = j1 - j0;
+  for (int64_t j = 0; j < n; ++j) chunk_max[j] = -std::numeric_limits<C>::infinity();
+  for (int64_t i = 0; i < rows; ++i) {
+    const C* __restrict__ row = s + i * cols + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) chunk_max[j] = std::max(chunk_max[j], scale * row[j]);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const C shift = first ? chunk_max[j] : std::max(col_max[j0 + j], chunk_max[j]);
+    sum[j] = first ? C(0) : col_sum[j0 + j] * tile_exp(col_max[j0 + j] - shift);
+    chunk_max[j] = shift;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const C* __restrict__ row = s + i * cols + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) sum[j] += tile_exp(std::fma(scale, row[j], -chunk_max[j]));
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    col_max[j0 + j] = chunk_max[j];
+    col_sum[j0 + j] = sum[j];
+  }
+}
+
+// Row i of the chunk: G = P + Q - 2 [i == j] over s, and the sum of G s.
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void coefficient_rows(C* s, int64_t rows, int64_t cols, int64_t r0, C scale,
+                                                   const C* row_lse, const C* col_lse, double* g_dot_s) {
+  for (int64_t i = 0; i < rows; ++i) {
+    C* __restrict__ row = s + i * cols;
+    const C r = row_lse[i];
+    const int64_t positive = r0 + i;
+    const C s_positive = row[positive];
+    C dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) {
+      const C logit = scale * row[j];
+      const C g = tile_exp(logit - r) + tile_exp(logit - col_lse[j]);
+      dot += g * row[j];
+      row[j] = g;
+    }
+    row[positive] -= C(2);  // outside the vector loop, which then has no branch
+    g_dot_s[i] = static_cast<double>(dot) - 2.0 * static_cast<double>(s_positive);
+  }
+}
+
+template <typename C>
+SSL_OPS_TARGET_AVX2 void row_stats_avx2(const C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C* lse,
+                                        C* diag) {
+  row_stats(s, rows, cols, r0, scale, lse, diag);
+}
+template <typename C>
+SSL_OPS_TARGET_AVX2 void column_stats_avx2(const C* s, int64_t rows, int64_t cols, int64_t j0, int64_t j1, C scale,
+                                           bool first, C* col_max, C* col_sum) {
+  column_stats(s, rows, cols, j0, j1, scale, first, col_max, col_sum);
+}
+template <typename C>
+SSL_OPS_TARGET_AVX2 void coefficient_rows_avx2(C* s, int64_t rows, int64_t cols, int64_t r0, C scale,
+                                               const C* row_lse, const C* col_lse, double* g_dot_s) {
+  coefficient_rows(s, rows, cols, r0, scale, row_lse, col_lse, g_dot_s);
+}
+
+struct CpuClipPasses {
+  static void stats(const at::Tensor& s, int64_t r0, const at::Tensor& scale, at::Tensor row_lse, at::Tensor diag,
+                    at::Tensor& col_max, at::Tensor& col_sum) {
+    const int64_t rows = s.size(0), cols = s.size(1);
+    const bool avx2 = cpu_has_avx2_fma(), first = r0 == 0;
+    auto run = [&](auto* data) {
+      using C = std::remove_pointer_t<decltype(data)>;
+      const C sc = static_cast<C>(scale.item<double>());
+      C *lse = row_lse.data_ptr<C>(), *dg = diag.data_ptr<C>();
+      C *cmax = col_max.data_ptr<C>(), *csum = col_sum.data_ptr<C>();
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        const C* block = data + begin * cols;
+        if (avx2) {
+          row_stats_avx2<C>(block, end - begin, cols, r0 + begin, sc, lse + begin, dg + begin);
+        } else {
+          row_stats<C>(block, end - begin, cols, r0 + begin, sc, lse + begin, dg + begin);
+        }
+      });
+      const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t blk = begin; blk < end; ++blk) {
+          const int64_t j0 = blk * kColumnBlock, j1 = std::min(cols, j0 + kColumnBlock);
+          if (avx2) {
+            column_stats_avx2<C>(data, rows, cols, j0, j1, sc, first, cmax, csum);
+          } else {
+            column_stats<C>(data, rows, cols, j0, j1, sc, first, cmax, csum);
+          }
+        }
+      });
+    };
+    if (s.scalar_type() == at::kDouble) {
+      run(s.data_ptr<double>());
+    } else {
+      run(s.data_ptr<float>());
+    }
+  }
+
+  static std::pair<at::Tensor, at::Tensor> coefficients(const at::Tensor& s_const, int64_t r0,
+                                                        const at::Tensor& scale, const at::Tensor& row_lse,
+                                                        const at::Tensor& col_lse, const at::Tensor& /*g_half*/) {
+    at::Tensor s = s_const;  // the chunk's own buffer: G is written over it
+    const int64_t rows = s.size(0), cols = s.size(1);
+    std::vector<double> dots(rows);
+    const bool avx2 = cpu_has_avx2_fma();
+    auto run = [&](auto* data) {
+      using C = std::remove_pointer_t<decltype(data)>;
+      const C sc = static_cast<C>(scale.item<double>());
+      const C *rl = row_lse.const_data_ptr<C>(), *cl = col_lse.const_data_ptr<C>();
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        C* block = data + begin * cols;
+        if (avx2) {
+          coefficient_rows_avx2<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, dots.data() + begin);
+        } else {
+          coefficient_rows<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, dots.data() + begin);
+        }
+      });
+    };
+    if (s.scalar_type() == at::kDouble) {
+      run(s.data_ptr<double>());
+    } else {
+      run(s.data_ptr<float>());
+    }
+    double total = 0;
+    for (double v : dots) total += v;
+    return {s, at::scalar_tensor(total, s.options().dtype(at::kDouble))};
+  }
+};
+
+void cpu_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+void cpu_addmm(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) { acc.addmm_(a, b); }
+constexpr ChunkGemms cpu_gemms{cpu_mm, cpu_addmm, /*half_operands=*/false};
+
+ClipOutputs contrastive_clip_loss(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale,
+                                  int64_t reduction, bool compute_grad) {
+  check_clip_args(query, key, scale, reduction);
+  const int64_t chunk = contrastive_chunk_elements(kClipChunkElements);
+  return clip_loss_chunked<CpuClipPasses>(query, key, scale, reduction, compute_grad, chunk, cpu_gemms);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) { m.impl("contrastive_clip_loss", &contrastive_clip_loss); }
+
+}  // namespace ssl_ops::cpu
