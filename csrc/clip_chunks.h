@@ -3,14 +3,16 @@
 // chunks of query rows, the host side shared by the backends
 // (csrc/cpu/contrastive_clip.cpp, csrc/cuda/contrastive_clip.cu): each chunk's
 // similarities s (c x B, unscaled) from the backend's GEMM, then its passes:
-//   Backend::stats(s, r0, scale, row_lse, diag, col_max, col_sum)
+//   passes.stats(s, r0, scale, row_lse, diag, col_max, col_sum)
 //     the chunk's rows' log-sum-exps and s_ii (c each), and the columns'
 //     running maximum and sum of exp(S - maximum) (B each) merged with the
 //     chunk's (the first chunk starts them: r0 == 0);
-//   Backend::coefficients(s, r0, scale, row_lse, col_lse, g_half)
+//   passes.coefficients(s, r0, scale, row_lse, col_lse, g_half)
 //     G = P + Q - 2 [i == j] for the chunk, over s (or into g_half, the
 //     features' dtype times kHalfGScale), and sum_ij G_ij s_ij as a 0-dim
 //     double tensor.
+// The chunk: chunk_elements / B rows (all of S where it fits; then S is kept
+// from the statistics for the gradient: one GEMM fewer).
 // Numerics: S, the statistics and G in the accumulation type (float32, or
 // float64 for float64 features); the loss and d scale summed in double.
 #include <ATen/TensorOperators.h>
@@ -29,10 +31,10 @@ namespace ssl_ops {
 // loss, grad_query, grad_key, grad_scale (the last three empty without compute_grad).
 using ClipOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-template <typename Backend>
+template <typename Passes>
 ClipOutputs clip_loss_chunked(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& scale_in,
                               int64_t reduction, bool compute_grad, int64_t chunk_elements,
-                              const ChunkGemms& gemms) {
+                              const ChunkGemms& gemms, Passes& passes) {
   const at::ScalarType acc = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool half = gemms_take_half(gemms, q_in);
   const at::Tensor q = (half ? q_in : q_in.to(acc)).contiguous(), k = (half ? k_in : k_in.to(acc)).contiguous();
@@ -49,7 +51,7 @@ ClipOutputs clip_loss_chunked(const at::Tensor& q_in, const at::Tensor& k_in, co
     const int64_t c = std::min(rows_per_chunk, b - r0);
     at::Tensor s = s_buffer.narrow(0, 0, c);
     gemms.mm(s, q.narrow(0, r0, c), k_t);
-    Backend::stats(s, r0, scale, row_lse.narrow(0, r0, c), diag.narrow(0, r0, c), col_max, col_sum);
+    passes.stats(s, r0, scale, row_lse.narrow(0, r0, c), diag.narrow(0, r0, c), col_max, col_sum);
   }
   const at::Tensor col_lse = col_max + at::log(col_sum);
   const double factor = (reduction == 1 ? 0.5 / static_cast<double>(b) : 0.5);
@@ -71,7 +73,7 @@ ClipOutputs clip_loss_chunked(const at::Tensor& q_in, const at::Tensor& k_in, co
     at::Tensor s = s_buffer.narrow(0, 0, c);
     if (!s_kept) gemms.mm(s, q_chunk, k_t);
     const at::Tensor g_half = half ? g_buffer.narrow(0, 0, c) : at::Tensor();
-    const auto [g, g_dot_s] = Backend::coefficients(s, r0, scale, row_lse.narrow(0, r0, c), col_lse, g_half);
+    const auto [g, g_dot_s] = passes.coefficients(s, r0, scale, row_lse.narrow(0, r0, c), col_lse, g_half);
     grad_scale.add_(g_dot_s);
     at::Tensor grad_q_rows = grad_q.narrow(0, r0, c);
     gemms.mm(grad_q_rows, g, k);

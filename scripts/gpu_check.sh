@@ -80,9 +80,9 @@ run_tests cuda-tests 40 -m cuda tests --ignore tests/test_fused_route_gpu.py
 
 # Issue 22's shapes, forward+backward: fused, the GEMM route, eager,
 # torch.compile (NT-Xent bf16 D = 128: one compilation) and Inf-CL (where its
-# wheel is in .whl/), most important first, as many as 90 s allow
+# wheel is in .whl/), most important first, as many as 60 s allow
 # (benchmarks/contrastive.py, gpu_cases).
-timeout 120 python3 -m benchmarks.contrastive --device cuda --time-budget 90 --out "$out" \
+timeout 90 python3 -m benchmarks.contrastive --device cuda --time-budget 60 --out "$out" \
   > "$out/bench_contrastive.log" 2>&1
 summary contrastive "exit $? ($(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["rows"]))' \
   "$out/contrastive_cuda.json" 2> /dev/null || echo 0) cases; bench_contrastive.log, contrastive_cuda.json)"
@@ -91,6 +91,14 @@ import collections, json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 wins = collections.Counter(r.get("fastest_route", "-") for r in rows)
 print(len(rows), "shapes; fastest per shape:", dict(wins))' "$out/contrastive_cuda.json" 2>&1)"
+# Issue 23's CLIP and SigLIP shapes (bf16): ours, the two-call form, eager,
+# torch.compile (one case: its compilation takes tens of seconds), open_clip,
+# Inf-CL and siglip-kernel (wheels in .whl/), most important first, as many as
+# 30 s allow.
+timeout 50 python3 -m benchmarks.clip --device cuda --time-budget 30 --min-run-time 0.2 --out "$out" \
+  > "$out/bench_clip.log" 2>&1
+summary clip "exit $? ($(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["rows"]))' \
+  "$out/clip_cuda.json" 2> /dev/null || echo 0) cases; bench_clip.log, clip_cuda.json)"
 if [ "${GPU_CHECK_ALL:-0}" = "1" ]; then
   timeout 40 python3 -m benchmarks.cosine --device cuda --no-compile --min-run-time 0.1 --out "$out" > "$out/bench_cosine.log" 2>&1
   summary cosine "exit $? (bench_cosine.log, cosine_cuda.json)"
@@ -101,6 +109,7 @@ fi
 summary seconds "$(( $(date +%s) - start ))"
 echo
 grep -E "^\| (nt_xent|moco|mocov3)" "$out/bench_contrastive.log" | head -n 20
+grep -E "^\| (clip|siglip) " "$out/bench_clip.log" | sort -u
 if [ "${GPU_CHECK_ALL:-0}" = "1" ]; then
   grep -E "^\| (matrix|byol) " "$out/bench_cosine.log" | head -n 8
   grep -E "^\| (resnet50|vit|llm)" "$out/bench_ema.log"

@@ -1,11 +1,15 @@
 // The symmetric in-batch InfoNCE, CPU: Note [Symmetric InfoNCE]
-// (csrc/clip_check.h) in chunks of query rows (csrc/clip_chunks.h) of 2^20
-// similarities (4 MB in float32: the chunk stays in cache while its passes
-// read it), features widened to the accumulation type.
-// Per similarity: the statistics read it four times (row max, row sum, column
-// max, column sum; two exps), the coefficients once more (two exps, one
-// store). SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS changes the budget (tests force
-// many chunks with it).
+// (csrc/clip_check.h) in chunks of query rows (csrc/clip_chunks.h), features
+// widened to the accumulation type. The chunk is all of S up to 2^26
+// similarities (256 MB in float32; S is then kept for the gradient: 3 GEMMs),
+// else 2^24 (64 MB): on 2 cores, CLIP B = 8192, D = 512 forward+backward took
+// 2.55 s in 2^20-element chunks, 1.68 s in 2^24 and 1.38 s with S whole
+// (2026-12-08): chunks of a few hundred rows starve the GEMMs.
+// Where every logit is bounded (|scale| max |q_i| max |k_j| <= 30 in float,
+// 300 in double: logit_bound_usable), one exp per similarity serves its row's
+// sum and its column's, and one more forms G; otherwise the rows and columns
+// take their own maxima (four reads and two exps for the statistics, two exps
+// for G). SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS sets the chunk (tests force many).
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
@@ -23,7 +27,8 @@
 namespace ssl_ops::cpu {
 namespace {
 
-constexpr int64_t kClipChunkElements = int64_t(1) << 20;
+constexpr int64_t kClipChunkElements = int64_t(1) << 24;
+constexpr int64_t kClipWholeElements = int64_t(1) << 26;
 constexpr int64_t kColumnBlock = 256;  // columns per task of the column pass: c x 1 KB of the chunk
 
 // Row i of the chunk: its log-sum-exp of scale * s and s_ii.
@@ -94,6 +99,62 @@ SSL_OPS_ALWAYS_INLINE inline void coefficient_rows(C* s, int64_t rows, int64_t c
   }
 }
 
+// Bounded: columns [j0, j1) of the chunk, e = exp(scale s - bound) added to
+// its column's sum and to its row's partial sum (row_part, one per row).
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void bounded_stats(const C* s, int64_t rows, int64_t cols, int64_t j0, int64_t j1,
+                                                C scale, C bound, C* row_part, C* col_sum) {
+  C sum[kColumnBlock];
+  const int64_t n = j1 - j0;
+  for (int64_t j = 0; j < n; ++j) sum[j] = col_sum[j0 + j];
+  for (int64_t i = 0; i < rows; ++i) {
+    const C* __restrict__ row = s + i * cols + j0;
+    C row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const C e = tile_exp(std::fma(scale, row[j], -bound));
+      row_sum += e;
+      sum[j] += e;
+    }
+    row_part[i] = row_sum;
+  }
+  for (int64_t j = 0; j < n; ++j) col_sum[j0 + j] = sum[j];
+}
+
+// Bounded: G = e (1 / R_i + 1 / C_j) - 2 [i == j], R and C the row's and the
+// column's sums of e (row_inv, col_inv their inverses), and the sum of G s.
+template <typename C>
+SSL_OPS_ALWAYS_INLINE inline void bounded_coefficient_rows(C* s, int64_t rows, int64_t cols, int64_t r0, C scale,
+                                                           C bound, const C* row_inv, const C* col_inv,
+                                                           double* g_dot_s) {
+  for (int64_t i = 0; i < rows; ++i) {
+    C* __restrict__ row = s + i * cols;
+    const C a = row_inv[i];
+    const int64_t positive = r0 + i;
+    const C s_positive = row[positive];
+    C dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) {
+      const C g = tile_exp(std::fma(scale, row[j], -bound)) * (a + col_inv[j]);
+      dot += g * row[j];
+      row[j] = g;
+    }
+    row[positive] -= C(2);
+    g_dot_s[i] = static_cast<double>(dot) - 2.0 * static_cast<double>(s_positive);
+  }
+}
+
+template <typename C>
+SSL_OPS_TARGET_AVX2 void bounded_stats_avx2(const C* s, int64_t rows, int64_t cols, int64_t j0, int64_t j1, C scale,
+                                            C bound, C* row_part, C* col_sum) {
+  bounded_stats(s, rows, cols, j0, j1, scale, bound, row_part, col_sum);
+}
+template <typename C>
+SSL_OPS_TARGET_AVX2 void bounded_coefficient_rows_avx2(C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C bound,
+                                                       const C* row_inv, const C* col_inv, double* g_dot_s) {
+  bounded_coefficient_rows(s, rows, cols, r0, scale, bound, row_inv, col_inv, g_dot_s);
+}
+
 template <typename C>
 SSL_OPS_TARGET_AVX2 void row_stats_avx2(const C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C* lse,
                                         C* diag) {
@@ -111,15 +172,44 @@ SSL_OPS_TARGET_AVX2 void coefficient_rows_avx2(C* s, int64_t rows, int64_t cols,
 }
 
 struct CpuClipPasses {
-  static void stats(const at::Tensor& s, int64_t r0, const at::Tensor& scale, at::Tensor row_lse, at::Tensor diag,
-                    at::Tensor& col_max, at::Tensor& col_sum) {
+  bool bounded = false;
+  double bound = 0;  // with bounded: >= every logit
+
+  void stats(const at::Tensor& s, int64_t r0, const at::Tensor& scale, at::Tensor row_lse, at::Tensor diag,
+             at::Tensor& col_max, at::Tensor& col_sum) const {
     const int64_t rows = s.size(0), cols = s.size(1);
+    const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
     const bool avx2 = cpu_has_avx2_fma(), first = r0 == 0;
     auto run = [&](auto* data) {
       using C = std::remove_pointer_t<decltype(data)>;
-      const C sc = static_cast<C>(scale.item<double>());
+      const C sc = static_cast<C>(scale.item<double>()), shift = static_cast<C>(bound);
       C *lse = row_lse.data_ptr<C>(), *dg = diag.data_ptr<C>();
       C *cmax = col_max.data_ptr<C>(), *csum = col_sum.data_ptr<C>();
+      if (bounded) {
+        if (first) {
+          col_max.fill_(bound);
+          col_sum.zero_();
+        }
+        std::vector<C> row_part(blocks * rows);  // [block][row]
+        at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t blk = begin; blk < end; ++blk) {
+            const int64_t j0 = blk * kColumnBlock, j1 = std::min(cols, j0 + kColumnBlock);
+            C* part = row_part.data() + blk * rows;
+            if (avx2) {
+              bounded_stats_avx2<C>(data, rows, cols, j0, j1, sc, shift, part, csum);
+            } else {
+              bounded_stats<C>(data, rows, cols, j0, j1, sc, shift, part, csum);
+            }
+          }
+        });
+        for (int64_t i = 0; i < rows; ++i) {
+          C sum = 0;
+          for (int64_t blk = 0; blk < blocks; ++blk) sum += row_part[blk * rows + i];
+          lse[i] = shift + std::log(sum);
+          dg[i] = data[i * cols + r0 + i];
+        }
+        return;
+      }
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         const C* block = data + begin * cols;
         if (avx2) {
@@ -128,7 +218,6 @@ struct CpuClipPasses {
           row_stats<C>(block, end - begin, cols, r0 + begin, sc, lse + begin, dg + begin);
         }
       });
-      const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t blk = begin; blk < end; ++blk) {
           const int64_t j0 = blk * kColumnBlock, j1 = std::min(cols, j0 + kColumnBlock);
@@ -147,23 +236,34 @@ struct CpuClipPasses {
     }
   }
 
-  static std::pair<at::Tensor, at::Tensor> coefficients(const at::Tensor& s_const, int64_t r0,
-                                                        const at::Tensor& scale, const at::Tensor& row_lse,
-                                                        const at::Tensor& col_lse, const at::Tensor& /*g_half*/) {
+  std::pair<at::Tensor, at::Tensor> coefficients(const at::Tensor& s_const, int64_t r0, const at::Tensor& scale,
+                                                 const at::Tensor& row_lse, const at::Tensor& col_lse,
+                                                 const at::Tensor& /*g_half*/) const {
     at::Tensor s = s_const;  // the chunk's own buffer: G is written over it
     const int64_t rows = s.size(0), cols = s.size(1);
     std::vector<double> dots(rows);
     const bool avx2 = cpu_has_avx2_fma();
+    // Bounded: exp(bound - lse) = 1 / (the sum of e), per row and per column.
+    const at::Tensor row_inv = bounded ? (bound - row_lse).exp() : at::Tensor();
+    const at::Tensor col_inv = bounded ? (bound - col_lse).exp() : at::Tensor();
     auto run = [&](auto* data) {
       using C = std::remove_pointer_t<decltype(data)>;
-      const C sc = static_cast<C>(scale.item<double>());
+      const C sc = static_cast<C>(scale.item<double>()), shift = static_cast<C>(bound);
       const C *rl = row_lse.const_data_ptr<C>(), *cl = col_lse.const_data_ptr<C>();
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         C* block = data + begin * cols;
-        if (avx2) {
-          coefficient_rows_avx2<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, dots.data() + begin);
+        double* out = dots.data() + begin;
+        if (bounded) {
+          const C *ri = row_inv.const_data_ptr<C>() + begin, *ci = col_inv.const_data_ptr<C>();
+          if (avx2) {
+            bounded_coefficient_rows_avx2<C>(block, end - begin, cols, r0 + begin, sc, shift, ri, ci, out);
+          } else {
+            bounded_coefficient_rows<C>(block, end - begin, cols, r0 + begin, sc, shift, ri, ci, out);
+          }
+        } else if (avx2) {
+          coefficient_rows_avx2<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, out);
         } else {
-          coefficient_rows<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, dots.data() + begin);
+          coefficient_rows<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, out);
         }
       });
     };
@@ -185,8 +285,18 @@ constexpr ChunkGemms cpu_gemms{cpu_mm, cpu_addmm, /*half_operands=*/false};
 ClipOutputs contrastive_clip_loss(const at::Tensor& query, const at::Tensor& key, const at::Tensor& scale,
                                   int64_t reduction, bool compute_grad) {
   check_clip_args(query, key, scale, reduction);
-  const int64_t chunk = contrastive_chunk_elements(kClipChunkElements);
-  return clip_loss_chunked<CpuClipPasses>(query, key, scale, reduction, compute_grad, chunk, cpu_gemms);
+  const int64_t b = query.size(0);
+  const int64_t chunk = contrastive_chunk_elements(b * b <= kClipWholeElements ? kClipWholeElements
+                                                                               : kClipChunkElements);
+  // Cauchy-Schwarz: |logit| <= |scale| max |q_i| max |k_j| (times 1 + 2^-10
+  // for the GEMM's rounding), a bound for every logit that costs O(B D).
+  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const double bound = std::abs(scale.item<double>()) * (1.0 + 1.0 / 1024) *
+                       query.to(acc).norm(2, 1).max().item<double>() * key.to(acc).norm(2, 1).max().item<double>();
+  CpuClipPasses passes;
+  passes.bounded = acc == at::kDouble ? logit_bound_usable<double>(bound, true) : logit_bound_usable<float>(bound, true);
+  passes.bound = bound;
+  return clip_loss_chunked(query, key, scale, reduction, compute_grad, chunk, cpu_gemms, passes);
 }
 
 }  // namespace

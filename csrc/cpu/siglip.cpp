@@ -5,8 +5,10 @@
 // similarities. ATen's composition of the same pass (the first version) read
 // and wrote each chunk about six times and left the loss 2-20% behind
 // torch.compile of the eager form (benchmarks/RESULTS.md, session 6).
-// Chunks of 2^20 similarities (4 MB in float32), so N = 16384 images against
-// 16384 texts add tens of MB where the logits alone are 1 GB.
+// Chunks of 2^24 similarities (64 MB in float32), where the logits of
+// N = 16384 images against 16384 texts are 1 GB: N = 8192, D = 768 forward+
+// backward took 1.65 s in 2^20-element chunks (128 rows starve the GEMMs) and
+// 1.26 s in 2^24 on 2 cores (2026-12-08).
 // SSL_OPS_SIGLIP_CHUNK_ELEMENTS changes the budget (tests force many chunks).
 #include <ATen/Parallel.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -23,7 +25,7 @@
 namespace ssl_ops::cpu {
 namespace {
 
-constexpr int64_t kSiglipChunkElements = int64_t(1) << 20;
+constexpr int64_t kSiglipChunkElements = int64_t(1) << 24;
 constexpr int64_t kSumBlock = 512;  // float partial sums, added to double every block
 
 // log(1 + e) for e in [0, 1], branch-free so loops over it vectorise:

@@ -140,7 +140,7 @@ const A* data_of(const at::Tensor& t) {
 }
 
 struct CudaClipPasses {
-  static void stats(const at::Tensor& s, int64_t r0, const at::Tensor& scale, at::Tensor row_lse, at::Tensor diag,
+  void stats(const at::Tensor& s, int64_t r0, const at::Tensor& scale, at::Tensor row_lse, at::Tensor diag,
                     at::Tensor& col_max, at::Tensor& col_sum) {
     const int64_t rows = s.size(0), cols = s.size(1);
     const int64_t wanted_blocks = 8 * int64_t(multiprocessor_count(s.device()));
@@ -171,9 +171,9 @@ struct CudaClipPasses {
     }
   }
 
-  static std::pair<at::Tensor, at::Tensor> coefficients(const at::Tensor& s_const, int64_t r0,
-                                                        const at::Tensor& scale, const at::Tensor& row_lse,
-                                                        const at::Tensor& col_lse, const at::Tensor& g_half) {
+  std::pair<at::Tensor, at::Tensor> coefficients(const at::Tensor& s_const, int64_t r0, const at::Tensor& scale,
+                                                 const at::Tensor& row_lse, const at::Tensor& col_lse,
+                                                 const at::Tensor& g_half) {
     at::Tensor s = s_const;  // the chunk's own buffer: G is written over it
     const int64_t rows = s.size(0), cols = s.size(1);
     const int64_t wanted_blocks = 8 * int64_t(multiprocessor_count(s.device()));
@@ -213,7 +213,8 @@ ClipOutputs contrastive_clip_loss(const at::Tensor& query, const at::Tensor& key
   check_clip_args(query, key, scale, reduction);
   const DeviceGuard guard(query.device());
   const int64_t chunk = contrastive_chunk_elements(kClipChunkElements);
-  return clip_loss_chunked<CudaClipPasses>(query, key, scale, reduction, compute_grad, chunk, tensor_core_gemms);
+  CudaClipPasses passes;
+  return clip_loss_chunked(query, key, scale, reduction, compute_grad, chunk, tensor_core_gemms, passes);
 }
 
 }  // namespace
