@@ -1,7 +1,8 @@
-"""Every benchmark in one command: the contrastive losses, the cosine ops and
-the EMA update, on the CPU and, when present, the GPU. Each prints its table
-and writes JSON (with the machine) to --out; the contrastive sweep also draws
-PNG plots there.
+"""Every benchmark in one command: the contrastive losses, the cosine ops,
+CLIP and SigLIP at CLIP's shapes (quick: one case of each) and the EMA
+update, on the CPU and, when present, the GPU. Each prints its table and
+writes JSON (with the machine) to --out; the contrastive sweep also draws PNG
+plots there.
 
     python -m benchmarks              # quick, about 2-3 minutes on a 2-core CPU
     python -m benchmarks --full       # the whole sweep
@@ -27,6 +28,7 @@ def main():
         no_compile = ["--no-compile"] if args.no_compile else []
         runs.append(["contrastive", "--device", device, *full, *no_compile])
         runs.append(["cosine", "--device", device, *full, *no_compile])
+        runs.append(["clip", "--device", device, *([] if args.full else ["--quick"])])
     runs.append(["ema", "--devices", *devices, *([] if args.full else ["--quick"]),
                  *(["--no-compile"] if args.no_compile else [])])
     failed = []

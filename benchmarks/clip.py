@@ -20,6 +20,7 @@ three B^2 D GEMMs (S, d image, d text).
     python -m benchmarks.clip                      # CPU: issue 23's CPU target and smaller shapes
     python -m benchmarks.clip --device cuda --time-budget 30   # GPU shapes, most important first
     python -m benchmarks.clip --loss siglip        # one loss's cases
+    python -m benchmarks.clip --quick              # the first case of each loss (python -m benchmarks)
 """
 
 import argparse
@@ -193,6 +194,7 @@ def main():
     parser.add_argument("--time-budget", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--min-run-time", type=float, default=0.3)
     parser.add_argument("--loss", choices=["clip", "siglip"], help="only this loss's cases")
+    parser.add_argument("--quick", action="store_true", help="the first case of each loss only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -201,7 +203,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"clip_{args.device}.json")
     rows, start = [], time.perf_counter()
-    for case in [c for c in cases(args.device) if args.loss in (None, c["loss"])]:
+    todo = [c for c in cases(args.device) if args.loss in (None, c["loss"])]
+    if args.quick:
+        todo = [c for i, c in enumerate(todo) if c["loss"] not in {t["loss"] for t in todo[:i]}]
+    for case in todo:
         if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
             print(f"time budget of {args.time_budget:.0f} s spent: later cases left out")
             break
