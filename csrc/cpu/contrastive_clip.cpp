@@ -78,19 +78,28 @@ SSL_OPS_ALWAYS_INLINE inline void column_stats(const C* s, int64_t rows, int64_t
 }
 
 // Row i of the chunk: G = P + Q - 2 [i == j] over s, and the sum of G s.
-template <typename C>
-SSL_OPS_ALWAYS_INLINE inline void coefficient_rows(C* s, int64_t rows, int64_t cols, int64_t r0, C scale,
-                                                   const C* row_lse, const C* col_lse, double* g_dot_s) {
+// kBounded: row_term and col_term are 1 / R_i and 1 / C_j, the inverses of the
+// sums of e = exp(scale s - shift), and G = e (1 / R_i + 1 / C_j) (one exp);
+// otherwise they are the log-sum-exps r_i and c_j, G = exp(S - r_i) +
+// exp(S - c_j).
+template <typename C, bool kBounded>
+SSL_OPS_ALWAYS_INLINE inline void coefficient_rows(C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C shift,
+                                                   const C* row_term, const C* col_term, double* g_dot_s) {
   for (int64_t i = 0; i < rows; ++i) {
     C* __restrict__ row = s + i * cols;
-    const C r = row_lse[i];
+    const C r = row_term[i];
     const int64_t positive = r0 + i;
     const C s_positive = row[positive];
     C dot = 0;
 #pragma omp simd reduction(+ : dot)
     for (int64_t j = 0; j < cols; ++j) {
       const C logit = scale * row[j];
-      const C g = tile_exp(logit - r) + tile_exp(logit - col_lse[j]);
+      C g;
+      if constexpr (kBounded) {
+        g = tile_exp(logit - shift) * (r + col_term[j]);
+      } else {
+        g = tile_exp(logit - r) + tile_exp(logit - col_term[j]);
+      }
       dot += g * row[j];
       row[j] = g;
     }
@@ -121,40 +130,11 @@ SSL_OPS_ALWAYS_INLINE inline void bounded_stats(const C* s, int64_t rows, int64_
   for (int64_t j = 0; j < n; ++j) col_sum[j0 + j] = sum[j];
 }
 
-// Bounded: G = e (1 / R_i + 1 / C_j) - 2 [i == j], R and C the row's and the
-// column's sums of e (row_inv, col_inv their inverses), and the sum of G s.
-template <typename C>
-SSL_OPS_ALWAYS_INLINE inline void bounded_coefficient_rows(C* s, int64_t rows, int64_t cols, int64_t r0, C scale,
-                                                           C bound, const C* row_inv, const C* col_inv,
-                                                           double* g_dot_s) {
-  for (int64_t i = 0; i < rows; ++i) {
-    C* __restrict__ row = s + i * cols;
-    const C a = row_inv[i];
-    const int64_t positive = r0 + i;
-    const C s_positive = row[positive];
-    C dot = 0;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < cols; ++j) {
-      const C g = tile_exp(std::fma(scale, row[j], -bound)) * (a + col_inv[j]);
-      dot += g * row[j];
-      row[j] = g;
-    }
-    row[positive] -= C(2);
-    g_dot_s[i] = static_cast<double>(dot) - 2.0 * static_cast<double>(s_positive);
-  }
-}
-
 template <typename C>
 SSL_OPS_TARGET_AVX2 void bounded_stats_avx2(const C* s, int64_t rows, int64_t cols, int64_t j0, int64_t j1, C scale,
                                             C bound, C* row_part, C* col_sum) {
   bounded_stats(s, rows, cols, j0, j1, scale, bound, row_part, col_sum);
 }
-template <typename C>
-SSL_OPS_TARGET_AVX2 void bounded_coefficient_rows_avx2(C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C bound,
-                                                       const C* row_inv, const C* col_inv, double* g_dot_s) {
-  bounded_coefficient_rows(s, rows, cols, r0, scale, bound, row_inv, col_inv, g_dot_s);
-}
-
 template <typename C>
 SSL_OPS_TARGET_AVX2 void row_stats_avx2(const C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C* lse,
                                         C* diag) {
@@ -165,10 +145,10 @@ SSL_OPS_TARGET_AVX2 void column_stats_avx2(const C* s, int64_t rows, int64_t col
                                            bool first, C* col_max, C* col_sum) {
   column_stats(s, rows, cols, j0, j1, scale, first, col_max, col_sum);
 }
-template <typename C>
-SSL_OPS_TARGET_AVX2 void coefficient_rows_avx2(C* s, int64_t rows, int64_t cols, int64_t r0, C scale,
-                                               const C* row_lse, const C* col_lse, double* g_dot_s) {
-  coefficient_rows(s, rows, cols, r0, scale, row_lse, col_lse, g_dot_s);
+template <typename C, bool kBounded>
+SSL_OPS_TARGET_AVX2 void coefficient_rows_avx2(C* s, int64_t rows, int64_t cols, int64_t r0, C scale, C shift,
+                                               const C* row_term, const C* col_term, double* g_dot_s) {
+  coefficient_rows<C, kBounded>(s, rows, cols, r0, scale, shift, row_term, col_term, g_dot_s);
 }
 
 struct CpuClipPasses {
@@ -253,17 +233,18 @@ struct CpuClipPasses {
       at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
         C* block = data + begin * cols;
         double* out = dots.data() + begin;
+        const int64_t n = end - begin, first_row = r0 + begin;
         if (bounded) {
           const C *ri = row_inv.const_data_ptr<C>() + begin, *ci = col_inv.const_data_ptr<C>();
           if (avx2) {
-            bounded_coefficient_rows_avx2<C>(block, end - begin, cols, r0 + begin, sc, shift, ri, ci, out);
+            coefficient_rows_avx2<C, true>(block, n, cols, first_row, sc, shift, ri, ci, out);
           } else {
-            bounded_coefficient_rows<C>(block, end - begin, cols, r0 + begin, sc, shift, ri, ci, out);
+            coefficient_rows<C, true>(block, n, cols, first_row, sc, shift, ri, ci, out);
           }
         } else if (avx2) {
-          coefficient_rows_avx2<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, out);
+          coefficient_rows_avx2<C, false>(block, n, cols, first_row, sc, shift, rl + begin, cl, out);
         } else {
-          coefficient_rows<C>(block, end - begin, cols, r0 + begin, sc, rl + begin, cl, out);
+          coefficient_rows<C, false>(block, n, cols, first_row, sc, shift, rl + begin, cl, out);
         }
       });
     };
