@@ -1,7 +1,10 @@
 """EMA update of a momentum encoder: ssl_ops.ema_update_ against the ways SSL
 code does it today, on the parameter sets of real timm models.
 
-* ssl_ops    - ssl_ops.ema_update_ (one fused multi-tensor kernel)
+* ssl_ops    - ssl_ops.ema_update_ on the tensor lists (one fused multi-tensor kernel)
+* modules    - ssl_ops.ema_update_ on two modules holding them (names matched every call)
+* prepared   - ssl_ops.EMA(ema_module, online_module).update(m): matched once
+* prepared_t - the same with the momentum a 0-dim tensor on the device
 * loop       - the per-parameter Python loop of solo-learn's MomentumUpdater
                (``e.data = m * e.data + (1 - m) * o.data``)
 * foreach    - lightly's update_momentum (``_foreach_mul_`` + ``_foreach_add_``)
@@ -25,6 +28,7 @@ import json
 import os
 
 import torch
+from torch import nn
 
 import ssl_ops
 
@@ -98,6 +102,20 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time, implemen
             impl(ema, [t.to(ema_dtype) for t in online] if cast else online, MOMENTUM)
 
         results[name] = median_seconds(step, min_run_time, device)
+    if "ssl_ops" in implementations:  # the module forms, on modules that hold the same tensors
+        def module_of(tensors):
+            return nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in tensors])
+
+        ema_module, online_module = module_of(ema), module_of(online)
+        prepared = ssl_ops.EMA(ema_module, online_module)
+        momentum = torch.tensor(MOMENTUM, device=device)
+        module_forms = {
+            "modules": lambda: ssl_ops.ema_update_(ema_module, online_module, MOMENTUM),
+            "prepared": lambda: prepared.update(MOMENTUM),
+            "prepared_t": lambda: prepared.update(momentum),
+        }
+        for name, step in module_forms.items():
+            results[name] = median_seconds(step, min_run_time, device)
     copy_dst = [torch.empty_like(t) for t in ema]
 
     copy_time = median_seconds(lambda: torch._foreach_copy_(copy_dst, ema), min_run_time, device)
@@ -120,13 +138,15 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time, implemen
 
 def markdown(rows):
     lines = [
-        "| model | device | ema/online | tensors | ssl_ops ms | loop ms | foreach ms | lerp ms | compiled ms "
+        "| model | device | ema/online | tensors | ssl_ops ms | modules ms | prepared ms | prepared_t ms | loop ms "
+        "| foreach ms | lerp ms | compiled ms "
         "| vs loop | vs foreach | vs lerp | vs compiled | ssl_ops GB/s | copy GB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---" * 18 + "|",
     ]
     for r in rows:
         t, s = r["median_s"], r["speedup_vs"]
-        ms = " | ".join(f"{t[k] * 1e3:.2f}" if k in t else "-" for k in ("ssl_ops", "loop", "foreach", "lerp", "compiled"))
+        names = ("ssl_ops", "modules", "prepared", "prepared_t", "loop", "foreach", "lerp", "compiled")
+        ms = " | ".join(f"{t[k] * 1e3:.3f}" if k in t else "-" for k in names)
         vs = " | ".join(f"{s[k]:.2f}x" if k in s else "-" for k in ("loop", "foreach", "lerp", "compiled"))
         lines.append(
             f"| {r['model']} | {r['device']} | {r['ema_dtype']}/{r['online_dtype']} | {r['tensors']} "

@@ -24,9 +24,28 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 
 void check_ema_args(
     at::TensorList ema, at::TensorList online, double momentum, c10::DeviceType device_type) {
+  check_momentum_value(momentum);
+  check_ema_tensors(ema, online, device_type);
+}
+
+void check_momentum_value(double momentum) {
   TORCH_CHECK_VALUE(
       std::isfinite(momentum) && momentum >= 0.0 && momentum <= 1.0,
       ssl_ops::message("ssl_ops.ema_update_: momentum must be in [0, 1], got ", momentum));
+}
+
+void check_momentum_tensor(const at::Tensor& momentum, at::TensorList ema) {
+  TORCH_CHECK_VALUE(momentum.numel() == 1, ssl_ops::message(
+      "ssl_ops.ema_update_: a tensor momentum must have one element, got shape ", momentum.sizes()));
+  TORCH_CHECK_TYPE(momentum.scalar_type() == at::kFloat || momentum.scalar_type() == at::kDouble,
+                   ssl_ops::message("ssl_ops.ema_update_: a tensor momentum must be float32 or float64, got dtype ",
+                                    momentum.scalar_type()));
+  TORCH_CHECK(ema.empty() || momentum.device() == ema[0].device(), ssl_ops::message(
+      "ssl_ops.ema_update_: the momentum tensor is on ", momentum.device(), " but ema[0] is on ",
+      ema.empty() ? momentum.device() : ema[0].device(), "; it must be on the parameters' device"));
+}
+
+void check_ema_tensors(at::TensorList ema, at::TensorList online, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(
       ema.size() == online.size(),
       ssl_ops::message("ssl_ops.ema_update_: ema and online must have the same length, got ", ema.size(),

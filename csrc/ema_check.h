@@ -12,6 +12,14 @@ namespace ssl_ops {
 // floating-point, dtypes compatible, no aliasing, and 0 <= momentum <= 1.
 void check_ema_args(
     at::TensorList ema, at::TensorList online, double momentum, c10::DeviceType device_type);
+// The same checks in parts: the momentum's range, and everything else.
+void check_momentum_value(double momentum);
+void check_ema_tensors(at::TensorList ema, at::TensorList online, c10::DeviceType device_type);
+
+// A tensor momentum (read by the kernels, Note [EMA tensor momentum]): one
+// float32 or float64 element on the EMA tensors' device. Its value is not
+// read here.
+void check_momentum_tensor(const at::Tensor& momentum, at::TensorList ema);
 
 // Flat views the kernels can walk as one span per tensor: each ema entry dense
 // (non-overlapping, any stride order) and each online entry with the same

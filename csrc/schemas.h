@@ -7,6 +7,9 @@
 // ema_update_: ema[i] <- momentum * ema[i] + (1 - momentum) * online[i].
 // _ema_update_chunked_: the same with an explicit elements-per-block chunk, so
 // tests reach the multi-launch paths of the CUDA kernel with small tensors.
+// ema_update_tensor_ / _ema_update_tensor_chunked_: the same with the momentum
+// a one-element float32/float64 tensor on the parameters' device, read by the
+// kernel (CUDA: on the device, Note [EMA tensor momentum] in csrc/cuda/ema.cu).
 //
 // contrastive_sym_loss: NT-Xent / SupCon over the rows of z, positives by equal
 // labels (csrc/cpu/contrastive_sym.cpp has the math), for the anchors
@@ -47,6 +50,10 @@
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");      \
   m.def(                                                                               \
       "_ema_update_chunked_(Tensor(a!)[] ema, Tensor[] online, float momentum, "     \
+      "int chunk_size) -> ()");                                                        \
+  m.def("ema_update_tensor_(Tensor(a!)[] ema, Tensor[] online, Tensor momentum) -> ()"); \
+  m.def(                                                                               \
+      "_ema_update_tensor_chunked_(Tensor(a!)[] ema, Tensor[] online, Tensor momentum, " \
       "int chunk_size) -> ()");                                                        \
   m.def(                                                                               \
       "contrastive_sym_loss(Tensor z, Tensor labels, int anchor_begin, int anchor_end, " \

@@ -11,7 +11,7 @@ from .dcl import dcl_loss
 from .siglip import siglip_loss
 from .clip import clip_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
-from .ema import ema_update_
+from .ema import EMA, ema_update_
 from . import nn
 from .nn import (
     BYOLLoss,
@@ -40,6 +40,7 @@ __all__ = [
     "ClipLoss",
     "DCLLoss",
     "DCLWLoss",
+    "EMA",
     "InfoNCELoss",
     "MemoryBank",
     "MoCoProjectionHead",

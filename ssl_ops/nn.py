@@ -211,11 +211,15 @@ class MomentumEncoder(nn.Module):
         self.module = copy.deepcopy(online)
         self.module.requires_grad_(False)
         self.buffers_mode = buffers
+        self._prepared = None  # an ssl_ops.EMA for the last online module
 
-    def update(self, online: nn.Module, momentum: float) -> None:
-        from .ema import ema_update_
+    def update(self, online: nn.Module, momentum) -> None:
+        """momentum: a number, or a one-element tensor on the device (see ema_update_)."""
+        from .ema import EMA
 
-        ema_update_(self.module, online, momentum, buffers=self.buffers_mode)
+        if self._prepared is None or self._prepared._online is not online:
+            self._prepared = EMA(self.module, online, buffers=self.buffers_mode)
+        self._prepared.update(momentum)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -4,7 +4,7 @@ import math
 import warnings
 
 
-def cosine_schedule(step, max_steps, start_value, end_value, period=None):
+def cosine_schedule(step, max_steps, start_value, end_value, period=None, *, out=None):
     """Cosine decay from ``start_value`` to ``end_value``, with the semantics,
     errors and warning of ``lightly.utils.scheduler.cosine_schedule``.
 
@@ -14,6 +14,11 @@ def cosine_schedule(step, max_steps, start_value, end_value, period=None):
 
     Raises ValueError for ``step < 0``, ``max_steps < 0`` or ``period <= 0``;
     warns (RuntimeWarning) when ``step > max_steps`` without a period.
+
+    ``out``: a one-element tensor (say the momentum on the GPU, for
+    ``ema_update_``) filled with the value, and returned instead of a float:
+    a fill kernel, no host sync, and a CUDA graph or compiled step that reads
+    the tensor sees each step's value.
     """
     if step < 0:
         raise ValueError(f"Current step number {step} can't be negative.")
@@ -30,10 +35,16 @@ def cosine_schedule(step, max_steps, start_value, end_value, period=None):
     if period is not None:
         cosine = math.cos(2 * math.pi * step / period)
     elif max_steps <= 1 or step >= max_steps - 1:
-        return float(end_value)
+        return _value_or_fill(float(end_value), out)
     else:
         cosine = math.cos(math.pi * step / (max_steps - 1))
-    return float(end_value - (end_value - start_value) * (cosine + 1) / 2)
+    return _value_or_fill(float(end_value - (end_value - start_value) * (cosine + 1) / 2), out)
+
+
+def _value_or_fill(value, out):
+    if out is None:
+        return value
+    return out.fill_(value)
 
 
 def solo_learn_tau(step, max_steps, base_tau=0.996, final_tau=1.0):

@@ -100,10 +100,18 @@ void ema_update_(at::TensorList ema, at::TensorList online, double momentum) {
   ops.finish();
 }
 
+// A tensor momentum: on the CPU its value costs nothing to read, so it is
+// checked before anything is written, and the update is the number's.
+void ema_update_tensor_(at::TensorList ema, at::TensorList online, const at::Tensor& momentum) {
+  check_momentum_tensor(momentum, ema);
+  ema_update_(ema, online, momentum.item<double>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ssl_ops, CPU, m) {
   m.impl("ema_update_", &ema_update_);
+  m.impl("ema_update_tensor_", &ema_update_tensor_);
 }
 
 }  // namespace ssl_ops::cpu

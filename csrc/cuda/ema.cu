@@ -31,6 +31,14 @@
 // odd storage offsets) take the scalar path. chunk_size is a multiple of every
 // vector width, so chunks of an aligned tensor stay aligned.
 //
+// Note [EMA tensor momentum]: with a tensor momentum (a schedule's value on
+// the device) the host never reads the value: each block loads it (8 bytes
+// from L2), rounds m and w = 1 - m as the host does for a number (so the two
+// forms agree bit for bit) and traps on a value outside [0, 1] (NaN included)
+// before it writes anything, so a bad value is an error (a CUDA error at the
+// next synchronisation, as a device-side assert) that leaves every tensor as
+// it was. No host sync, and CUDA graphs replay whatever value the tensor holds.
+//
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -72,9 +80,15 @@ struct EmaChunkList {
   TensorSlot tensor_of_block[Table::kBlocks];
   int32_t chunk_of_block[Table::kBlocks];
 };
-// The other kernel parameters (m, w) take 16 bytes at most.
-static_assert(sizeof(EmaChunkList<PortableTable>) <= PortableTable::kParamBytes - 16, "parameters over the limit");
-static_assert(sizeof(EmaChunkList<LargeTable>) <= LargeTable::kParamBytes - 16, "parameters over the limit");
+// Where the kernel takes the momentum from (Note [EMA tensor momentum]).
+struct MomentumSource {
+  const void* tensor;  // null: the m and w passed by value
+  bool is_double;      // the tensor's dtype: float64, else float32
+};
+
+// The other kernel parameters (m, w, MomentumSource) take 32 bytes at most.
+static_assert(sizeof(EmaChunkList<PortableTable>) <= PortableTable::kParamBytes - 32, "parameters over the limit");
+static_assert(sizeof(EmaChunkList<LargeTable>) <= LargeTable::kParamBytes - 32, "parameters over the limit");
 static_assert(LargeTable::kTensors <= 65536, "tensor_of_block holds at most 16 bits");
 
 // Whether this process may launch with the large table: this build's toolkit
@@ -111,7 +125,14 @@ __device__ __forceinline__ E ema_value(E ema, O online, C m, C w) {
 
 template <typename E, typename O, typename Table>
 __global__ void __launch_bounds__(kThreads)
-    ema_multi_tensor_kernel(EmaChunkList<Table> list, ema_compute_t<E> m, ema_compute_t<E> w) {
+    ema_multi_tensor_kernel(EmaChunkList<Table> list, ema_compute_t<E> m, ema_compute_t<E> w, MomentumSource from) {
+  if (from.tensor != nullptr) {
+    const double value = from.is_double ? *static_cast<const double*>(from.tensor)
+                                        : static_cast<double>(*static_cast<const float*>(from.tensor));
+    if (!(value >= 0.0 && value <= 1.0)) __trap();  // before any write
+    m = static_cast<ema_compute_t<E>>(value);
+    w = static_cast<ema_compute_t<E>>(1.0 - value);
+  }
   constexpr int kVec = 16 / (sizeof(E) > sizeof(O) ? sizeof(E) : sizeof(O));
   const int tensor = list.tensor_of_block[blockIdx.x];
   const int64_t begin = int64_t(list.chunk_of_block[blockIdx.x]) * list.chunk_size;
@@ -163,7 +184,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename E, typename O, typename Table>
 void launch_ema_chunks_with(
     const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& online,
-    const std::vector<size_t>& pairs, double momentum, int64_t chunk_size, cudaStream_t stream) {
+    const std::vector<size_t>& pairs, double momentum, MomentumSource from, int64_t chunk_size,
+    cudaStream_t stream) {
   using C = ema_compute_t<E>;
   using TensorSlot = typename EmaChunkList<Table>::TensorSlot;
   constexpr int kMaxTensors = Table::kTensors, kMaxBlocks = Table::kBlocks;
@@ -175,7 +197,7 @@ void launch_ema_chunks_with(
   int blocks = 0;
   auto flush = [&] {
     if (blocks > 0) {
-      launch_kernel(ema_multi_tensor_kernel<E, O, Table>, dim3(blocks), dim3(kThreads), 0, stream, list, m, w);
+      launch_kernel(ema_multi_tensor_kernel<E, O, Table>, dim3(blocks), dim3(kThreads), 0, stream, list, m, w, from);
     }
     blocks = 0;
   };
@@ -212,24 +234,27 @@ void launch_ema_chunks_with(
 template <typename E, typename O>
 void launch_ema_chunks(
     const std::vector<at::Tensor>& ema, const std::vector<at::Tensor>& online,
-    const std::vector<size_t>& pairs, double momentum, int64_t chunk_size, cudaStream_t stream) {
+    const std::vector<size_t>& pairs, double momentum, MomentumSource from, int64_t chunk_size,
+    cudaStream_t stream) {
 #if defined(SSL_OPS_CUDA_EMU) || (defined(CUDART_VERSION) && CUDART_VERSION >= 12010)
   if (large_tables_supported()) {
-    launch_ema_chunks_with<E, O, LargeTable>(ema, online, pairs, momentum, chunk_size, stream);
+    launch_ema_chunks_with<E, O, LargeTable>(ema, online, pairs, momentum, from, chunk_size, stream);
     return;
   }
 #endif
-  launch_ema_chunks_with<E, O, PortableTable>(ema, online, pairs, momentum, chunk_size, stream);
+  launch_ema_chunks_with<E, O, PortableTable>(ema, online, pairs, momentum, from, chunk_size, stream);
 }
 
-void ema_update_chunked_(
-    at::TensorList ema, at::TensorList online, double momentum, int64_t chunk_size) {
+// momentum: the value, or (with from.tensor) unused: the kernels read it.
+// The arguments other than the momentum are checked here.
+void ema_update_from(at::TensorList ema, at::TensorList online, double momentum, MomentumSource from,
+                     int64_t chunk_size) {
   TORCH_CHECK_VALUE(
       chunk_size > 0 && chunk_size % kChunkMultiple == 0 &&
           (chunk_size - 1) / kChunkMultiple < (int64_t(1) << 28),
       ssl_ops::message("ssl_ops._ema_update_chunked_: chunk_size must be a positive multiple of ", kChunkMultiple,
       ", got ", chunk_size));
-  check_ema_args(ema, online, momentum, kKernelDevice);
+  check_ema_tensors(ema, online, kKernelDevice);
   // chunk_of_block is int32 (Note [Launch limits]); checked before any tensor is written.
   for (size_t i = 0; i < ema.size(); ++i) {
     TORCH_CHECK_VALUE((ema[i].numel() - 1) / chunk_size < (int64_t(1) << 31),
@@ -256,13 +281,13 @@ void ema_update_chunked_(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ema_type, "ema_update_cuda", [&] {
       using E = scalar_t;
       if (online_type == ema_type) {
-        launch_ema_chunks<E, E>(ops.ema, ops.online, pairs, momentum, chunk_size, stream);
+        launch_ema_chunks<E, E>(ops.ema, ops.online, pairs, momentum, from, chunk_size, stream);
       } else if constexpr (std::is_same_v<E, float>) {
         if (online_type == at::kHalf) {
-          launch_ema_chunks<float, at::Half>(ops.ema, ops.online, pairs, momentum, chunk_size, stream);
+          launch_ema_chunks<float, at::Half>(ops.ema, ops.online, pairs, momentum, from, chunk_size, stream);
         } else {
           launch_ema_chunks<float, at::BFloat16>(
-              ops.ema, ops.online, pairs, momentum, chunk_size, stream);
+              ops.ema, ops.online, pairs, momentum, from, chunk_size, stream);
         }
       }
     });
@@ -270,8 +295,24 @@ void ema_update_chunked_(
   ops.finish();
 }
 
+void ema_update_chunked_(at::TensorList ema, at::TensorList online, double momentum, int64_t chunk_size) {
+  check_momentum_value(momentum);
+  ema_update_from(ema, online, momentum, MomentumSource{nullptr, false}, chunk_size);
+}
+
 void ema_update_(at::TensorList ema, at::TensorList online, double momentum) {
   ema_update_chunked_(ema, online, momentum, kDefaultChunkSize);
+}
+
+void ema_update_tensor_chunked_(at::TensorList ema, at::TensorList online, const at::Tensor& momentum,
+                                int64_t chunk_size) {
+  check_momentum_tensor(momentum, ema);
+  const MomentumSource from{momentum.const_data_ptr(), momentum.scalar_type() == at::kDouble};
+  ema_update_from(ema, online, /*momentum=*/0.0, from, chunk_size);
+}
+
+void ema_update_tensor_(at::TensorList ema, at::TensorList online, const at::Tensor& momentum) {
+  ema_update_tensor_chunked_(ema, online, momentum, kDefaultChunkSize);
 }
 
 }  // namespace
@@ -279,6 +320,8 @@ void ema_update_(at::TensorList ema, at::TensorList online, double momentum) {
 SSL_OPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("ema_update_", &ema_update_);
   m.impl("_ema_update_chunked_", &ema_update_chunked_);
+  m.impl("ema_update_tensor_", &ema_update_tensor_);
+  m.impl("_ema_update_tensor_chunked_", &ema_update_tensor_chunked_);
 }
 
 }  // namespace ssl_ops::cuda
