@@ -208,6 +208,21 @@ def test_four_gemm_equivalents_where_two_calls_take_six(route, monkeypatch):
     assert abs(whole - 3) < 1e-9, whole
 
 
+def test_memory_is_never_b_by_b():
+    """B = 12288: the logits alone are 576 MB; the CPU keeps S whole only up
+    to 2^26 similarities, so here it takes chunks of 2^24 (64 MB)."""
+    common = pytest.importorskip("benchmarks.common")
+    x, y = features(12288, 32, torch.float32, seed=15)
+    scale = scalar(14.3)
+
+    def run():
+        torch.autograd.grad(ssl_ops.clip_loss(x, y, scale), [x, y, scale])
+
+    run()  # warm the allocator and the thread pool first
+    extra = common.peak_extra_bytes_here(run)
+    assert extra < 160 * 2**20, f"forward + backward added {extra / 2**20:.1f} MB"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_features_go_to_the_tensor_cores_as_they_are(dtype, monkeypatch):
     """CUDA: fp16/bf16 features enter every GEMM in their own dtype (the

@@ -135,7 +135,8 @@ def test_memory_is_never_n_by_n():
 
     run()  # warm the allocator and the thread pool first
     extra = common.peak_extra_bytes_here(run)
-    assert extra < 64 * 2**20, f"forward + backward added {extra / 2**20:.1f} MB"
+    # One CPU chunk is 2^24 similarities (64 MB): well under half the logits.
+    assert extra < 128 * 2**20, f"forward + backward added {extra / 2**20:.1f} MB"
 
 
 def test_bad_input_errors():
