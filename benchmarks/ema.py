@@ -15,12 +15,13 @@ code does it today, on the parameter sets of real timm models.
 * copy       - ``torch._foreach_copy_`` of the same tensors: the memory-bandwidth
                yardstick the EMA is measured against
 
-Times are medians of timed blocks of calls (benchmarks/common.py); each ratio is
+Times are medians of timed blocks of calls, the implementations taking turns
+block by block (benchmarks/common.py); each ratio is
 baseline time / ssl_ops time from the same run. GB/s counts the bytes an
 update must move (read ema and online, write ema; copy: read and write).
 
     python -m benchmarks.ema            # resnet50 and vit_base_patch16_224, CPU (+ CUDA)
-    python -m benchmarks.ema --quick    # resnet50 only
+    python -m benchmarks.ema --quick    # resnet50 and host_161 (the per-call host cost) only
 """
 
 import argparse
@@ -32,7 +33,7 @@ from torch import nn
 
 import ssl_ops
 
-from .common import machine, median_seconds
+from .common import interleaved_medians, machine, median_seconds
 
 MOMENTUM = 0.996
 
@@ -40,7 +41,9 @@ MOMENTUM = 0.996
 # Not a timm model: the parameter count of a 1B-parameter language model (100
 # matrices of 4096 x 2560), large enough that the update runs at memory
 # bandwidth rather than launch rate (12.6 GB moved per fp32 update).
-SYNTHETIC = {"llm_1b": [(4096, 2560)] * 100}
+SYNTHETIC = {"llm_1b": [(4096, 2560)] * 100,
+             # ResNet-50's 161 parameter tensors with one element each: the per-call host cost alone.
+             "host_161": [(1,)] * 161}
 
 
 def parameter_set(model_name, device, ema_dtype, online_dtype):
@@ -92,7 +95,7 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time, implemen
     ema, online = parameter_set(model_name, device, ema_dtype, online_dtype)
     numel = sum(t.numel() for t in ema)
     ema_bytes = numel * (2 * ema[0].element_size() + online[0].element_size())
-    results = {}
+    steps = {}
     for name, impl in implementations.items():
         # Only ssl_ops takes a reduced-precision online model as it is; the
         # baselines need the cast their callers would write.
@@ -101,7 +104,7 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time, implemen
         def step(impl=impl, cast=cast):
             impl(ema, [t.to(ema_dtype) for t in online] if cast else online, MOMENTUM)
 
-        results[name] = median_seconds(step, min_run_time, device)
+        steps[name] = step
     if "ssl_ops" in implementations:  # the module forms, on modules that hold the same tensors
         def module_of(tensors):
             return nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in tensors])
@@ -114,8 +117,9 @@ def run_case(model_name, device, ema_dtype, online_dtype, min_run_time, implemen
             "prepared": lambda: prepared.update(MOMENTUM),
             "prepared_t": lambda: prepared.update(momentum),
         }
-        for name, step in module_forms.items():
-            results[name] = median_seconds(step, min_run_time, device)
+        steps.update(module_forms)
+    # Timed in turns, block by block, so a slow spell of the machine falls on all.
+    results = interleaved_medians(steps, min_run_time, device)
     copy_dst = [torch.empty_like(t) for t in ema]
 
     copy_time = median_seconds(lambda: torch._foreach_copy_(copy_dst, ema), min_run_time, device)
@@ -157,7 +161,7 @@ def markdown(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="resnet50 only, shorter timing")
+    parser.add_argument("--quick", action="store_true", help="resnet50 and host_161 only, shorter timing")
     parser.add_argument("--models", nargs="+", default=None,
                         help=f"timm model names, or {', '.join(SYNTHETIC)} (synthetic; for a GPU)")
     parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda")
@@ -165,7 +169,7 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baseline")
     args = parser.parse_args()
     implementations = dict(IMPLEMENTATIONS) if args.no_compile else {**IMPLEMENTATIONS, "compiled": compiled_loop}
-    models = args.models or (["resnet50"] if args.quick else ["resnet50", "vit_base_patch16_224"])
+    models = args.models or (["resnet50", "host_161"] if args.quick else ["resnet50", "vit_base_patch16_224", "host_161"])
     devices = args.devices or (["cpu", "cuda"] if ssl_ops.cuda_kernels_available() else ["cpu"])
     min_run_time = 0.5 if args.quick else 2.0
     cases = []
