@@ -167,12 +167,13 @@ class EMA:
         ema.update(momentum)                           # then one kernel call per step
 
     The parameters (and buffers, by ``buffers`` as in ``ema_update_``) are
-    matched by name once; each ``update`` passes the kept tensors straight to
-    the kernel, which checks them as every call does. A tensor whose storage
-    moved (``module.to(...)``, ``p.data = ...``) is seen through its storage
-    pointers and the pair is matched again; ``refresh()`` does it by hand (a
-    parameter replaced by a new object, for instance). Bits are those of
-    ``ema_update_``."""
+    matched by name once; each ``update`` passes the kept parameter objects
+    straight to the kernel, which checks them (devices, dtypes, shapes,
+    overlap) as every call does. So storage that moves under a parameter
+    (``module.to(...)``, ``p.data = ...``) is followed for free; a parameter
+    replaced by a new object (a new layer, or FSDP2's ``fully_shard`` after
+    this was made) needs ``refresh()``. DTensor pairs are looked up each
+    step. Bits are those of ``ema_update_``."""
 
     def __init__(self, ema, online, *, buffers="skip"):
         if not isinstance(ema, nn.Module):  # iterables are read once
@@ -187,17 +188,10 @@ class EMA:
         ema_local, online_local = _local_shards(names, ema_tensors, online_tensors)
         self._sharded = ema_local is not ema_tensors
         self._prepared = (ema_local, online_local, copies)
-        self._storage = self._pointers()
-
-    def _pointers(self):
-        ema_tensors, online_tensors, _ = self._prepared
-        return [t.data_ptr() for t in ema_tensors] + [t.data_ptr() for t in online_tensors]
 
     def update(self, momentum):
         """One kernel call; ``momentum`` a number or a one-element tensor (see ``ema_update_``)."""
-        # DTensor shards are looked up each step; moved storage is matched again.
-        # (A compiled step traces the tensors themselves: no pointers there.)
-        if not torch.compiler.is_compiling() and (self._sharded or self._pointers() != self._storage):
+        if self._sharded:  # the DTensors' local shards, looked up each step
             self.refresh()
         ema_tensors, online_tensors, copies = self._prepared
         _apply(ema_tensors, online_tensors, momentum, copies)
