@@ -10,6 +10,7 @@ from .contrastive import info_nce_loss, nt_xent_loss
 from .dcl import dcl_loss
 from .siglip import siglip_loss
 from .clip import clip_loss
+from .koleo import KoLeoLoss, koleo_loss
 from .cosine import byol_loss, cosine_similarity_matrix, negative_cosine_similarity
 from .ema import EMA, ema_update_
 from . import nn
@@ -42,6 +43,7 @@ __all__ = [
     "DCLWLoss",
     "EMA",
     "InfoNCELoss",
+    "KoLeoLoss",
     "MemoryBank",
     "MoCoProjectionHead",
     "MomentumEncoder",
@@ -59,6 +61,7 @@ __all__ = [
     "dcl_loss",
     "ema_update_",
     "info_nce_loss",
+    "koleo_loss",
     "negative_cosine_similarity",
     "nn",
     "nt_xent_loss",

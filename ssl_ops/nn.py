@@ -19,6 +19,7 @@ from .contrastive import info_nce_loss, nt_xent_loss
 from .dcl import dcl_loss, negative_mises_fisher_weights
 from .siglip import SigLipLoss  # noqa: F401  (re-exported)
 from .clip import ClipLoss  # noqa: F401  (re-exported)
+from .koleo import KoLeoLoss  # noqa: F401  (re-exported)
 from .cosine import byol_loss, negative_cosine_similarity
 from .heads import (  # noqa: F401  (re-exported)
     BYOLPredictionHead,

@@ -6,7 +6,8 @@ like) to ``from ssl_ops.compat.lightly import NTXentLoss`` and nothing else:
 * losses: ``NTXentLoss(temperature=0.5, memory_bank_size=0,
   gather_distributed=False)``, ``NegativeCosineSimilarity(dim=1, eps=1e-8)``,
   ``DCLLoss(temperature=0.1, weight_fn=None, gather_distributed=False)``,
-  ``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``;
+  ``DCLWLoss(temperature=0.1, sigma=0.5, gather_distributed=False)``,
+  ``KoLeoLoss(p=2, eps=1e-8)`` (float32 distances for fp16/bf16 rows);
 * ``MemoryBankModule(size, gather_distributed=False, feature_dim_first=True)``;
 * heads: ``SimCLRProjectionHead``, ``MoCoProjectionHead``,
   ``BYOLProjectionHead``, ``BYOLPredictionHead``, ``ProjectionHead``;
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..dcl import negative_mises_fisher_weights
 from ..ema import ema_update_
+from ..koleo import KoLeoLoss
 from ..nn import (
     BYOLPredictionHead,
     BYOLProjectionHead,
@@ -44,6 +46,7 @@ __all__ = [
     "BYOLProjectionHead",
     "DCLLoss",
     "DCLWLoss",
+    "KoLeoLoss",
     "MemoryBankModule",
     "MoCoProjectionHead",
     "NTXentLoss",
@@ -81,7 +84,8 @@ def activate_requires_grad(model: nn.Module):
 # Where patch() puts ssl_ops' objects: lightly's modules and the names in them.
 _PATCH_TARGETS = {
     "lightly.loss": {"NTXentLoss": NTXentLoss, "NegativeCosineSimilarity": NegativeCosineSimilarity,
-                     "DCLLoss": DCLLoss, "DCLWLoss": DCLWLoss},
+                     "DCLLoss": DCLLoss, "DCLWLoss": DCLWLoss, "KoLeoLoss": KoLeoLoss},
+    "lightly.loss.koleo_loss": {"KoLeoLoss": KoLeoLoss},
     "lightly.loss.ntx_ent_loss": {"NTXentLoss": NTXentLoss},
     "lightly.loss.dcl_loss": {"DCLLoss": DCLLoss, "DCLWLoss": DCLWLoss,
                               "negative_mises_fisher_weights": negative_mises_fisher_weights},
@@ -125,9 +129,10 @@ class Patch:
 
 def patch() -> Patch:
     """Puts ssl_ops' ``NTXentLoss``, ``NegativeCosineSimilarity``, ``DCLLoss``,
-    ``DCLWLoss``, ``negative_mises_fisher_weights``, ``update_momentum``,
+    ``DCLWLoss``, ``KoLeoLoss``, ``negative_mises_fisher_weights``, ``update_momentum``,
     ``deactivate_requires_grad`` and ``activate_requires_grad`` into
     ``lightly.loss``, ``lightly.loss.ntx_ent_loss``, ``lightly.loss.dcl_loss``,
+    ``lightly.loss.koleo_loss``,
     ``lightly.loss.negative_cosine_similarity`` and ``lightly.models.utils``, for a
     script that cannot be edited line by line::
 
