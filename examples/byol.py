@@ -36,8 +36,12 @@ def main():
             z0, z1 = target(view0), target(view1)
         return 0.5 * (loss_fn(p0, z1) + loss_fn(p1, z0))
 
+    momentum = torch.zeros((), dtype=torch.float64, device=args.device)
+
     def after_step(step, total):
-        common.momentum_update(target, online, ssl_ops.cosine_schedule(step, total, 0.99, 1.0), fused)
+        # fused: the momentum as a tensor on the device, filled in place and read by the kernel
+        m = ssl_ops.cosine_schedule(step, total, 0.99, 1.0, out=momentum if fused else None)
+        common.momentum_update(target, online, m, fused)
 
     stats = common.pretrain(model, step, after_step, data[0], args)
     common.evaluate_and_report("BYOL", backbone, initial, data, stats, args)

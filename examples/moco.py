@@ -39,8 +39,12 @@ def main():
         _, negatives = queue(F.normalize(key, dim=1), update=True)  # the queue before this batch
         return loss_fn(query, key, negatives, temperature=args.temperature)
 
+    momentum = torch.zeros((), dtype=torch.float64, device=args.device)
+
     def after_step(step, total):
-        common.momentum_update(key_encoder, query_encoder, ssl_ops.cosine_schedule(step, total, 0.99, 1.0), fused)
+        # fused: the momentum as a tensor on the device, filled in place and read by the kernel
+        m = ssl_ops.cosine_schedule(step, total, 0.99, 1.0, out=momentum if fused else None)
+        common.momentum_update(key_encoder, query_encoder, m, fused)
 
     stats = common.pretrain(query_encoder, step, after_step, data[0], args)
     common.evaluate_and_report("MoCo v2", backbone, initial, data, stats, args)
