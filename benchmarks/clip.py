@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import ssl_ops
 from ssl_ops import reference
 
-from .common import cuda_peak_extra, interleaved_medians, machine, measure_in_subprocess, peak_extra_bytes_here
+from .common import cuda_peak_extra, machine, measure_in_subprocess, peak_extra_bytes_here, timed_in_turns
 
 MEMORY_LIMIT = 20 * 2**30
 CLIP_SCALE, SIGLIP_SCALE, SIGLIP_BIAS = 1 / 0.07, 10.0, -10.0
@@ -133,11 +133,9 @@ def measure(case, min_run_time):
             row[impl] = {"oom": True}
         else:
             memories[impl] = memory
-    calls = {}
-    for impl in memories:
-        inputs = make_inputs(case)
-        calls[impl] = lambda impl=impl, inputs=inputs: run_once(case, impl, inputs)
-    for impl, seconds in interleaved_medians(calls, min_run_time, case["device"]).items():
+    times = timed_in_turns(memories, lambda: make_inputs(case), lambda impl, inputs: run_once(case, impl, inputs),
+                           min_run_time, case["device"])
+    for impl, seconds in times.items():
         row[impl] = {"median_s": seconds, "peak_extra_bytes": memories[impl]["peak_extra_bytes"],
                      "tflops": row["model_flops"] / seconds / 1e12}
     return row

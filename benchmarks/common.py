@@ -58,6 +58,16 @@ def interleaved_medians(fns, min_run_time, device="cpu"):
     return {name: statistics.median(times) for name, times in per_call.items()}
 
 
+def timed_in_turns(impls, make_inputs, run_once, min_run_time, device="cpu"):
+    """Median time of run_once(impl, inputs) for each impl, each on inputs of
+    its own (make_inputs()), taken in turns (interleaved_medians)."""
+    calls = {}
+    for impl in impls:
+        inputs = make_inputs()
+        calls[impl] = lambda impl=impl, inputs=inputs: run_once(impl, inputs)
+    return interleaved_medians(calls, min_run_time, device)
+
+
 def machine():
     info = {
         "date": datetime.date.today().isoformat(),

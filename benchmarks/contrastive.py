@@ -52,8 +52,8 @@ import torch
 import ssl_ops
 from ssl_ops import reference
 
-from .common import (cuda_peak_extra, interleaved_medians, machine, measure_in_subprocess, median_seconds,
-                     peak_extra_bytes_here)
+from .common import (cuda_peak_extra, machine, measure_in_subprocess, median_seconds, peak_extra_bytes_here,
+                     timed_in_turns)
 
 TWO_VIEW_LOSSES = ("nt_xent", "dcl")  # 2N rows from two views; the rest: B queries against a queue
 MEMORY_LIMIT = 20 * 2**30  # address-space cap of the memory-measuring process
@@ -227,12 +227,9 @@ def measure_case(case, min_run_time, impls, compiled_memory):
             row[impl] = {"oom": True}
         else:
             memories[impl] = memory
-    # Timed in turns (interleaved_medians), each on inputs of its own.
-    calls = {}
-    for impl in memories:
-        inputs = make_inputs(case, requires_grad=case["mode"] != "forward")
-        calls[impl] = lambda impl=impl, inputs=inputs: run_once(case, impl, inputs)
-    for impl, seconds in interleaved_medians(calls, min_run_time, case.get("device", "cpu")).items():
+    times = timed_in_turns(memories, lambda: make_inputs(case, requires_grad=case["mode"] != "forward"),
+                           lambda impl, inputs: run_once(case, impl, inputs), min_run_time, case.get("device", "cpu"))
+    for impl, seconds in times.items():
         row[impl] = {"median_s": seconds, "peak_extra_bytes": memories[impl]["peak_extra_bytes"],
                      "tflops": row["model_flops"] / seconds / 1e12}
     if "median_s" in row["fused"] and "median_s" in row["eager"]:
