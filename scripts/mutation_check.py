@@ -111,6 +111,27 @@ MUTATIONS = [
         ("tests/test_cosine_matrix.py::test_api_autograd_and_reference",),
     ),
     Mutation(
+        "CLIP: upstream gradient dropped",
+        "clip.py",
+        "out = [g * grad_loss.to(g.dtype) if need else None",
+        "out = [g if need else None",
+        ("tests/test_clip.py::test_upstream_gradient_scales_the_gradients",),
+    ),
+    Mutation(
+        "KoLeo: a row may be its own neighbour",
+        "koleo.py",
+        "cosines.fill_diagonal_(-2)",
+        "cosines.fill_diagonal_(2)",
+        ("tests/test_koleo.py::test_matches_lightly_and_dinov2",),
+    ),
+    Mutation(
+        "prepared EMA: buffer copies dropped",
+        "ema.py",
+        "self._prepared = (ema_local, online_local, copies)",
+        "self._prepared = (ema_local, online_local, [])",
+        ("tests/test_ema_tensor_momentum.py::test_prepared_update_is_the_functional_one_bit_for_bit",),
+    ),
+    Mutation(
         "EMA of modules: float buffers copied under buffers='ema'",
         "ema.py",
         'if e.is_floating_point() and buffers == "ema":',

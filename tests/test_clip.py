@@ -260,6 +260,16 @@ def test_gradcheck(route, monkeypatch):
                 lambda a, b, s: ssl_ops.clip.symmetric_info_nce(a, b, s, reduction), (x, y, scale))
 
 
+def test_upstream_gradient_scales_the_gradients():
+    """The forward forms the gradients for grad_loss = 1; the backward scales them."""
+    x, y = features(12, 5, torch.float32, seed=16)
+    scale = scalar(20.0)
+    once = torch.autograd.grad(ssl_ops.clip_loss(x, y, scale), [x, y, scale])
+    thrice = torch.autograd.grad(3 * ssl_ops.clip_loss(x, y, scale), [x, y, scale])
+    for a, b in zip(thrice, once):
+        torch.testing.assert_close(a, 3 * b)
+
+
 def test_opcheck():
     x, y = features(11, 6, torch.float32, seed=11)
     scale = scalar(10.0)

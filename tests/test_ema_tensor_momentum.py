@@ -90,6 +90,7 @@ def test_prepared_update_is_the_functional_one_bit_for_bit(buffers):
             p.add_(torch.randn_like(p))
     prepared = ssl_ops.EMA(ema_b, online, buffers=buffers)
     for step, m in enumerate([0.9, 0.99, torch.tensor(0.95), torch.tensor(0.5, dtype=torch.float64)]):
+        online(torch.randn(8, 6))  # the BN statistics move: "copy" and "ema" have work to do
         ssl_ops.ema_update_(ema_a, online, m, buffers=buffers)
         prepared.update(m)
         for a, b in zip(ema_a.state_dict().values(), ema_b.state_dict().values()):
