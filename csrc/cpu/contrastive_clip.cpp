@@ -11,6 +11,7 @@
 // take their own maxima (four reads and two exps for the statistics, two exps
 // for G). SSL_OPS_CONTRASTIVE_CHUNK_ELEMENTS sets the chunk (tests force many).
 #include <ATen/Parallel.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
@@ -272,8 +273,11 @@ ClipOutputs contrastive_clip_loss(const at::Tensor& query, const at::Tensor& key
   // Cauchy-Schwarz: |logit| <= |scale| max |q_i| max |k_j| (times 1 + 2^-10
   // for the GEMM's rounding), a bound for every logit that costs O(B D).
   const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const double bound = std::abs(scale.item<double>()) * (1.0 + 1.0 / 1024) *
-                       query.to(acc).norm(2, 1).max().item<double>() * key.to(acc).norm(2, 1).max().item<double>();
+  // Norms accumulated in the accumulation type without a widened copy of the rows.
+  auto max_norm = [&](const at::Tensor& rows) {
+    return at::linalg_vector_norm(rows, 2, at::IntArrayRef{1}, false, acc).max().item<double>();
+  };
+  const double bound = std::abs(scale.item<double>()) * (1.0 + 1.0 / 1024) * max_norm(query) * max_norm(key);
   CpuClipPasses passes;
   passes.bounded = acc == at::kDouble ? logit_bound_usable<double>(bound, true) : logit_bound_usable<float>(bound, true);
   passes.bound = bound;
